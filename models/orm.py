@@ -1,0 +1,105 @@
+"""Tables. Times are unix seconds (what the API shows); `seq` gives stable newest-first order."""
+
+from typing import Any
+
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.db import Base, JSONType
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; Postgres gets a BIGINT identity.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class RegisteredModel(Base):
+    """A base model that jobs may fine-tune: a registered name and a local Hugging Face directory."""
+
+    __tablename__ = "registered_model"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class File(Base):
+    __tablename__ = "file"
+    __table_args__ = (Index("ix_file_org_seq", "organization_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    storage_key: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Job(Base):
+    __tablename__ = "fine_tuning_job"
+    __table_args__ = (
+        Index("ix_fine_tuning_job_org_seq", "organization_id", "seq"),
+        Index("ix_fine_tuning_job_status", "status"),
+    )
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32))
+    method: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    """The method as requested (hyperparameters may say "auto")."""
+    hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    """Resolved hyperparameters, set when the job starts."""
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONType)
+    integrations: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(256))
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    result_files: Mapped[list[str]] = mapped_column(JSONType)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[int | None] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    adapter_key: Mapped[str | None] = mapped_column(String(256))
+    # Reliability: each run is an attempt; a worker holds the job through a renewed lease.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+
+
+class JobEvent(Base):
+    __tablename__ = "fine_tuning_job_event"
+    __table_args__ = (Index("ix_fine_tuning_job_event_job_seq", "job_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_job.id", ondelete="CASCADE"))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class JobCheckpoint(Base):
+    __tablename__ = "fine_tuning_job_checkpoint"
+    __table_args__ = (Index("ix_fine_tuning_job_checkpoint_job_seq", "job_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_job.id", ondelete="CASCADE"))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    step_number: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSONType)
+    fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(300))
+    storage_key: Mapped[str] = mapped_column(String(256))

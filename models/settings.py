@@ -1,0 +1,77 @@
+"""Service settings, read from `FTJOBS_*` environment variables (one place for every knob)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("data"), description="Root for the SQLite file, artifacts and base models."
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite at DATA_DIR/ftjobs.db (embedded mode)."
+    )
+    dispatch: Literal["embedded", "celery"] = Field(
+        default="embedded", description="embedded: in-process dispatcher; celery: enqueue to Celery workers."
+    )
+    broker_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Celery broker (distributed mode)."
+    )
+    artifacts_dir: Path | None = Field(
+        default=None, description="Artifact store root; default DATA_DIR/artifacts."
+    )
+    models_dir: Path | None = Field(
+        default=None, description="Where pulled base models go; default DATA_DIR/models."
+    )
+    work_dir: Path | None = Field(
+        default=None, description="Scratch space for running jobs; default DATA_DIR/work."
+    )
+
+    organization_id: str = Field(
+        default="org-local", description="Owner of every object until API keys land."
+    )
+    organization_name: str = Field(
+        default="local", description="Organisation segment of fine_tuned_model names."
+    )
+
+    max_upload_bytes: int = Field(
+        default=512 * 1024 * 1024, description="Largest accepted upload (413 above)."
+    )
+    embedded_workers: int = Field(default=1, ge=1, description="Concurrent jobs in embedded mode.")
+    worker_queue: str = Field(default="ftjobs", description="Celery queue that training workers consume.")
+    heartbeat_seconds: float = Field(
+        default=2.0, gt=0, description="How often a running job reports liveness."
+    )
+    lease_seconds: float = Field(default=60.0, gt=0, description="How long a heartbeat keeps a job's lease.")
+    cancel_grace_seconds: float = Field(
+        default=30.0, ge=0, description="Grace before a cancelled trainer is killed."
+    )
+    metrics_event_every: int = Field(
+        default=10, ge=1, description="Emit a metrics event every N optimizer steps."
+    )
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'ftjobs.db').resolve()}"
+
+    @property
+    def artifacts_root(self) -> Path:
+        return self.artifacts_dir or self.data_dir / "artifacts"
+
+    @property
+    def models_root(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
+
+    @property
+    def work_root(self) -> Path:
+        return self.work_dir or self.data_dir / "work"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

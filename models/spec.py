@@ -1,0 +1,94 @@
+"""What the job runner hands to a training child process, and what the child reports back.
+
+Pure data (pydantic, no database, no torch): the runner writes a `TrainingSpec` as JSON, the child
+writes one `ChildMessage` per line on an inherited pipe. Training code imports only this module from
+`models/`.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+DataFormat = Literal["chat", "prompt_completion"]
+
+
+class ResolvedHyperparameters(BaseModel):
+    """Concrete values a job trains with ("auto" already resolved)."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    learning_rate: float
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: list[str] | Literal["all-linear"]
+    max_seq_length: int
+    warmup_ratio: float
+
+
+class TrainingSpec(BaseModel):
+    job_id: str
+    base_model_path: str
+    training_file: str
+    validation_file: str | None = None
+    data_format: DataFormat
+    output_dir: str
+    stop_file: str
+    seed: int
+    hyperparameters: ResolvedHyperparameters
+
+
+Metrics = dict[str, float]
+"""OpenAI metric names: train_loss, train_mean_token_accuracy, valid_loss, valid_mean_token_accuracy,
+full_valid_loss, full_valid_mean_token_accuracy."""
+
+
+class StartedMessage(BaseModel):
+    type: Literal["started"] = "started"
+    total_steps: int
+    n_train_examples: int
+    truncated_examples: int = 0
+
+
+class MetricsMessage(BaseModel):
+    type: Literal["metrics"] = "metrics"
+    step: int
+    total_steps: int
+    metrics: Metrics
+    elapsed_seconds: float
+
+
+class CheckpointMessage(BaseModel):
+    type: Literal["checkpoint"] = "checkpoint"
+    step: int
+    path: str
+    metrics: Metrics
+
+
+class LogMessage(BaseModel):
+    type: Literal["log"] = "log"
+    level: Literal["info", "warn", "error"] = "info"
+    message: str
+
+
+class CompletedMessage(BaseModel):
+    type: Literal["completed"] = "completed"
+    step: int
+    adapter_path: str
+    results_csv: str
+    trained_tokens: int
+    metrics: Metrics
+
+
+class StoppedMessage(BaseModel):
+    """The child saw the stop file and ended training without publishing anything."""
+
+    type: Literal["stopped"] = "stopped"
+    step: int
+
+
+ChildMessage = Annotated[
+    StartedMessage | MetricsMessage | CheckpointMessage | LogMessage | CompletedMessage | StoppedMessage,
+    Field(discriminator="type"),
+]

@@ -1,0 +1,79 @@
+"""Artifact store: uploaded files, adapters, checkpoints and result files live under string keys.
+
+The interface is what a job needs, so an S3-compatible store can follow; the local directory store is
+the default (and is shared over a network file system in distributed deployments).
+"""
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+_CHUNK = 1 << 20
+
+
+class ArtifactStore(Protocol):
+    def put_stream(self, key: str, source: BinaryIO) -> tuple[int, str]:
+        """Store a stream under `key`; return (size in bytes, sha256 hex)."""
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def size(self, key: str) -> int: ...
+
+    def put_dir(self, key: str, source: Path) -> None:
+        """Store a directory tree under the prefix `key`."""
+
+    def local_path(self, key: str) -> Path:
+        """A local path holding the object or directory (downloaded first for remote stores)."""
+
+    def delete(self, key: str) -> None:
+        """Remove an object or a directory prefix; missing keys are fine."""
+
+
+class LocalArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def _path(self, key: str) -> Path:
+        # Keys are built by the service from generated ids, never from user input; still refuse escapes.
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"artifact key escapes the store: {key!r}")
+        return path
+
+    def put_stream(self, key: str, source: BinaryIO) -> tuple[int, str]:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        digest, size = hashlib.sha256(), 0
+        with open(tmp, "wb") as out:
+            while chunk := source.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        tmp.replace(path)  # readers never see a half-written object
+        return size, digest.hexdigest()
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self._path(key), "rb")
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def put_dir(self, key: str, source: Path) -> None:
+        path = self._path(key)
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.replace(path)
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
