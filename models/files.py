@@ -1,33 +1,68 @@
 """File records: queries only (the bytes live in the artifact store)."""
 
+import time
 from collections.abc import Sequence
+from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from models import ids
 from models.orm import File, Job
 from models.pagination import page
 from models.states import ACTIVE
+from models.storage import ArtifactStore
 
 
 class FileRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def add(self, file: File) -> File:
+    def store(
+        self,
+        store: ArtifactStore,
+        *,
+        organization_id: str,
+        source: BinaryIO,
+        filename: str,
+        purpose: str,
+        expires_after_seconds: int | None = None,
+    ) -> File:
+        """Write the bytes under a generated key, then the row (uploads and jobs' results files)."""
+        file_id = ids.file_id()
+        key = f"files/{file_id}"
+        size, sha256 = store.put_stream(key, source)
+        now = int(time.time())
+        file = File(
+            id=file_id,
+            organization_id=organization_id,
+            filename=filename,
+            purpose=purpose,
+            bytes=size,
+            sha256=sha256,
+            status="processed",
+            storage_key=key,
+            created_at=now,
+            expires_at=now + expires_after_seconds if expires_after_seconds else None,
+        )
         self.session.add(file)
         self.session.flush()
         return file
 
-    def get(self, organization_id: str, file_id: str) -> File | None:
-        return self.session.scalar(
-            select(File).where(File.id == file_id, File.organization_id == organization_id)
+    def _visible(self, organization_id: str) -> Select[tuple[File]]:
+        """An organisation's files that have not expired (`expires_after`)."""
+        now = int(time.time())
+        return select(File).where(
+            File.organization_id == organization_id, File.expires_at.is_(None) | (File.expires_at > now)
         )
+
+    def get(self, organization_id: str, file_id: str) -> File | None:
+        return self.session.scalar(self._visible(organization_id).where(File.id == file_id))
 
     def list(
         self, organization_id: str, *, purpose: str | None, after: File | None, limit: int, descending: bool
     ) -> tuple[Sequence[File], bool]:
-        stmt = select(File).where(File.organization_id == organization_id)
+        stmt = self._visible(organization_id)
         if purpose is not None:
             stmt = stmt.where(File.purpose == purpose)
         return page(

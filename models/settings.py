@@ -2,8 +2,6 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
-
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,9 +14,6 @@ class Settings(BaseSettings):
     )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default: SQLite at DATA_DIR/ftjobs.db (embedded mode)."
-    )
-    dispatch: Literal["embedded", "celery"] = Field(
-        default="embedded", description="embedded: in-process dispatcher; celery: enqueue to Celery workers."
     )
     broker_url: str = Field(
         default="redis://127.0.0.1:6379/0", description="Celery broker (distributed mode)."
@@ -51,9 +46,6 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=60.0, gt=0, description="How long a heartbeat keeps a job's lease.")
     cancel_grace_seconds: float = Field(
         default=30.0, ge=0, description="Grace before a cancelled trainer is killed."
-    )
-    metrics_event_every: int = Field(
-        default=10, ge=1, description="Emit a metrics event every N optimizer steps."
     )
 
     def resolved_database_url(self) -> str:

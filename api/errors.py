@@ -1,0 +1,91 @@
+"""OpenAI's error envelope for every failure: `{"error": {"message", "type", "param", "code"}}`."""
+
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("ftjobs.api")
+
+# Pydantic adds the tried union member to an error's location ("int", "literal['auto']", ...).
+_TYPE_TAG = re.compile(r"^(int|float|str|bool|dict|list|none)$|^constrained-|[\[\]'(),]")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status_code, self.param, self.code, self.type = (
+            message,
+            status_code,
+            param,
+            code,
+            type,
+        )
+        self.headers = headers
+
+
+def not_found(what: str, object_id: str, param: str) -> APIError:
+    return APIError(f"No such {what}: {object_id!r}", status_code=404, param=param, code="not_found")
+
+
+def envelope(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and _TYPE_TAG.search(p))]
+    return ".".join(parts) or None
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e["type"] == "json_invalid" for e in errors):
+        body = envelope("We could not parse the JSON body of your request.", type="invalid_request_error")
+        return JSONResponse(body, status_code=400)
+    param = _param(tuple(errors[0]["loc"]))
+    # A union ("auto" or a number) fails once per member; say all of it in one message.
+    messages = [e["msg"] for e in errors if _param(tuple(e["loc"])) == param]
+    detail = " or ".join(dict.fromkeys(messages))
+    message = f"Invalid value for '{param}': {detail}" if param else f"Invalid request body: {detail}"
+    return JSONResponse(envelope(message, type="invalid_request_error", param=param), status_code=400)
+
+
+def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    body = envelope(exc.message, type=exc.type, param=exc.param, code=exc.code)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(
+        envelope(str(exc.detail), type=kind), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    body = envelope("The server had an error while processing your request.", type="server_error")
+    return JSONResponse(body, status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,79 @@
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Form, UploadFile
+from fastapi.responses import StreamingResponse
+
+from api.deps import OrgDep, SessionDep, StoreDep
+from api.files import service as file_service
+from api.files.schemas import FileDeleted, FileObject
+from api.pagination import After, Limit, ListPage, list_page
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+@router.post("")
+def upload_file(
+    file: UploadFile,
+    session: SessionDep,
+    store: StoreDep,
+    org: OrgDep,
+    purpose: Annotated[str, Form()],
+    expires_after_anchor: Annotated[Literal["created_at"] | None, Form(alias="expires_after[anchor]")] = None,
+    expires_after_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
+) -> FileObject:
+    """Upload a JSONL file for fine-tuning."""
+    stored = file_service.upload(
+        session,
+        store,
+        organization_id=org,
+        source=file.file,
+        filename=file.filename,
+        purpose=purpose,
+        expires_after_seconds=expires_after_seconds,
+    )
+    return FileObject.of(stored)
+
+
+@router.get("")
+def list_files(
+    session: SessionDep,
+    org: OrgDep,
+    after: After = None,
+    limit: Annotated[int, Limit(10000)] = 10000,
+    order: Literal["asc", "desc"] = "desc",
+    purpose: str | None = None,
+) -> ListPage[FileObject]:
+    """List files, newest first by default."""
+    rows, has_more = file_service.list_files(
+        session, org, purpose=purpose, after=after, limit=limit, order=order
+    )
+    return list_page(rows, has_more, FileObject.of)
+
+
+@router.get("/{file_id}")
+def retrieve_file(file_id: str, session: SessionDep, org: OrgDep) -> FileObject:
+    """Retrieve a file's metadata."""
+    return FileObject.of(file_service.get(session, org, file_id))
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, session: SessionDep, store: StoreDep, org: OrgDep) -> FileDeleted:
+    """Delete a file and its bytes."""
+    file_service.delete(session, store, org, file_id)
+    return FileDeleted(id=file_id, deleted=True)
+
+
+@router.get("/{file_id}/content", response_class=StreamingResponse)
+def download_file(file_id: str, session: SessionDep, store: StoreDep, org: OrgDep) -> StreamingResponse:
+    """Download a file's bytes."""
+    file = file_service.get(session, org, file_id)
+    media_type = "text/csv" if file.purpose == "fine-tune-results" else "application/jsonl"
+    source = store.open(file.storage_key)
+
+    def chunks() -> Iterator[bytes]:
+        with source:
+            while chunk := source.read(1 << 16):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type=media_type, headers={"content-length": str(file.bytes)})

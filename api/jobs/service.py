@@ -1,0 +1,151 @@
+"""Fine-tuning job rules: what may be created, listed and cancelled. Runners do the rest."""
+
+import random
+import time
+
+from sqlalchemy.orm import Session
+
+from api.deps import on_commit
+from api.dispatch import Dispatcher
+from api.errors import APIError, not_found
+from api.jobs.schemas import JobCreate, SupervisedMethod
+from api.pagination import cursor
+from models import ids
+from models.files import FileRepository
+from models.jobs import JobRepository
+from models.orm import Job, JobCheckpoint, JobEvent
+from models.registry import ModelRegistry
+from models.states import ACTIVE, JobStatus, transition
+
+
+def _check_file(session: Session, organization_id: str, file_id: str, param: str) -> None:
+    file = FileRepository(session).get(organization_id, file_id)
+    if file is None:
+        raise APIError(f"Invalid {param}: no such file {file_id!r}.", param=param, code="file_not_found")
+    if file.purpose != "fine-tune":
+        raise APIError(
+            f"Invalid {param}: file {file_id!r} has purpose {file.purpose!r}, expected 'fine-tune'.",
+            param=param,
+            code="invalid_file_purpose",
+        )
+
+
+def _method(body: JobCreate) -> dict[str, object]:
+    """The method as stored: `method` wins; the legacy top-level hyperparameters mean supervised."""
+    if body.method is not None and body.hyperparameters is not None:
+        raise APIError(
+            "Give hyperparameters in method.supervised.hyperparameters or in the deprecated top-level "
+            "hyperparameters, not both.",
+            param="hyperparameters",
+        )
+    if body.method is None:
+        supervised = SupervisedMethod(hyperparameters=body.hyperparameters) if body.hyperparameters else None
+        return {"type": "supervised", "supervised": (supervised or SupervisedMethod()).model_dump()}
+    if body.method.type != "supervised":
+        raise APIError(f"Method {body.method.type!r} is not supported yet.", param="method.type")
+    return {"type": "supervised", "supervised": (body.method.supervised or SupervisedMethod()).model_dump()}
+
+
+def create(session: Session, dispatcher: Dispatcher, organization_id: str, body: JobCreate) -> Job:
+    if ModelRegistry(session).get(body.model) is None:
+        raise APIError(
+            f"Model {body.model!r} is not available; "
+            "register it with `ftjobs models pull` or `ftjobs models add`.",
+            param="model",
+            code="model_not_found",
+        )
+    _check_file(session, organization_id, body.training_file, "training_file")
+    if body.validation_file is not None:
+        _check_file(session, organization_id, body.validation_file, "validation_file")
+    if body.integrations:
+        raise APIError("Integrations are not supported yet.", param="integrations")
+    repo = JobRepository(session)
+    job = repo.add(
+        Job(
+            id=ids.job_id(),
+            organization_id=organization_id,
+            model=body.model,
+            training_file=body.training_file,
+            validation_file=body.validation_file,
+            status=JobStatus.VALIDATING_FILES.value,
+            method=_method(body),
+            suffix=body.suffix,
+            seed=body.seed if body.seed is not None else random.randint(0, 2147483647),
+            metadata_=body.metadata,
+            integrations=None,
+            result_files=[],
+            created_at=int(time.time()),
+            attempt=0,
+        )
+    )
+    repo.add_event(job.id, f"Created fine-tuning job: {job.id}", data={})
+    files = f"training file: {job.training_file}"
+    if job.validation_file:
+        files += f" and validation file: {job.validation_file}"
+    repo.add_event(job.id, f"Validating {files}")
+    on_commit(session, lambda: dispatcher.submit(job.id))
+    return job
+
+
+def get(session: Session, organization_id: str, job_id: str) -> Job:
+    job = JobRepository(session).get(job_id, organization_id)
+    if job is None:
+        raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    organization_id: str,
+    *,
+    metadata: dict[str, str] | None,
+    no_metadata: bool,
+    after: str | None,
+    limit: int,
+) -> tuple[list[Job], bool]:
+    repo = JobRepository(session)
+    start = cursor(after, lambda job_id: repo.get(job_id, organization_id), "fine-tuning job")
+    rows, has_more = repo.list(
+        organization_id, metadata=metadata, no_metadata=no_metadata, after=start, limit=limit
+    )
+    return list(rows), has_more
+
+
+def cancel(session: Session, organization_id: str, job_id: str) -> Job:
+    """Cancel wins over whatever the runner does next: its own final write is a CAS from `running`."""
+    job = get(session, organization_id, job_id)
+    now = int(time.time())
+    moved = transition(
+        session,
+        job.id,
+        from_=ACTIVE,
+        to=JobStatus.CANCELLED,
+        values={"finished_at": now, "estimated_finish": None},
+    )
+    if not moved:
+        session.refresh(job)
+        raise APIError(f"Job {job_id} is already {job.status}; only unfinished jobs can be cancelled.")
+    JobRepository(session).add_event(job.id, "Fine-tuning job cancelled")
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def list_events(
+    session: Session, organization_id: str, job_id: str, *, after: str | None, limit: int
+) -> tuple[list[JobEvent], bool]:
+    job = get(session, organization_id, job_id)
+    repo = JobRepository(session)
+    start = cursor(after, lambda event_id: repo.get_event(job.id, event_id), "event")
+    rows, has_more = repo.list_events(job.id, after=start, limit=limit)
+    return list(rows), has_more
+
+
+def list_checkpoints(
+    session: Session, organization_id: str, job_id: str, *, after: str | None, limit: int
+) -> tuple[list[JobCheckpoint], bool]:
+    job = get(session, organization_id, job_id)
+    repo = JobRepository(session)
+    start = cursor(after, lambda checkpoint_id: repo.get_checkpoint(job.id, checkpoint_id), "checkpoint")
+    rows, has_more = repo.list_checkpoints(job.id, after=start, limit=limit)
+    return list(rows), has_more

@@ -1,0 +1,41 @@
+"""The FastAPI application: OpenAI-compatible files and fine-tuning routes under /v1."""
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from api import errors
+from api.dispatch import CeleryDispatcher, Dispatcher
+from api.files.router import router as files_router
+from api.jobs.router import router as jobs_router
+from api.middleware import BodySizeLimit, RequestId
+from models.db import make_engine, make_session_factory
+from models.settings import Settings
+from models.storage import LocalArtifactStore
+
+
+def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> FastAPI:
+    """Build the app; the caller owns migrations and picks the dispatcher (Celery unless embedded)."""
+    app = FastAPI(
+        title="ftjobs", version="0.1.0", description="Self-hosted, OpenAI-compatible fine-tuning jobs."
+    )
+    engine = make_engine(settings.resolved_database_url())
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.store = LocalArtifactStore(settings.artifacts_root)
+    app.state.dispatcher = dispatcher or CeleryDispatcher(settings)
+
+    errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestId)
+    app.include_router(files_router)
+    app.include_router(jobs_router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process serves requests and reaches its database."""
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    return app
