@@ -1,0 +1,87 @@
+"""A training child process: spawn it, read its messages, stop it. No database here.
+
+The child runs `python -m worker.training` in its own session (process group), so a cancel can end
+it and everything it started; it reports on an inherited pipe, one JSON message per line.
+"""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import TypeAdapter
+
+from models.spec import ChildMessage, TrainingSpec
+
+_messages = TypeAdapter(ChildMessage)
+
+
+class TrainingProcess:
+    def __init__(self, spec: TrainingSpec, workdir: Path) -> None:
+        self.spec = spec
+        spec_path = workdir / "spec.json"
+        spec_path.write_text(spec.model_dump_json(indent=2))
+        self.log_path = workdir / "train.log"
+        read_fd, write_fd = os.pipe()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "worker.training",
+                    "--spec",
+                    str(spec_path),
+                    "--events-fd",
+                    str(write_fd),
+                ],
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        os.close(write_fd)
+        self._fd = read_fd
+        self._buffer = b""
+        self._eof = False
+
+    def messages(self, timeout: float) -> Iterator[ChildMessage]:
+        """Messages that arrive within `timeout` seconds (possibly none)."""
+        if self._eof:
+            time.sleep(min(timeout, 0.1))
+            return
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if not ready:
+            return
+        chunk = os.read(self._fd, 1 << 16)
+        if not chunk:
+            self._eof = True
+            os.close(self._fd)
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield _messages.validate_json(line)
+
+    @property
+    def finished(self) -> bool:
+        return self._eof and self.process.poll() is not None
+
+    def request_stop(self) -> None:
+        """Cooperative stop: the trainer checks this file before every optimizer step."""
+        Path(self.spec.stop_file).touch()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def log_tail(self, max_chars: int = 2000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-max_chars:]

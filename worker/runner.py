@@ -1,0 +1,375 @@
+"""The job runner: one attempt of one job, the same code for the embedded and the Celery deployments.
+
+It validates the job's files, claims the job with a compare-and-set (so duplicate wake-ups are
+no-ops), runs training in a child process and turns the child's messages into fenced database
+writes: every write applies only while the job is still `running` on this attempt, so a cancel or a
+newer attempt always wins and nothing of a cancelled job is published.
+"""
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import ids
+from models.db import session_scope
+from models.files import FileRepository
+from models.hyperparameters import SupervisedHyperparameters, resolve
+from models.jobs import JobRepository
+from models.orm import Job, JobCheckpoint
+from models.registry import ModelRegistry
+from models.settings import Settings
+from models.spec import (
+    CheckpointMessage,
+    ChildMessage,
+    CompletedMessage,
+    DataFormat,
+    LogMessage,
+    MetricsMessage,
+    StartedMessage,
+    StoppedMessage,
+    TrainingSpec,
+)
+from models.states import JobStatus, transition
+from models.storage import ArtifactStore
+from models.validation import DataError, FileSummary, validate_file
+from worker.child import TrainingProcess
+
+log = logging.getLogger("ftjobs.worker")
+
+MIN_TRAINING_EXAMPLES = 10
+
+
+def fine_tuned_model_name(job: Job, organization_name: str) -> str:
+    """`ft:{base}:{org}:{suffix}:{id}`; the id part comes from the job id, so checkpoints share it."""
+    return f"ft:{job.model}:{organization_name}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[:8]}"
+
+
+class JobFailed(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.error = {"code": code, "message": message, "param": param}
+
+
+class JobRunner:
+    def __init__(
+        self, settings: Settings, session_factory: sessionmaker[Session], store: ArtifactStore
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.store = store
+
+    def run(self, job_id: str) -> None:
+        """Take `job_id` as far as it goes; returns quietly when another runner owns it."""
+        try:
+            summary = self._validate(job_id)
+            attempt = self._claim(job_id, summary.n_examples) if summary else None
+        except JobFailed as failure:
+            fail_job(
+                self.session_factory, job_id, failure, from_=(JobStatus.VALIDATING_FILES, JobStatus.QUEUED)
+            )
+            return
+        if summary and attempt:
+            Attempt(self, job_id, attempt, summary.format).run()
+
+    def _validate(self, job_id: str) -> FileSummary | None:
+        """Check the files (read-only, so duplicate runners may both do it); None if not pending."""
+        with session_scope(self.session_factory) as session:
+            job = JobRepository(session).get(job_id)
+            if job is None or job.status not in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED):
+                return None
+            files = [("training_file", job.training_file, MIN_TRAINING_EXAMPLES)]
+            if job.validation_file:
+                files.append(("validation_file", job.validation_file, 1))
+            paths = []
+            for param, file_id, minimum in files:
+                record = FileRepository(session).get(job.organization_id, file_id)
+                if record is None:
+                    raise JobFailed("file_not_found", f"File {file_id} no longer exists.", param)
+                paths.append((param, self.store.local_path(record.storage_key), minimum))
+        summaries = []
+        for param, path, minimum in paths:
+            try:
+                summaries.append(validate_file(path, param=param, min_examples=minimum))
+            except DataError as error:
+                raise JobFailed(error.code, error.message, error.param) from error
+        if len(summaries) == 2 and summaries[0].format != summaries[1].format:
+            raise JobFailed(
+                "invalid_file_format",
+                f"The validation file is in {summaries[1].format} format but the training file is in "
+                f"{summaries[0].format} format.",
+                "validation_file",
+            )
+        with session_scope(self.session_factory) as session:
+            if transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED):
+                JobRepository(session).add_event(job_id, "Files validated, moving job to queued state")
+        return summaries[0]
+
+    def _claim(self, job_id: str, n_examples: int) -> int | None:
+        """queued → running as attempt N+1, with the hyperparameters resolved; None if not ours."""
+        with session_scope(self.session_factory) as session:
+            job = JobRepository(session).get(job_id)
+            if job is None or job.status != JobStatus.QUEUED:
+                return None
+            if ModelRegistry(session).get(job.model) is None:
+                raise JobFailed("model_not_found", f"Model {job.model!r} is no longer registered.", "model")
+            requested = SupervisedHyperparameters.model_validate(job.method["supervised"]["hyperparameters"])
+            now = time.time()
+            attempt = job.attempt + 1
+            claimed = transition(
+                session,
+                job_id,
+                from_=JobStatus.QUEUED,
+                to=JobStatus.RUNNING,
+                attempt=job.attempt,
+                values={
+                    "attempt": attempt,
+                    "hyperparameters": resolve(requested, n_examples).model_dump(),
+                    "started_at": int(now),
+                    "lease_owner": f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}",
+                    "heartbeat_at": now,
+                    "lease_expires_at": now + self.settings.lease_seconds,
+                },
+            )
+            if not claimed:
+                return None
+            JobRepository(session).add_event(job_id, "Fine-tuning job started", data=None)
+            return attempt
+
+
+def fail_job(
+    session_factory: sessionmaker[Session],
+    job_id: str,
+    failure: JobFailed,
+    *,
+    from_: tuple[JobStatus, ...] | JobStatus,
+    attempt: int | None = None,
+) -> None:
+    with session_scope(session_factory) as session:
+        failed = transition(
+            session,
+            job_id,
+            from_=from_,
+            to=JobStatus.FAILED,
+            attempt=attempt,
+            values={"error": failure.error, "finished_at": int(time.time()), "estimated_finish": None},
+        )
+        if failed:
+            JobRepository(session).add_event(job_id, failure.error["message"], level="error")
+
+
+class Attempt:
+    """One run of the training child for a claimed job, and everything it reports."""
+
+    def __init__(self, runner: JobRunner, job_id: str, attempt: int, data_format: DataFormat) -> None:
+        self.runner, self.job_id, self.attempt, self.data_format = runner, job_id, attempt, data_format
+        self.settings, self.store = runner.settings, runner.store
+        self.workdir = self.settings.work_root / job_id / f"attempt-{attempt}"
+        self.prefix = f"jobs/{job_id}/attempt-{attempt}"
+        self.last_error: str | None = None
+        self.total_steps = 0
+
+    def run(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True)
+        try:
+            child = TrainingProcess(self._spec(), self.workdir)
+            outcome = self._supervise(child)
+            if not isinstance(outcome, CompletedMessage | StoppedMessage):
+                detail = self.last_error or child.log_tail(500) or "the trainer exited without a result"
+                raise JobFailed("training_failed", f"Training failed: {detail}")
+            if isinstance(outcome, CompletedMessage):
+                self._publish(outcome)
+        except Exception as exc:
+            if not isinstance(exc, JobFailed):  # a bug or a full disk must not leave the job running
+                log.exception("job %s attempt %s crashed", self.job_id, self.attempt)
+                exc = JobFailed("server_error", f"The worker failed while running the job: {exc}")
+            fail_job(
+                self.runner.session_factory, self.job_id, exc, from_=JobStatus.RUNNING, attempt=self.attempt
+            )
+        finally:
+            log_file = self.workdir / "train.log"
+            if log_file.exists():
+                with open(log_file, "rb") as source:
+                    self.store.put_stream(f"{self.prefix}/train.log", source)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _spec(self) -> TrainingSpec:
+        with session_scope(self.runner.session_factory) as session:
+            job = JobRepository(session).get(self.job_id)
+            assert job is not None and job.hyperparameters is not None
+            files = FileRepository(session)
+            training = files.get(job.organization_id, job.training_file)
+            validation = files.get(job.organization_id, job.validation_file) if job.validation_file else None
+            model = ModelRegistry(session).get(job.model)
+            if training is None or (job.validation_file and validation is None) or model is None:
+                raise JobFailed("file_not_found", "A file or the base model of this job no longer exists.")
+            return TrainingSpec(
+                job_id=job.id,
+                base_model_path=model.path,
+                training_file=str(self.store.local_path(training.storage_key)),
+                validation_file=str(self.store.local_path(validation.storage_key)) if validation else None,
+                data_format=self.data_format,
+                output_dir=str(self.workdir / "output"),
+                stop_file=str(self.workdir / "STOP"),
+                seed=job.seed,
+                hyperparameters=job.hyperparameters,  # type: ignore[arg-type]
+            )
+
+    def _supervise(self, child: TrainingProcess) -> ChildMessage | None:
+        """Relay messages and heartbeat until the child exits; stop it if the job stops being ours."""
+        outcome: ChildMessage | None = None
+        next_beat = 0.0
+        stop_deadline: float | None = None
+        while not child.finished:
+            for message in child.messages(timeout=0.5):
+                if isinstance(message, CompletedMessage | StoppedMessage):
+                    outcome = message
+                elif not self._record(message):
+                    stop_deadline = stop_deadline or self._stop(child)
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self.settings.heartbeat_seconds
+                if stop_deadline is None and not self._fenced_update({}):
+                    stop_deadline = self._stop(child)
+            if stop_deadline is not None and now > stop_deadline:
+                child.kill()
+        return outcome
+
+    def _stop(self, child: TrainingProcess) -> float:
+        log.info(
+            "job %s attempt %s is no longer running here; stopping its trainer", self.job_id, self.attempt
+        )
+        child.request_stop()
+        return time.monotonic() + self.settings.cancel_grace_seconds
+
+    def _fenced_update(self, values: dict[str, Any], session: Session | None = None) -> bool:
+        """Heartbeat (plus `values`) only while the job is running on this attempt."""
+        now = time.time()
+        stmt = (
+            update(Job)
+            .where(Job.id == self.job_id, Job.attempt == self.attempt, Job.status == JobStatus.RUNNING.value)
+            .values(heartbeat_at=now, lease_expires_at=now + self.settings.lease_seconds, **values)
+        )
+        if session is not None:
+            return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+        with session_scope(self.runner.session_factory) as own:
+            return own.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+    def _record(self, message: ChildMessage) -> bool:
+        """Store one progress message; False when the job is no longer ours to write."""
+        with session_scope(self.runner.session_factory) as session:
+            values: dict[str, Any] = {}
+            if isinstance(message, MetricsMessage):
+                remaining = message.elapsed_seconds / message.step * (message.total_steps - message.step)
+                values["estimated_finish"] = int(time.time() + remaining)
+            if not self._fenced_update(values, session):
+                session.rollback()
+                return False
+            repo = JobRepository(session)
+            if isinstance(message, StartedMessage):
+                self.total_steps = message.total_steps
+            elif isinstance(message, MetricsMessage):
+                if self._is_event_step(message):
+                    repo.add_event(
+                        self.job_id, _metrics_text(message), type="metrics", data=_metrics_data(message)
+                    )
+            elif isinstance(message, CheckpointMessage):
+                self._save_checkpoint(session, message)
+            elif isinstance(message, LogMessage):
+                if message.level == "error":
+                    self.last_error = message.message
+                else:
+                    repo.add_event(self.job_id, message.message, level=message.level)
+            return True
+
+    @staticmethod
+    def _is_event_step(message: MetricsMessage) -> bool:
+        """About a hundred metrics events per job: live enough for a progress bar, few enough to list."""
+        every = max(1, message.total_steps // 100)
+        return (
+            message.step % every == 0
+            or message.step == message.total_steps
+            or any(key.startswith("full_valid") for key in message.metrics)
+        )
+
+    def _save_checkpoint(self, session: Session, message: CheckpointMessage) -> None:
+        key = f"{self.prefix}/checkpoints/step-{message.step}"
+        self.store.put_dir(key, Path(message.path))
+        job = JobRepository(session).get(self.job_id)
+        assert job is not None
+        name = f"{fine_tuned_model_name(job, self.settings.organization_name)}:ckpt-step-{message.step}"
+        JobRepository(session).add_checkpoint(
+            JobCheckpoint(
+                id=ids.checkpoint_id(),
+                job_id=self.job_id,
+                created_at=int(time.time()),
+                step_number=message.step,
+                metrics={"step": float(message.step), **message.metrics},
+                fine_tuned_model_checkpoint=name,
+                storage_key=key,
+            )
+        )
+
+    def _publish(self, done: CompletedMessage) -> None:
+        """Store the adapter and results, then succeed in one CAS; a lost race discards them."""
+        adapter_key = f"{self.prefix}/adapter"
+        self.store.put_dir(adapter_key, Path(done.adapter_path))
+        results_key = None
+        with session_scope(self.runner.session_factory) as session:
+            job = JobRepository(session).get(self.job_id)
+            assert job is not None
+            with open(done.results_csv, "rb") as csv:
+                results = FileRepository(session).store(
+                    self.store,
+                    organization_id=job.organization_id,
+                    source=csv,
+                    filename="step_metrics.csv",
+                    purpose="fine-tune-results",
+                )
+            results_key = results.storage_key
+            name = fine_tuned_model_name(job, self.settings.organization_name)
+            succeeded = transition(
+                session,
+                self.job_id,
+                from_=JobStatus.RUNNING,
+                to=JobStatus.SUCCEEDED,
+                attempt=self.attempt,
+                values={
+                    "fine_tuned_model": name,
+                    "trained_tokens": done.trained_tokens,
+                    "result_files": [results.id],
+                    "adapter_key": adapter_key,
+                    "finished_at": int(time.time()),
+                    "estimated_finish": None,
+                },
+            )
+            if succeeded:
+                repo = JobRepository(session)
+                repo.add_event(self.job_id, f"New fine-tuned model created: {name}")
+                repo.add_event(self.job_id, "The job has successfully completed")
+                return
+            session.rollback()
+        self.store.delete(adapter_key)
+        self.store.delete(results_key)
+
+
+def _metrics_text(message: MetricsMessage) -> str:
+    metrics = message.metrics
+    text = f"Step {message.step}/{message.total_steps}: training loss={metrics['train_loss']:.4f}"
+    if "valid_loss" in metrics:
+        text += f", validation loss={metrics['valid_loss']:.4f}"
+    if "full_valid_loss" in metrics:
+        text += f", full validation loss={metrics['full_valid_loss']:.4f}"
+    return text
+
+
+def _metrics_data(message: MetricsMessage) -> dict[str, float]:
+    return {"step": message.step, "total_steps": message.total_steps, **message.metrics}
