@@ -1,0 +1,218 @@
+"""The `ftjobs` command: run the service, manage base models, and drive the API like the openai client."""
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from openai import OpenAI
+
+from cli.follow import follow
+from models.db import make_engine, make_session_factory, session_scope
+from models.migrate import upgrade
+from models.registry import ModelRegistry
+from models.settings import Settings
+
+app = typer.Typer(help="Self-hosted, OpenAI-compatible fine-tuning jobs.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models jobs can fine-tune.", no_args_is_help=True)
+files_app = typer.Typer(help="Training files.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(files_app, name="files")
+app.add_typer(jobs_app, name="jobs")
+
+DataDir = Annotated[Path | None, typer.Option(help="Data directory (default: $FTJOBS_DATA_DIR or ./data).")]
+BaseUrl = Annotated[str, typer.Option(envvar="FTJOBS_BASE_URL", help="The API's base URL.")]
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+
+
+def _settings(data_dir: Path | None = None, **overrides: object) -> Settings:
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def _client(base_url: str) -> OpenAI:
+    return OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "ftjobs-local"))
+
+
+def _print(obj: object) -> None:
+    typer.echo(json.dumps(obj.model_dump() if hasattr(obj, "model_dump") else obj, indent=2))
+
+
+@app.command()
+def up(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    data_dir: DataDir = None,
+) -> None:
+    """Run everything in one process: API + in-process dispatcher, SQLite, local artifacts."""
+    import uvicorn
+
+    from api.main import create_app
+    from worker.embedded import EmbeddedDispatcher
+    from worker.runtime import make_runner
+
+    settings = _settings(data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    runner = make_runner(settings)
+    dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
+    dispatcher.start()
+    typer.echo(f"ftjobs (embedded) on http://{host}:{port}/v1, data in {settings.data_dir.resolve()}")
+    try:
+        uvicorn.run(create_app(settings, dispatcher), host=host, port=port, log_level="warning")
+    finally:
+        dispatcher.stop()
+
+
+@app.command()
+def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
+    """Run the API alone (distributed mode): jobs are enqueued to Celery workers."""
+    import uvicorn
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url())
+    uvicorn.run("api.asgi:app", host=host, port=port, workers=workers, log_level="info")
+
+
+@app.command()
+def worker(loglevel: str = "info") -> None:
+    """Run a Celery worker that trains jobs (one at a time; run one per GPU)."""
+    from worker.tasks import app as celery_app
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url())
+    celery_app.worker_main(
+        ["worker", "--pool=solo", f"--queues={settings.worker_queue}", f"--loglevel={loglevel}"]
+    )
+
+
+@models_app.command("pull")
+def models_pull(name: str, data_dir: DataDir = None) -> None:
+    """Fetch a base model (offline for the built-ins) and register it."""
+    from worker.model_pull import pull
+
+    settings = _settings(data_dir)
+    path = pull(name, settings.models_root)
+    _register(settings, name, path, source=f"pull:{name}")
+
+
+@models_app.command("add")
+def models_add(name: str, path: Path, data_dir: DataDir = None) -> None:
+    """Register a local Hugging Face directory (safetensors) under NAME."""
+    from worker.model_pull import check_model_dir
+
+    check_model_dir(path)
+    _register(_settings(data_dir), name, path.resolve(), source="local")
+
+
+@models_app.command("list")
+def models_list(data_dir: DataDir = None) -> None:
+    """List registered base models."""
+    settings = _settings(data_dir)
+    upgrade(settings.resolved_database_url())
+    with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
+        for entry in ModelRegistry(session).list():
+            typer.echo(f"{entry.name}\t{entry.path}")
+
+
+def _register(settings: Settings, name: str, path: Path, *, source: str) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url())
+    with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
+        ModelRegistry(session).register(name, str(path), source)
+    typer.echo(f"registered {name} -> {path}")
+
+
+@files_app.command("upload")
+def files_upload(path: Path, purpose: str = "fine-tune", base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Upload a JSONL file."""
+    with open(path, "rb") as source:
+        _print(_client(base_url).files.create(file=source, purpose=purpose))  # type: ignore[arg-type]
+
+
+@files_app.command("list")
+def files_list(base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """List files."""
+    for file in _client(base_url).files.list():
+        typer.echo(f"{file.id}\t{file.purpose}\t{file.bytes}\t{file.filename}")
+
+
+@jobs_app.command("create")
+def jobs_create(
+    model: Annotated[str, typer.Option()],
+    training_file: Annotated[str, typer.Option()],
+    validation_file: str | None = None,
+    suffix: str | None = None,
+    seed: int | None = None,
+    hyperparameter: Annotated[
+        list[str] | None, typer.Option("--hyperparameter", "-p", help="KEY=VALUE (JSON value), repeatable.")
+    ] = None,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+) -> None:
+    """Create a supervised fine-tuning job."""
+    hyperparameters = {}
+    for item in hyperparameter or []:
+        key, _, raw = item.partition("=")
+        try:
+            hyperparameters[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            hyperparameters[key] = raw
+    job = _client(base_url).fine_tuning.jobs.create(
+        model=model,
+        training_file=training_file,
+        validation_file=validation_file,
+        suffix=suffix,
+        seed=seed,
+        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},  # type: ignore[typeddict-item]
+    )
+    _print(job)
+
+
+@jobs_app.command("list")
+def jobs_list(limit: int = 20, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """List jobs, newest first."""
+    for job in _client(base_url).fine_tuning.jobs.list(limit=limit).data:
+        typer.echo(f"{job.id}\t{job.status}\t{job.model}\t{job.fine_tuned_model or ''}")
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Show a job."""
+    _print(_client(base_url).fine_tuning.jobs.retrieve(job_id))
+
+
+@jobs_app.command("events")
+def jobs_events(job_id: str, limit: int = 20, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Show a job's events, oldest first."""
+    for event in reversed(_client(base_url).fine_tuning.jobs.list_events(job_id, limit=limit).data):
+        typer.echo(f"{event.created_at}\t{event.level}\t{event.message}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Cancel a job."""
+    _print(_client(base_url).fine_tuning.jobs.cancel(job_id))
+
+
+@jobs_app.command("follow")
+def jobs_follow(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Follow a job with a live progress bar until it finishes."""
+    job = follow(_client(base_url), job_id)
+    typer.echo(f"{job.id}: {job.status} {job.fine_tuned_model or ''}")
+    raise typer.Exit(0 if job.status == "succeeded" else 1)
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = None,
+    dataset: Annotated[
+        Path | None, typer.Option(help="Folder with train.jsonl and validation.jsonl.")
+    ] = None,
+    port: int = 8765,
+) -> None:
+    """The main job: LoRA-tune SmolLM2-135M-Instruct on movie-review sentiment, end to end."""
+    from cli.demo import run_demo
+
+    raise typer.Exit(run_demo(_settings(data_dir), dataset=dataset, port=port))
