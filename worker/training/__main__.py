@@ -1,0 +1,35 @@
+"""`python -m worker.training --spec SPEC.json --events-fd N`: run one training job as a child process.
+
+Events go to fd N as JSON lines; library logs and tracebacks go to stderr. Exit 0 on success or on an
+honoured stop file, 1 after reporting an error event.
+"""
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from models.spec import LogMessage, TrainingSpec
+from worker.training.events import EventWriter
+from worker.training.sft import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.training", description=__doc__)
+    parser.add_argument("--spec", type=Path, required=True, help="TrainingSpec JSON file")
+    parser.add_argument("--events-fd", type=int, required=True, help="inherited file descriptor for events")
+    args = parser.parse_args(argv)
+
+    events = EventWriter(args.events_fd)
+    try:
+        run(TrainingSpec.model_validate_json(args.spec.read_text(encoding="utf-8")), events)
+    except Exception as exc:
+        traceback.print_exc()
+        # One line: the runner shows it to the user as the job's error.
+        events.emit(LogMessage(level="error", message=f"{type(exc).__name__}: {' '.join(str(exc).split())}"))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Supervised fine-tuning recipe: setup → fit (train steps, validation, checkpoints) → save.
+
+A plain loop rather than HF Trainer, so every piece of state (data order, optimizer, scheduler, RNG) is
+ours to checkpoint and resume exactly.
+"""
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_scheduler,
+    set_seed,
+)
+
+from models.spec import (
+    CheckpointMessage,
+    CompletedMessage,
+    Metrics,
+    MetricsMessage,
+    StartedMessage,
+    StoppedMessage,
+    TrainingSpec,
+)
+from worker.training.data import IGNORE_INDEX, Dataset, Example, collate, load_dataset
+from worker.training.device import DeviceConfig, select_device
+from worker.training.events import EventWriter
+from worker.training.methods import get_method
+
+METHOD = "lora"  # the spec has no method field yet
+MAX_GRAD_NORM = 1.0
+CSV_HEADER = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+CSV_METRICS = ["train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+"""The metrics behind CSV_HEADER[1:] (OpenAI's results file calls train accuracy `train_accuracy`)."""
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    if tokenizer.pad_token is None:
+        # Padding is masked by position (attention mask, -100 labels), so reusing eos is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, device: DeviceConfig) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=device.dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True
+    )
+    return model.to(device.device)
+
+
+def token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token cross-entropy, correct argmax predictions and count over the trained tokens."""
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits, labels = output.logits[:, :-1], batch["labels"][:, 1:]
+    trained = labels != IGNORE_INDEX
+    loss_sum = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    correct = int(((logits.argmax(dim=-1) == labels) & trained).sum())
+    return loss_sum, correct, int(trained.sum())
+
+
+class SFTRecipe:
+    def __init__(self, spec: TrainingSpec, events: EventWriter) -> None:
+        self.spec = spec
+        self.hp = spec.hyperparameters
+        self.events = events
+        self.output_dir = Path(spec.output_dir)
+        self.history: list[tuple[int, Metrics]] = []
+        self.last_full_valid: Metrics = {}
+        self.trained_tokens = 0
+        self.valid_cursor = 0
+
+    def setup(self) -> None:
+        set_seed(self.spec.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.device = select_device()
+        self.tokenizer = load_tokenizer(self.spec.base_model_path)
+        train_data = self._load(self.spec.training_file, "training")
+        self.train_examples = train_data.examples
+        valid_file = self.spec.validation_file
+        self.valid_examples = self._load(valid_file, "validation").examples if valid_file else []
+        if not self.train_examples:
+            raise ValueError("no training example has a trained token left")
+
+        self.total_steps = self.hp.n_epochs * math.ceil(len(self.train_examples) / self.hp.batch_size)
+        self.events.emit(
+            StartedMessage(
+                total_steps=self.total_steps,
+                n_train_examples=len(self.train_examples),
+                truncated_examples=train_data.truncated,
+            )
+        )
+
+        base = load_model(self.spec.base_model_path, self.device)
+        self.model = get_method(METHOD)(base, self.hp)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in self.trainable)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        self.events.log(
+            f"{METHOD} on {self.device.device.type} ({self.device.dtype}): "
+            f"{n_trainable:,} of {n_total:,} parameters trainable"
+        )
+        # No weight decay: as HF Trainer's default, and adapters start at zero anyway.
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=self.hp.learning_rate, weight_decay=0.0)
+        self.scheduler = get_scheduler(
+            "linear",
+            self.optimizer,
+            num_warmup_steps=math.ceil(self.hp.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.device.type, enabled=self.device.needs_grad_scaling)
+
+    def _load(self, path: str, name: str) -> Dataset:
+        data = load_dataset(path, self.spec.data_format, self.tokenizer, self.hp.max_seq_length)
+        if data.truncated:
+            self.events.log(
+                f"{data.truncated} {name} examples exceed max_seq_length={self.hp.max_seq_length} "
+                "and were truncated at the end",
+                level="warn",
+            )
+        if data.dropped:
+            self.events.log(f"{data.dropped} {name} examples have no trained token left; dropped", "warn")
+        return data
+
+    def fit(self) -> bool:
+        """Train for n_epochs; False when the stop file ended training early."""
+        examples, valid = self.train_examples, self.valid_examples
+        eval_every = max(1, self.total_steps // 10)
+        started = time.monotonic()
+        step = 0
+        self.model.train()  # from_pretrained hands the model over in eval mode
+        for epoch in range(self.hp.n_epochs):
+            # One generator per epoch: any epoch's order can be rebuilt on its own when resuming.
+            generator = torch.Generator().manual_seed(self.spec.seed + epoch)
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for start in range(0, len(examples), self.hp.batch_size):
+                if os.path.exists(self.spec.stop_file):
+                    self.events.emit(StoppedMessage(step=step))
+                    return False
+                metrics = self._train_step([examples[i] for i in order[start : start + self.hp.batch_size]])
+                step += 1
+                epoch_end = start + self.hp.batch_size >= len(examples)
+                if valid and (step % eval_every == 0 or step == self.total_steps):
+                    metrics.update(self._validate(self._next_valid_batch(valid), "valid"))
+                if valid and epoch_end:
+                    self.last_full_valid = self._validate(valid, "full_valid")
+                    metrics.update(self.last_full_valid)
+                self.history.append((step, metrics))
+                self.events.emit(
+                    MetricsMessage(
+                        step=step,
+                        total_steps=self.total_steps,
+                        metrics=metrics,
+                        elapsed_seconds=time.monotonic() - started,
+                    )
+                )
+                if epoch_end:
+                    self._save_checkpoint(step, metrics)
+        return True
+
+    def _train_step(self, examples: list[Example]) -> Metrics:
+        batch = self._collate(examples)
+        loss_sum, correct, n_tokens = token_stats(self.model, batch)
+        loss = loss_sum / n_tokens
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.trained_tokens += int(batch["attention_mask"].sum())
+        return {"train_loss": loss.item(), "train_mean_token_accuracy": correct / n_tokens}
+
+    def _next_valid_batch(self, examples: list[Example]) -> list[Example]:
+        """batch_size validation examples, rotating through the set so successive evals see new data."""
+        size = min(self.hp.batch_size, len(examples))
+        batch = [examples[(self.valid_cursor + k) % len(examples)] for k in range(size)]
+        self.valid_cursor = (self.valid_cursor + size) % len(examples)
+        return batch
+
+    @torch.no_grad()
+    def _validate(self, examples: list[Example], prefix: str) -> Metrics:
+        """Token-weighted loss and accuracy over `examples`, in batch_size chunks, without dropout."""
+        self.model.eval()
+        size = self.hp.batch_size
+        chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+        stats = [token_stats(self.model, self._collate(chunk)) for chunk in chunks]
+        self.model.train()
+        loss_sum = sum(loss.item() for loss, _, _ in stats)
+        correct = sum(correct for _, correct, _ in stats)
+        n_tokens = sum(n_tokens for _, _, n_tokens in stats)
+        return {f"{prefix}_loss": loss_sum / n_tokens, f"{prefix}_mean_token_accuracy": correct / n_tokens}
+
+    def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        batch = collate(examples, self.tokenizer.pad_token_id)
+        return {name: tensor.to(self.device.device) for name, tensor in batch.items()}
+
+    def _save_checkpoint(self, step: int, metrics: Metrics) -> None:
+        path = self.output_dir / "checkpoints" / f"step-{step}"
+        self.model.save_pretrained(path)
+        self.events.emit(CheckpointMessage(step=step, path=str(path), metrics=metrics))
+
+    def save(self) -> None:
+        """Publish the final adapter with the tokenizer (it carries the chat template) and the results CSV."""
+        adapter_dir = self.output_dir / "adapter"
+        self.model.save_pretrained(adapter_dir)
+        self.tokenizer.save_pretrained(adapter_dir)
+        results_csv = self.output_dir / "step_metrics.csv"
+        self._write_csv(results_csv)
+
+        last_step, last_metrics = self.history[-1]
+        self.events.emit(
+            CompletedMessage(
+                step=last_step,
+                adapter_path=str(adapter_dir),
+                results_csv=str(results_csv),
+                trained_tokens=self.trained_tokens,
+                metrics={**self.last_full_valid, **last_metrics},
+            )
+        )
+
+    def _write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            writer.writerow(CSV_HEADER)
+            for step, metrics in self.history:
+                values = (metrics.get(name) for name in CSV_METRICS)
+                writer.writerow([step, *("" if value is None else f"{value:.5f}" for value in values)])
+
+
+def run(spec: TrainingSpec, events: EventWriter) -> None:
+    recipe = SFTRecipe(spec, events)
+    recipe.setup()
+    if recipe.fit():
+        recipe.save()
