@@ -1,0 +1,128 @@
+"""Shared fixtures: real Postgres and Redis (fail under CI=true when unreachable), SQLite, the app."""
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from api.main import create_app
+from models.db import Base, make_engine, make_session_factory, session_scope
+from models.migrate import upgrade
+from models.registry import ModelRegistry
+from models.settings import Settings
+from tests.tiny_model import build_tiny_llama
+
+PG_ADMIN = os.environ.get("FTJOBS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("FTJOBS_TEST_REDIS", "redis://127.0.0.1:6379/9")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _unavailable(what: str, error: Exception) -> None:
+    message = f"{what} is not reachable: {error}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, migrated database on the real Postgres server, dropped afterwards."""
+    name = f"ftjobs_test_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as error:
+        _unavailable("PostgreSQL", error)
+    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        _unavailable("Redis", error)
+    client.flushdb()
+    return REDIS_URL
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test that asks for it runs twice: on Postgres (distributed) and SQLite (embedded)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ftjobs.db'}"
+        upgrade(url)
+        yield url
+        return
+    url = request.getfixturevalue("postgres_url")
+    yield url
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=database_url, heartbeat_seconds=0.5)
+
+
+@pytest.fixture
+def session_factory(settings: Settings):  # type: ignore[no-untyped-def]
+    engine = make_engine(settings.resolved_database_url())
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def registered_model(session_factory, tiny_model_dir: Path) -> str:  # type: ignore[no-untyped-def]
+    with session_scope(session_factory) as session:
+        ModelRegistry(session).register("tiny-llama", str(tiny_model_dir), "local")
+    return "tiny-llama"
+
+
+class RecordingDispatcher:
+    """Records wake-ups so API tests can check they happen only for committed jobs."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def submit(self, job_id: str) -> None:
+        self.submitted.append(job_id)
+
+
+@pytest.fixture
+def dispatcher() -> RecordingDispatcher:
+    return RecordingDispatcher()
+
+
+@pytest.fixture
+def client(settings: Settings, dispatcher: RecordingDispatcher) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, dispatcher), raise_server_exceptions=False) as test_client:
+        yield test_client

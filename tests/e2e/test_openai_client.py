@@ -1,0 +1,140 @@
+"""The whole loop through the official openai client, against real servers: embedded (`ftjobs up`,
+SQLite) and distributed (`ftjobs api` + `ftjobs worker` on Postgres and Redis)."""
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from openai.types.fine_tuning import FineTuningJob
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.queue import RUN_JOB, make_celery
+from models.settings import Settings
+from tests.conftest import fresh_postgres_database
+from tests.e2e.servers import cli, free_port, process
+from tests.jobs_helpers import TERMINAL, write_chat
+
+pytestmark = pytest.mark.e2e
+
+
+def run_job(client: openai.OpenAI, tmp_path: Path, model: str) -> FineTuningJob:
+    with open(write_chat(tmp_path / "train.jsonl", 12), "rb") as train:
+        training_file = client.files.create(file=train, purpose="fine-tune")
+    with open(write_chat(tmp_path / "valid.jsonl", 4, "validation"), "rb") as valid:
+        validation_file = client.files.create(file=valid, purpose="fine-tune")
+    assert client.files.retrieve(training_file.id).status == "processed"
+    job = client.fine_tuning.jobs.create(
+        model=model,
+        training_file=training_file.id,
+        validation_file=validation_file.id,
+        suffix="e2e",
+        seed=3,
+        metadata={"test": "e2e"},
+        method={
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {"n_epochs": 2, "batch_size": 4, "lora_r": 4, "max_seq_length": 512}
+            },  # type: ignore[typeddict-unknown-key]
+        },
+    )
+    assert job.status == "validating_files" and job.hyperparameters.n_epochs == 2
+    deadline = time.monotonic() + 300
+    while job.status not in TERMINAL:
+        assert time.monotonic() < deadline, f"job stuck in {job.status}"
+        time.sleep(0.5)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    return job
+
+
+def check_outputs(client: openai.OpenAI, job: FineTuningJob, model: str) -> None:
+    assert job.fine_tuned_model and job.fine_tuned_model.startswith(f"ft:{model}:local:e2e:")
+    assert job.trained_tokens and job.trained_tokens > 0 and job.finished_at
+    assert job.method.supervised.hyperparameters.batch_size == 4  # type: ignore[union-attr]
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    assert events[0].message == "The job has successfully completed"
+    assert [e.data["step"] for e in events if e.type == "metrics"][0] == 6  # type: ignore[index]
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [6, 3]
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-6"
+    assert checkpoints[0].metrics.full_valid_loss is not None
+    csv = client.files.content(job.result_files[0]).text.splitlines()
+    assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(csv) == 7
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"test": "e2e"})] == [job.id]
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.fine_tuning.jobs.retrieve("ftjob-missing")
+    assert missing.value.request_id
+
+
+def check_adapter(adapter_dir: Path, base_dir: Path) -> None:
+    """The stored adapter reloads onto the base model and changes what it computes."""
+    assert (adapter_dir / "adapter_model.safetensors").exists()
+    assert not list(adapter_dir.glob("*.bin"))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
+    with torch.no_grad():
+        before = base(**inputs).logits
+        tuned = PeftModel.from_pretrained(base, adapter_dir)
+        after = tuned(**inputs).logits
+    assert not torch.allclose(before, after)
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[openai.OpenAI, Path]]:
+    data_dir = tmp_path / "data"
+    env = {"FTJOBS_DATA_DIR": str(data_dir), "FTJOBS_HEARTBEAT_SECONDS": "0.5"}
+    cli("models", "add", "tiny-llama", str(tiny_model_dir), env=env)
+    assert "tiny-llama" in cli("models", "list", env=env).stdout
+    port = free_port()
+    with process(["up", "--port", str(port)], env, tmp_path / "up.log", f"http://127.0.0.1:{port}/healthz"):
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0), data_dir
+
+
+def test_embedded_server_with_openai_client(embedded, tmp_path: Path, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client, data_dir = embedded
+    job = run_job(client, tmp_path, "tiny-llama")
+    check_outputs(client, job, "tiny-llama")
+    check_adapter(data_dir / "artifacts" / "jobs" / job.id / "attempt-1" / "adapter", tiny_model_dir)
+
+
+def test_distributed_celery_worker_with_openai_client(
+    tmp_path: Path, tiny_model_dir: Path, redis_url: str
+) -> None:
+    with fresh_postgres_database() as database_url:
+        env = {
+            "FTJOBS_DATA_DIR": str(tmp_path / "data"),
+            "FTJOBS_DATABASE_URL": database_url,
+            "FTJOBS_BROKER_URL": redis_url,
+            "FTJOBS_WORKER_QUEUE": f"ftjobs-test-{uuid.uuid4().hex[:8]}",
+            "FTJOBS_HEARTBEAT_SECONDS": "0.5",
+        }
+        cli("models", "add", "tiny-llama", str(tiny_model_dir), env=env)
+        port = free_port()
+        health = f"http://127.0.0.1:{port}/healthz"
+        with (
+            process(["worker"], env, tmp_path / "worker.log"),
+            process(["api", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "api.log", health),
+        ):
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            job = run_job(client, tmp_path, "tiny-llama")
+            check_outputs(client, job, "tiny-llama")
+            # A message delivered again after the job finished changes nothing.
+            events_before = len(list(client.fine_tuning.jobs.list_events(job.id, limit=1000)))
+            settings = Settings(broker_url=redis_url, worker_queue=env["FTJOBS_WORKER_QUEUE"])
+            make_celery(settings).send_task(RUN_JOB, args=[job.id], queue=settings.worker_queue)
+            time.sleep(3)
+            assert len(list(client.fine_tuning.jobs.list_events(job.id, limit=1000))) == events_before
+            assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert "ftjobs.run_job" in worker_log
+        check_adapter(
+            tmp_path / "data" / "artifacts" / "jobs" / job.id / "attempt-1" / "adapter", tiny_model_dir
+        )

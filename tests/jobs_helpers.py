@@ -1,0 +1,37 @@
+"""Helpers for tests that run real jobs: training data, and waiting on a job through any client."""
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import SHARED_DATA
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def chat_lines(n: int, split: str = "train") -> bytes:
+    """The first `n` real examples of the shared sentiment chat set."""
+    with open(SHARED_DATA / "sentiment_chat" / f"{split}.jsonl", "rb") as source:
+        return b"".join(source.readline() for _ in range(n))
+
+
+def write_chat(path: Path, n: int, split: str = "train") -> Path:
+    path.write_bytes(chat_lines(n, split))
+    return path
+
+
+def prompt_completion_lines(n: int) -> bytes:
+    return b"".join(
+        json.dumps({"prompt": f"{i} plus one is", "completion": f" {i + 1}"}).encode() + b"\n"
+        for i in range(n)
+    )
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

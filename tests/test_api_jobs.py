@@ -1,0 +1,225 @@
+"""Fine-tuning jobs API on Postgres and SQLite: every route, every field, every error path."""
+
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from models.db import session_scope
+from models.files import FileRepository
+from models.storage import LocalArtifactStore
+from tests.conftest import RecordingDispatcher
+from tests.test_api_files import assert_error, upload
+
+JOB_FIELDS = {
+    "id", "object", "created_at", "model", "status", "training_file", "validation_file", "fine_tuned_model",
+    "finished_at", "trained_tokens", "result_files", "hyperparameters", "method", "organization_id", "seed",
+    "error", "estimated_finish", "integrations", "metadata", "user_provided_suffix",
+}  # fmt: skip
+
+
+@pytest.fixture
+def training_file(client: TestClient) -> str:
+    return upload(client).json()["id"]
+
+
+def create(client: TestClient, model: str, training_file: str, **body: object):  # type: ignore[no-untyped-def]
+    return client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": training_file, **body})
+
+
+def test_create_returns_complete_job(
+    client: TestClient, registered_model: str, training_file: str, dispatcher: RecordingDispatcher
+) -> None:
+    hyperparameters = {"n_epochs": 2, "lora_r": 4, "learning_rate": 1e-3}
+    response = create(
+        client,
+        registered_model,
+        training_file,
+        validation_file=training_file,
+        suffix="my-model",
+        seed=7,
+        metadata={"team": "search"},
+        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+    )
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert set(job) == JOB_FIELDS
+    assert job["id"].startswith("ftjob-") and job["object"] == "fine_tuning.job"
+    assert job["status"] == "validating_files"
+    assert (job["model"], job["training_file"], job["validation_file"]) == (
+        registered_model,
+        training_file,
+        training_file,
+    )
+    assert (job["seed"], job["metadata"], job["user_provided_suffix"]) == (7, {"team": "search"}, "my-model")
+    assert job["fine_tuned_model"] is None and job["finished_at"] is None and job["error"] is None
+    assert job["result_files"] == [] and job["organization_id"] == "org-local"
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    echoed = job["method"]["supervised"]["hyperparameters"]
+    assert echoed["lora_r"] == 4 and echoed["learning_rate"] == 1e-3 and echoed["n_epochs"] == 2
+    assert dispatcher.submitted == [job["id"]]
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json() == job
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert [e["message"] for e in events] == [
+        f"Validating training file: {training_file} and validation file: {training_file}",
+        f"Created fine-tuning job: {job['id']}",
+    ]
+
+
+def test_defaults_and_legacy_hyperparameters(
+    client: TestClient, registered_model: str, training_file: str
+) -> None:
+    job = create(client, registered_model, training_file).json()
+    assert job["method"]["type"] == "supervised"
+    assert job["hyperparameters"] == {
+        "n_epochs": "auto",
+        "batch_size": "auto",
+        "learning_rate_multiplier": "auto",
+    }
+    assert isinstance(job["seed"], int)
+    legacy = create(
+        client, registered_model, training_file, hyperparameters={"n_epochs": 3, "batch_size": 2}
+    ).json()
+    assert legacy["hyperparameters"]["n_epochs"] == 3
+    assert legacy["method"]["supervised"]["hyperparameters"]["batch_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "param"),
+    [
+        ({"n_epochs": 0}, "n_epochs"),
+        ({"n_epochs": 51}, "n_epochs"),
+        ({"n_epochs": "3"}, "n_epochs"),
+        ({"batch_size": 257}, "batch_size"),
+        ({"learning_rate_multiplier": 0}, "learning_rate_multiplier"),
+        ({"lora_r": 0}, "lora_r"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_target_modules": []}, "lora_target_modules"),
+        ({"max_seq_length": 4}, "max_seq_length"),
+        ({"warmup_ratio": 2}, "warmup_ratio"),
+        ({"lora_rank": 8}, "lora_rank"),
+    ],
+)
+def test_bad_hyperparameters_are_400_with_param(
+    client: TestClient, registered_model: str, training_file: str, hyperparameters: dict, param: str
+) -> None:
+    method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    response = create(client, registered_model, training_file, method=method)
+    assert_error(response, 400, f"method.supervised.hyperparameters.{param}")
+
+
+def test_create_errors(client: TestClient, registered_model: str, training_file: str) -> None:
+    assert_error(create(client, "no-such-model", training_file), 400, "model", "model_not_found")
+    assert_error(create(client, registered_model, "file-nope"), 400, "training_file", "file_not_found")
+    assert_error(
+        create(client, registered_model, training_file, validation_file="file-nope"), 400, "validation_file"
+    )
+    assert_error(create(client, registered_model, training_file, suffix="a:b"), 400, "suffix")
+    assert_error(create(client, registered_model, training_file, suffix="x" * 65), 400, "suffix")
+    assert_error(create(client, registered_model, training_file, seed=-1), 400, "seed")
+    too_much = {f"k{i}": "v" for i in range(17)}
+    assert_error(create(client, registered_model, training_file, metadata=too_much), 400, "metadata")
+    assert_error(create(client, registered_model, training_file, method={"type": "dpo"}), 400, "method.type")
+    assert_error(
+        create(client, registered_model, training_file, method={"type": "magic"}), 400, "method.type"
+    )
+    both = {"method": {"type": "supervised"}, "hyperparameters": {"n_epochs": 1}}
+    assert_error(create(client, registered_model, training_file, **both), 400, "hyperparameters")
+    wandb = [{"type": "wandb", "wandb": {"project": "p"}}]
+    assert_error(create(client, registered_model, training_file, integrations=wandb), 400, "integrations")
+    assert_error(create(client, registered_model, training_file, colour="blue"), 400, "colour")
+    assert_error(client.post("/v1/fine_tuning/jobs", json={"model": registered_model}), 400, "training_file")
+    bad_json = client.post(
+        "/v1/fine_tuning/jobs", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert_error(bad_json, 400)
+    assert_error(client.post("/v1/fine_tuning/jobs", json=[1, 2]), 400)
+
+
+def test_results_files_cannot_train(
+    client: TestClient,
+    registered_model: str,
+    session_factory,
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    with session_scope(session_factory) as session:
+        results = FileRepository(session).store(
+            LocalArtifactStore(settings.artifacts_root),
+            organization_id="org-local",
+            source=io.BytesIO(b"step\n"),
+            filename="step_metrics.csv",
+            purpose="fine-tune-results",
+        )
+    response = create(client, registered_model, results.id)
+    assert_error(response, 400, "training_file", "invalid_file_purpose")
+
+
+def test_list_newest_first_with_cursor_and_metadata(
+    client: TestClient, registered_model: str, training_file: str
+) -> None:
+    ids = [
+        create(client, registered_model, training_file, metadata={"run": str(i % 2)} if i else None).json()[
+            "id"
+        ]
+        for i in range(5)
+    ]
+    listed = client.get("/v1/fine_tuning/jobs").json()
+    assert [j["id"] for j in listed["data"]] == ids[::-1] and listed["has_more"] is False
+    first = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in first["data"]] == ids[:2:-1][:2] and first["has_more"] is True
+    second = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": first["last_id"]}).json()
+    assert [j["id"] for j in second["data"]] == [ids[2], ids[1]]
+    odd = client.get("/v1/fine_tuning/jobs?metadata[run]=1").json()["data"]
+    assert [j["id"] for j in odd] == [ids[3], ids[1]]
+    assert client.get("/v1/fine_tuning/jobs?metadata[run]=1&metadata[other]=x").json()["data"] == []
+    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs?metadata=null").json()["data"]] == [ids[0]]
+    assert_error(client.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"}), 400, "after")
+    assert_error(client.get("/v1/fine_tuning/jobs", params={"limit": 101}), 400, "limit")
+
+
+def test_cancel(client: TestClient, registered_model: str, training_file: str) -> None:
+    job_id = create(client, registered_model, training_file).json()["id"]
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled" and cancelled.json()["finished_at"] is not None
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"][0]["message"] == (
+        "Fine-tuning job cancelled"
+    )
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 400)
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_files_of_unfinished_jobs_cannot_be_deleted(
+    client: TestClient, registered_model: str, training_file: str
+) -> None:
+    job_id = create(client, registered_model, training_file).json()["id"]
+    assert_error(client.delete(f"/v1/files/{training_file}"), 400, "file_id", "file_in_use")
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert client.delete(f"/v1/files/{training_file}").status_code == 200
+
+
+def test_events_and_checkpoints_pages(client: TestClient, registered_model: str, training_file: str) -> None:
+    job_id = create(client, registered_model, training_file).json()["id"]
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 2}).json()
+    assert len(events["data"]) == 2 and events["has_more"] is True
+    assert {e["object"] for e in events["data"]} == {"fine_tuning.job.event"}
+    rest = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": events["last_id"]}).json()
+    assert [e["message"] for e in rest["data"]] == [f"Created fine-tuning job: {job_id}"]
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()
+    assert checkpoints == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+
+
+def test_unknown_job_routes_are_404(client: TestClient) -> None:
+    for method, suffix in [("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/checkpoints")]:
+        response = client.request(method, f"/v1/fine_tuning/jobs/ftjob-nope{suffix}")
+        assert_error(response, 404, "fine_tuning_job_id", "not_found")
+
+
+def test_envelope_for_unknown_routes_and_health(client: TestClient) -> None:
+    assert_error(client.get("/v1/nothing-here"), 404)
+    assert_error(client.put("/v1/fine_tuning/jobs"), 405)
+    health = client.get("/healthz", headers={"x-request-id": "abc"})
+    assert health.status_code == 200 and health.headers["x-request-id"] == "abc"
+    assert json.loads(health.text) == {"status": "ok"}

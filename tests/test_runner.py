@@ -1,0 +1,178 @@
+"""The job runner on a real database and tiny real models: validation failures, a full run, duplicate
+deliveries, and cancelling a running job."""
+
+import io
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from models.settings import Settings
+from models.storage import LocalArtifactStore
+from tests.jobs_helpers import chat_lines, prompt_completion_lines, wait_for
+from worker.runner import JobRunner
+
+FAST = {"n_epochs": 1, "batch_size": 4, "max_seq_length": 512}
+
+
+@pytest.fixture
+def runner(settings: Settings, session_factory) -> JobRunner:  # type: ignore[no-untyped-def]
+    return JobRunner(settings, session_factory, LocalArtifactStore(settings.artifacts_root))
+
+
+def upload(client: TestClient, content: bytes) -> str:
+    files = {"file": ("data.jsonl", io.BytesIO(content))}
+    return client.post("/v1/files", files=files, data={"purpose": "fine-tune"}).json()["id"]
+
+
+def create_job(
+    client: TestClient, model: str, train: bytes, valid: bytes | None = None, **hyper: object
+) -> str:
+    body = {
+        "model": model,
+        "training_file": upload(client, train),
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {**FAST, **hyper}}},
+    }
+    if valid is not None:
+        body["validation_file"] = upload(client, valid)
+    response = client.post("/v1/fine_tuning/jobs", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+BAD_FILES = [
+    pytest.param(b"not json\n", None, "invalid_file_format", "training_file", "Line 1", id="invalid-json"),
+    pytest.param(b"[1, 2]\n", None, "invalid_file_format", "training_file", "not a dictionary", id="not-object"),
+    pytest.param(b"\xff\xfe\n", None, "invalid_file_format", "training_file", "UTF-8", id="not-utf8"),
+    pytest.param(b"", None, "invalid_file_format", "training_file", "", id="empty"),
+    pytest.param(chat_lines(3), None, "invalid_n_examples", "training_file", "3 example(s)", id="too-few"),
+    pytest.param(
+        chat_lines(11) + b'{"messages": [{"role": "robot", "content": "hi"}]}\n',
+        None, "invalid_example", "training_file", "line 12", id="bad-role",
+    ),
+    pytest.param(
+        b'{"text": "raw text is not supported yet"}\n' * 10,
+        None, "invalid_example", "training_file", "Line 1", id="unknown-format",
+    ),
+    pytest.param(
+        chat_lines(10), b'{"messages": [{"role": "user", "content": "hi"}]}\n',
+        "invalid_example", "validation_file", "line 1", id="valid-no-assistant",
+    ),
+    pytest.param(
+        chat_lines(10), prompt_completion_lines(2),
+        "invalid_file_format", "validation_file", "format", id="valid-other-format",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("train", "valid", "code", "param", "fragment"), BAD_FILES)
+def test_bad_files_fail_the_job_with_a_precise_error(
+    client: TestClient,
+    runner: JobRunner,
+    registered_model: str,
+    train,
+    valid,
+    code,
+    param,
+    fragment,  # type: ignore[no-untyped-def]
+) -> None:
+    job_id = create_job(client, registered_model, train, valid)
+    runner.run(job_id)
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == code and job["error"]["param"] == param
+    assert fragment.lower() in job["error"]["message"].lower()
+    assert job["finished_at"] is not None and job["fine_tuned_model"] is None
+    newest = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"][0]
+    assert newest["level"] == "error" and newest["message"] == job["error"]["message"]
+
+
+def test_a_job_runs_to_success(
+    client: TestClient, runner: JobRunner, registered_model: str, settings: Settings
+) -> None:
+    job_id = create_job(client, registered_model, chat_lines(12), chat_lines(4, "validation"), n_epochs=2)
+    runner.run(job_id)
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    short_id = job_id.removeprefix("ftjob-")[:8]
+    assert job["fine_tuned_model"] == f"ft:{registered_model}:local::{short_id}"
+    assert job["trained_tokens"] > 0 and job["finished_at"] >= job["created_at"]
+    resolved = job["method"]["supervised"]["hyperparameters"]
+    assert resolved["n_epochs"] == 2 and resolved["batch_size"] == 4 and resolved["learning_rate"] == 2e-4
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}
+
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    messages = [e["message"] for e in reversed(events)]
+    started = messages.index("Fine-tuning job started")
+    assert messages[started - 1] == "Files validated, moving job to queued state"
+    metrics = [e for e in reversed(events) if e["type"] == "metrics"]
+    assert [e["data"]["step"] for e in metrics] == [1, 2, 3, 4, 5, 6]
+    assert metrics[0]["message"].startswith("Step 1/6: training loss=")
+    assert messages[-2:] == [
+        f"New fine-tuned model created: {job['fine_tuned_model']}",
+        "The job has successfully completed",
+    ]
+    last_metrics = next(e for e in events if e["type"] == "metrics")
+    assert last_metrics["data"]["step"] == 6 and last_metrics["data"]["total_steps"] == 6
+    assert {"train_loss", "train_mean_token_accuracy", "full_valid_loss"} <= set(last_metrics["data"])
+
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in checkpoints] == [6, 3]
+    assert checkpoints[0]["fine_tuned_model_checkpoint"] == f"{job['fine_tuned_model']}:ckpt-step-6"
+    assert checkpoints[0]["metrics"]["full_valid_loss"] > 0
+
+    results = client.get(f"/v1/files/{job['result_files'][0]}").json()
+    assert results["purpose"] == "fine-tune-results" and results["filename"] == "step_metrics.csv"
+    csv = client.get(f"/v1/files/{results['id']}/content").text.splitlines()
+    assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(csv) == 7
+    adapter = settings.artifacts_root / "jobs" / job_id / "attempt-1" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    assert (settings.artifacts_root / "jobs" / job_id / "attempt-1" / "train.log").exists()
+    assert not (settings.work_root / job_id).joinpath("attempt-1").exists()
+
+
+def test_duplicate_deliveries_run_one_attempt(
+    client: TestClient, runner: JobRunner, registered_model: str
+) -> None:
+    job_id = create_job(client, registered_model, prompt_completion_lines(12))
+    threads = [threading.Thread(target=runner.run, args=(job_id,)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    runner.run(job_id)  # a late redelivery after the end is a no-op too
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    messages = [
+        e["message"]
+        for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 200}).json()["data"]
+    ]
+    assert messages.count("Fine-tuning job started") == 1
+    assert messages.count("Files validated, moving job to queued state") == 1
+
+
+def test_cancelling_a_running_job_stops_training_and_publishes_nothing(
+    client: TestClient, runner: JobRunner, registered_model: str, settings: Settings
+) -> None:
+    job_id = create_job(client, registered_model, chat_lines(40), n_epochs=50, batch_size=1)
+    thread = threading.Thread(target=runner.run, args=(job_id,))
+    thread.start()
+
+    def training() -> bool:
+        events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+        return any(e["type"] == "metrics" for e in events)
+
+    wait_for(training, 120, "the first metrics event")
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the runner did not stop its trainer"
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["fine_tuned_model"] is None and job["result_files"] == []
+    assert not (settings.artifacts_root / "jobs" / job_id / "attempt-1" / "adapter").exists()
+    steps = [
+        e["data"]["step"]
+        for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+        if e["type"] == "metrics"
+    ]
+    assert max(steps) < 2000
