@@ -42,7 +42,7 @@ def create_job(
 
 BAD_FILES = [
     pytest.param(b"not json\n", None, "invalid_file_format", "training_file", "Line 1", id="invalid-json"),
-    pytest.param(b"[1, 2]\n", None, "invalid_file_format", "training_file", "not a dictionary", id="not-object"),
+    pytest.param(b"[1, 2]\n", None, "invalid_file_format", "training_file", "dictionary", id="not-object"),
     pytest.param(b"\xff\xfe\n", None, "invalid_file_format", "training_file", "UTF-8", id="not-utf8"),
     pytest.param(b"", None, "invalid_file_format", "training_file", "", id="empty"),
     pytest.param(chat_lines(3), None, "invalid_n_examples", "training_file", "3 example(s)", id="too-few"),
