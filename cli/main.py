@@ -11,7 +11,7 @@ from openai import OpenAI
 from cli.follow import follow
 from models.db import make_engine, make_session_factory, session_scope
 from models.migrate import upgrade
-from models.registry import ModelRegistry
+from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
 
 app = typer.Typer(help="Self-hosted, OpenAI-compatible fine-tuning jobs.", no_args_is_help=True)
@@ -91,19 +91,25 @@ def worker(loglevel: str = "info") -> None:
 @models_app.command("pull")
 def models_pull(name: str, data_dir: DataDir = None) -> None:
     """Fetch a base model (offline for the built-ins) and register it."""
-    from worker.model_pull import pull
+    from worker.model_pull import PullError, pull
 
     settings = _settings(data_dir)
-    path = pull(name, settings.models_root)
+    try:
+        path = pull(name, settings.models_root)
+    except PullError as error:
+        raise typer.BadParameter(str(error), param_hint="NAME") from error
     _register(settings, name, path, source=f"pull:{name}")
 
 
 @models_app.command("add")
 def models_add(name: str, path: Path, data_dir: DataDir = None) -> None:
     """Register a local Hugging Face directory (safetensors) under NAME."""
-    from worker.model_pull import check_model_dir
+    from worker.model_pull import PullError, check_model_dir
 
-    check_model_dir(path)
+    try:
+        check_model_dir(path)
+    except PullError as error:
+        raise typer.BadParameter(str(error), param_hint="PATH") from error
     _register(_settings(data_dir), name, path.resolve(), source="local")
 
 
@@ -121,7 +127,10 @@ def _register(settings: Settings, name: str, path: Path, *, source: str) -> None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url())
     with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
-        ModelRegistry(session).register(name, str(path), source)
+        try:
+            ModelRegistry(session).register(name, str(path), source)
+        except InvalidModelName as error:
+            raise typer.BadParameter(str(error), param_hint="NAME") from error
     typer.echo(f"registered {name} -> {path}")
 
 

@@ -1,6 +1,7 @@
 """The whole loop through the official openai client, against real servers: embedded (`ftjobs up`,
 SQLite) and distributed (`ftjobs api` + `ftjobs worker` on Postgres and Redis)."""
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -103,6 +104,31 @@ def test_embedded_server_with_openai_client(embedded, tmp_path: Path, tiny_model
     job = run_job(client, tmp_path, "tiny-llama")
     check_outputs(client, job, "tiny-llama")
     check_adapter(data_dir / "artifacts" / "jobs" / job.id / "attempt-1" / "adapter", tiny_model_dir)
+
+    # The CLI drives the same API.
+    env = {"FTJOBS_BASE_URL": str(client.base_url).rstrip("/")}
+    followed = cli("jobs", "follow", job.id, env=env)
+    assert f"{job.id}: succeeded {job.fine_tuned_model}" in followed.stdout
+    assert json.loads(cli("jobs", "get", job.id, env=env).stdout)["trained_tokens"] == job.trained_tokens
+    assert "The job has successfully completed" in cli("jobs", "events", job.id, env=env).stdout
+    assert job.id in cli("jobs", "list", env=env).stdout
+    assert job.training_file in cli("files", "list", env=env).stdout
+    uploaded = json.loads(cli("files", "upload", str(tmp_path / "train.jsonl"), env=env).stdout)
+    created = json.loads(
+        cli(
+            "jobs",
+            "create",
+            "--model",
+            "tiny-llama",
+            "--training-file",
+            uploaded["id"],
+            "-p",
+            "n_epochs=1",
+            env=env,
+        ).stdout
+    )
+    assert created["method"]["supervised"]["hyperparameters"]["n_epochs"] == 1
+    assert json.loads(cli("jobs", "cancel", created["id"], env=env).stdout)["status"] == "cancelled"
 
 
 def test_distributed_celery_worker_with_openai_client(
