@@ -7,6 +7,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.dispatch import Dispatcher
+from models.db import session_scope
 from models.settings import Settings
 from models.storage import ArtifactStore
 
@@ -30,15 +31,10 @@ def on_commit(session: Session, action: Callable[[], None]) -> None:
 
 def get_session(request: Request) -> Iterator[Session]:
     """Commit at the edge, then run the request's on-commit actions; a rollback discards them."""
-    with request.app.state.session_factory() as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        for action in session.info.get("on_commit", []):
-            action()
+    with session_scope(request.app.state.session_factory) as session:
+        yield session
+    for action in session.info.get("on_commit", []):
+        action()
 
 
 def organization_id(settings: Annotated[Settings, Depends(get_settings)]) -> str:

@@ -32,7 +32,7 @@ def upload_file(
         purpose=purpose,
         expires_after_seconds=expires_after_seconds,
     )
-    return FileObject.of(stored)
+    return FileObject.model_validate(stored)
 
 
 @router.get("")
@@ -48,13 +48,13 @@ def list_files(
     rows, has_more = file_service.list_files(
         session, org, purpose=purpose, after=after, limit=limit, order=order
     )
-    return list_page(rows, has_more, FileObject.of)
+    return list_page(rows, has_more, FileObject.model_validate)
 
 
 @router.get("/{file_id}")
 def retrieve_file(file_id: str, session: SessionDep, org: OrgDep) -> FileObject:
     """Retrieve a file's metadata."""
-    return FileObject.of(file_service.get(session, org, file_id))
+    return FileObject.model_validate(file_service.get(session, org, file_id))
 
 
 @router.delete("/{file_id}")

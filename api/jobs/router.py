@@ -70,7 +70,7 @@ def list_events(
 ) -> ListPage[FineTuningJobEvent]:
     """A job's events, newest first."""
     rows, has_more = job_service.list_events(session, org, fine_tuning_job_id, after=after, limit=limit)
-    return list_page(rows, has_more, FineTuningJobEvent.of)
+    return list_page(rows, has_more, FineTuningJobEvent.model_validate)
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints")
@@ -83,4 +83,4 @@ def list_checkpoints(
 ) -> ListPage[FineTuningJobCheckpoint]:
     """A job's checkpoints, newest first."""
     rows, has_more = job_service.list_checkpoints(session, org, fine_tuning_job_id, after=after, limit=limit)
-    return list_page(rows, has_more, FineTuningJobCheckpoint.of)
+    return list_page(rows, has_more, FineTuningJobCheckpoint.model_validate)

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.hyperparameters import SupervisedHyperparameters
-from models.orm import Job, JobCheckpoint, JobEvent
+from models.orm import Job
 
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
@@ -132,6 +132,8 @@ class FineTuningJob(BaseModel):
 
 
 class FineTuningJobEvent(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
@@ -140,34 +142,14 @@ class FineTuningJobEvent(BaseModel):
     type: str
     data: dict[str, Any] | None
 
-    @classmethod
-    def of(cls, event: JobEvent) -> "FineTuningJobEvent":
-        return cls(
-            id=event.id,
-            created_at=event.created_at,
-            level=event.level,
-            message=event.message,
-            type=event.type,
-            data=event.data,
-        )
-
 
 class FineTuningJobCheckpoint(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     created_at: int
     fine_tuned_model_checkpoint: str
-    fine_tuning_job_id: str
+    fine_tuning_job_id: str = Field(validation_alias="job_id")
     step_number: int
     metrics: dict[str, float]
-
-    @classmethod
-    def of(cls, checkpoint: JobCheckpoint) -> "FineTuningJobCheckpoint":
-        return cls(
-            id=checkpoint.id,
-            created_at=checkpoint.created_at,
-            fine_tuned_model_checkpoint=checkpoint.fine_tuned_model_checkpoint,
-            fine_tuning_job_id=checkpoint.job_id,
-            step_number=checkpoint.step_number,
-            metrics=checkpoint.metrics,
-        )
