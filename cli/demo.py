@@ -100,10 +100,8 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
         typer.echo(f"Fine-tuned model: {job.fine_tuned_model}")
         typer.echo(f"Hyperparameters:  {job.hyperparameters.model_dump()}")
         typer.echo(f"Trained tokens:   {job.trained_tokens}")
-        typer.echo(
-            "Final metrics:    "
-            + ", ".join(f"{k}={v:.4f}" for k, v in checkpoint.metrics.model_dump().items() if v is not None)
-        )
+        metrics = checkpoint.metrics.model_dump(exclude={"step"}, exclude_none=True)
+        typer.echo("Final metrics:    " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         typer.echo(f"Results file:     {job.result_files[0]} (client.files.content(...) gives the CSV)")
         typer.echo(f"Adapter:          {adapter}")
         typer.echo(f"Wall time:        {time.monotonic() - started:.0f} s")
