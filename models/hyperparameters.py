@@ -1,19 +1,31 @@
 """Hyperparameters as a client sends them ("auto" allowed) and how "auto" is resolved at job start.
 
 OpenAI's three (`n_epochs`, `batch_size`, `learning_rate_multiplier`) keep their documented ranges;
-the LoRA and optimisation extensions ride beside them in `method.supervised.hyperparameters`.
+the method and optimisation extensions ride beside them in `method.supervised.hyperparameters`.
 """
 
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.spec import ResolvedHyperparameters
+from models.spec import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, ResolvedHyperparameters, TrainingType
 
 Auto = Literal["auto"]
 
-# What "auto" means, in one place (documented in docs/hyperparameters.md).
-BASE_LEARNING_RATE = 2e-4  # LoRA; learning_rate_multiplier scales it
+# What "auto" means, in one place (documented in docs/api.md). The base learning rate depends on how
+# many and which parameters train: a whole model needs small steps, a learned prompt large ones.
+BASE_LEARNING_RATE: dict[str, float] = {
+    "lora": 2e-4,
+    "dora": 2e-4,
+    "qlora": 2e-4,
+    "full": 2e-5,
+    "freeze": 5e-5,
+    "bitfit": 1e-3,
+    "ia3": 3e-3,
+    "prompt_tuning": 3e-2,
+    "prefix_tuning": 1e-2,
+    "p_tuning": 1e-2,
+}
 DEFAULT_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
 DEFAULTS = {
@@ -23,6 +35,13 @@ DEFAULTS = {
     "lora_target_modules": "all-linear",
     "max_seq_length": 1024,
     "warmup_ratio": 0.05,
+    "trainable_layers": 2,
+    "num_virtual_tokens": 20,
+}
+APPLIES_TO = {
+    **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), LORA_FAMILY),
+    "trainable_layers": frozenset({"freeze"}),
+    "num_virtual_tokens": VIRTUAL_TOKEN_METHODS,
 }
 
 
@@ -33,6 +52,7 @@ class SupervisedHyperparameters(BaseModel):
     batch_size: Auto | Annotated[int, Field(strict=True, ge=1, le=256)] = "auto"
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
     # Extensions.
+    training_type: TrainingType = "lora"
     learning_rate: Annotated[float, Field(gt=0, le=1)] | None = None
     lora_r: Annotated[int, Field(strict=True, ge=1, le=1024)] | None = None
     lora_alpha: Annotated[float, Field(gt=0, le=4096)] | None = None
@@ -40,6 +60,16 @@ class SupervisedHyperparameters(BaseModel):
     lora_target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] | None = None
     max_seq_length: Annotated[int, Field(strict=True, ge=16, le=131072)] | None = None
     warmup_ratio: Annotated[float, Field(ge=0, le=1)] | None = None
+    trainable_layers: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = None
+    num_virtual_tokens: Annotated[int, Field(strict=True, ge=1, le=512)] | None = None
+
+
+def inapplicable_key(requested: SupervisedHyperparameters) -> str | None:
+    """A given extension that means nothing for the chosen training_type (e.g. `lora_r` with `full`)."""
+    for key, types in APPLIES_TO.items():
+        if getattr(requested, key) is not None and requested.training_type not in types:
+            return key
+    return None
 
 
 def auto_epochs(n_examples: int) -> int:
@@ -56,17 +86,19 @@ def auto_batch_size(n_examples: int) -> int:
 
 
 def resolve(requested: SupervisedHyperparameters, n_examples: int) -> ResolvedHyperparameters:
+    base = BASE_LEARNING_RATE[requested.training_type]
     multiplier = 1.0 if requested.learning_rate_multiplier == "auto" else requested.learning_rate_multiplier
     if requested.learning_rate is not None:
         # An explicit learning rate wins; the multiplier is shown relative to the base rate.
         learning_rate = requested.learning_rate
-        multiplier = learning_rate / BASE_LEARNING_RATE
+        multiplier = learning_rate / base
     else:
-        learning_rate = BASE_LEARNING_RATE * multiplier
+        learning_rate = base * multiplier
     extras = {
         k: getattr(requested, k) if getattr(requested, k) is not None else v for k, v in DEFAULTS.items()
     }
     return ResolvedHyperparameters(
+        training_type=requested.training_type,
         n_epochs=auto_epochs(n_examples) if requested.n_epochs == "auto" else requested.n_epochs,
         batch_size=auto_batch_size(n_examples) if requested.batch_size == "auto" else requested.batch_size,
         learning_rate_multiplier=multiplier,

@@ -10,11 +10,17 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 DataFormat = Literal["chat", "prompt_completion"]
+TrainingType = Literal[
+    "lora", "dora", "qlora", "full", "freeze", "bitfit", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"
+]
+LORA_FAMILY: frozenset[str] = frozenset({"lora", "dora", "qlora"})
+VIRTUAL_TOKEN_METHODS: frozenset[str] = frozenset({"prompt_tuning", "prefix_tuning", "p_tuning"})
 
 
 class ResolvedHyperparameters(BaseModel):
     """Concrete values a job trains with ("auto" already resolved)."""
 
+    training_type: TrainingType = "lora"
     n_epochs: int
     batch_size: int
     learning_rate_multiplier: float
@@ -25,6 +31,10 @@ class ResolvedHyperparameters(BaseModel):
     lora_target_modules: list[str] | Literal["all-linear"]
     max_seq_length: int
     warmup_ratio: float
+    trainable_layers: int = 2
+    """freeze: how many of the last transformer layers train (0: only the head)."""
+    num_virtual_tokens: int = 20
+    """prompt_tuning, prefix_tuning, p_tuning: length of the learned prompt."""
 
 
 class TrainingSpec(BaseModel):

@@ -99,6 +99,11 @@ def test_defaults_and_legacy_hyperparameters(
         ({"max_seq_length": 4}, "max_seq_length"),
         ({"warmup_ratio": 2}, "warmup_ratio"),
         ({"lora_rank": 8}, "lora_rank"),
+        ({"training_type": "magic"}, "training_type"),
+        ({"training_type": "full", "lora_r": 8}, "lora_r"),
+        ({"training_type": "lora", "trainable_layers": 2}, "trainable_layers"),
+        ({"training_type": "qlora", "num_virtual_tokens": 8}, "num_virtual_tokens"),
+        ({"training_type": "prompt_tuning", "num_virtual_tokens": 0}, "num_virtual_tokens"),
     ],
 )
 def test_bad_hyperparameters_are_400_with_param(
@@ -107,6 +112,17 @@ def test_bad_hyperparameters_are_400_with_param(
     method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
     response = create(client, registered_model, training_file, method=method)
     assert_error(response, 400, f"method.supervised.hyperparameters.{param}")
+
+
+def test_training_type_is_echoed(client: TestClient, registered_model: str, training_file: str) -> None:
+    hyperparameters = {"training_type": "freeze", "trainable_layers": 0}
+    job = create(client, registered_model, training_file, hyperparameters=hyperparameters).json()
+    assert job["method"]["supervised"]["hyperparameters"]["training_type"] == "freeze"
+    assert job["method"]["supervised"]["hyperparameters"]["trainable_layers"] == 0
+    legacy_mismatch = create(
+        client, registered_model, training_file, hyperparameters={"training_type": "full", "lora_r": 4}
+    )
+    assert_error(legacy_mismatch, 400, "hyperparameters.lora_r")
 
 
 def test_create_errors(client: TestClient, registered_model: str, training_file: str) -> None:

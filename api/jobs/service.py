@@ -12,6 +12,7 @@ from api.jobs.schemas import JobCreate, SupervisedMethod
 from api.pagination import cursor
 from models import ids
 from models.files import FileRepository
+from models.hyperparameters import APPLIES_TO, inapplicable_key
 from models.jobs import JobRepository
 from models.orm import Job, JobCheckpoint, JobEvent
 from models.registry import ModelRegistry
@@ -39,11 +40,20 @@ def _method(body: JobCreate) -> dict[str, object]:
             param="hyperparameters",
         )
     if body.method is None:
-        supervised = SupervisedMethod(hyperparameters=body.hyperparameters) if body.hyperparameters else None
-        return {"type": "supervised", "supervised": (supervised or SupervisedMethod()).model_dump()}
-    if body.method.type != "supervised":
+        supervised, where = SupervisedMethod(hyperparameters=body.hyperparameters or {}), "hyperparameters"
+    elif body.method.type != "supervised":
         raise APIError(f"Method {body.method.type!r} is not supported yet.", param="method.type")
-    return {"type": "supervised", "supervised": (body.method.supervised or SupervisedMethod()).model_dump()}
+    else:
+        supervised, where = body.method.supervised or SupervisedMethod(), "method.supervised.hyperparameters"
+    hyperparameters = supervised.hyperparameters
+    if key := inapplicable_key(hyperparameters):
+        applies_to = ", ".join(sorted(APPLIES_TO[key]))
+        training_type = hyperparameters.training_type
+        raise APIError(
+            f"`{key}` does not apply to training_type {training_type!r} (only to {applies_to}).",
+            param=f"{where}.{key}",
+        )
+    return {"type": "supervised", "supervised": supervised.model_dump()}
 
 
 def create(session: Session, dispatcher: Dispatcher, organization_id: str, body: JobCreate) -> Job:

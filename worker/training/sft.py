@@ -36,7 +36,6 @@ from worker.training.device import DeviceConfig, select_device
 from worker.training.events import EventWriter
 from worker.training.methods import get_method
 
-METHOD = "lora"  # the spec has no method field yet
 MAX_GRAD_NORM = 1.0
 CSV_HEADER = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 CSV_METRICS = ["train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy"]
@@ -103,12 +102,12 @@ class SFTRecipe:
         )
 
         base = load_model(self.spec.base_model_path, self.device)
-        self.model = get_method(METHOD)(base, self.hp)
+        self.model = get_method(self.hp.training_type)(base, self.hp)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in self.trainable)
         n_total = sum(p.numel() for p in self.model.parameters())
         self.events.log(
-            f"{METHOD} on {self.device.device.type} ({self.device.dtype}): "
+            f"{self.hp.training_type} on {self.device.device.type} ({self.device.dtype}): "
             f"{n_trainable:,} of {n_total:,} parameters trainable"
         )
         # No weight decay: as HF Trainer's default, and adapters start at zero anyway.
