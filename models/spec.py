@@ -9,7 +9,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-DataFormat = Literal["chat", "prompt_completion"]
+DataFormat = Literal[
+    "chat", "prompt_completion", "text", "classification", "token_classification", "preference"
+]
+SFT_FORMATS: frozenset[str] = frozenset({"chat", "prompt_completion"})
+"""What the supervised recipe trains on today; the other formats belong to objectives still to come."""
 TrainingType = Literal[
     "lora", "dora", "qlora", "full", "freeze", "bitfit", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"
 ]

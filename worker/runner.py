@@ -27,6 +27,7 @@ from models.orm import Job, JobCheckpoint
 from models.registry import ModelRegistry
 from models.settings import Settings
 from models.spec import (
+    SFT_FORMATS,
     CheckpointMessage,
     ChildMessage,
     CompletedMessage,
@@ -100,6 +101,13 @@ class JobRunner:
                 summaries.append(validate_file(path, param=param, min_examples=minimum))
             except DataError as error:
                 raise JobFailed(error.code, error.message, error.param) from error
+        if summaries[0].format not in SFT_FORMATS:
+            raise JobFailed(
+                "invalid_file_format",
+                f"The training file is in {summaries[0].format} format, which supervised jobs do not "
+                "train on yet; use chat or prompt/completion examples.",
+                "training_file",
+            )
         if len(summaries) == 2 and summaries[0].format != summaries[1].format:
             raise JobFailed(
                 "invalid_file_format",
