@@ -7,9 +7,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ftjobs.api")
+RETRY_AFTER_SECONDS = 5
 
 # Pydantic adds the tried union member to an error's location ("int", "literal['auto']", ...).
 _TYPE_TAG = re.compile(r"^(int|float|str|bool|dict|list|none)$|^constrained-|[\[\]'(),]")
@@ -78,6 +80,17 @@ def _http_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Connection refused, server restarting, SQLite locked: transient, so 503 and the SDK retries.
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    body = envelope(
+        "The service's database is unavailable; retry shortly.",
+        type="server_error",
+        code="service_unavailable",
+    )
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     body = envelope("The server had an error while processing your request.", type="server_error")
@@ -88,4 +101,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)

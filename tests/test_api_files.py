@@ -120,3 +120,15 @@ def test_upload_over_the_limit_is_413(settings: Settings, dispatcher) -> None:  
         assert_error(streamed, 413)
         assert upload(client, LINE.encode()).status_code == 200
     assert not any((small.artifacts_root / "files").glob("*.partial"))
+
+
+def test_database_down_is_503_with_retry_after(tmp_path, dispatcher) -> None:  # type: ignore[no-untyped-def]
+    """A real driver failing to connect (nothing listens on port 1): 503, never 500; the SDK retries it."""
+    from api.main import create_app
+
+    settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    with TestClient(create_app(settings, dispatcher), raise_server_exceptions=False) as client:
+        for response in (client.get("/v1/fine_tuning/jobs"), client.get("/healthz"), upload(client)):
+            error = assert_error(response, 503, code="service_unavailable")
+            assert error["type"] == "server_error"
+            assert response.headers["retry-after"] == "5"
