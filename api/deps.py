@@ -6,8 +6,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.dispatch import Dispatcher
 from models.db import session_scope
+from models.queue import Dispatcher
 from models.settings import Settings
 from models.storage import ArtifactStore
 

@@ -4,11 +4,11 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from api import errors
-from api.dispatch import CeleryDispatcher, Dispatcher
 from api.files.router import router as files_router
 from api.jobs.router import router as jobs_router
 from api.middleware import BodySizeLimit, RequestId
 from models.db import make_engine, make_session_factory
+from models.queue import CeleryDispatcher, Dispatcher
 from models.settings import Settings
 from models.storage import LocalArtifactStore
 

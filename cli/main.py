@@ -11,8 +11,10 @@ from openai import OpenAI
 from cli.follow import follow
 from models.db import make_engine, make_session_factory, session_scope
 from models.migrate import upgrade
+from models.queue import CeleryDispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
+from worker.reconciler import Reconciler
 
 app = typer.Typer(help="Self-hosted, OpenAI-compatible fine-tuning jobs.", no_args_is_help=True)
 models_app = typer.Typer(help="Base models jobs can fine-tune.", no_args_is_help=True)
@@ -59,6 +61,7 @@ def up(
     runner = make_runner(settings)
     dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
     dispatcher.start()
+    Reconciler(settings, runner.session_factory, dispatcher).start()
     typer.echo(f"ftjobs (embedded) on http://{host}:{port}/v1, data in {settings.data_dir.resolve()}")
     try:
         uvicorn.run(create_app(settings, dispatcher), host=host, port=port, log_level="warning")
@@ -72,7 +75,7 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
     import uvicorn
 
     settings = _settings()
-    upgrade(settings.resolved_database_url())
+    _start_reconciler(settings)
     uvicorn.run("api.asgi:app", host=host, port=port, workers=workers, log_level="info")
 
 
@@ -86,6 +89,13 @@ def worker(loglevel: str = "info") -> None:
     celery_app.worker_main(
         ["worker", "--pool=solo", f"--queues={settings.worker_queue}", f"--loglevel={loglevel}"]
     )
+
+
+def _start_reconciler(settings: Settings) -> None:
+    """Migrate, then sweep for lost jobs in the background (distributed mode: every process does)."""
+    url = settings.resolved_database_url()
+    upgrade(url)
+    Reconciler(settings, make_session_factory(make_engine(url)), CeleryDispatcher(settings)).start()
 
 
 @models_app.command("pull")

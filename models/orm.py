@@ -75,6 +75,8 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    dispatched_at: Mapped[float | None] = mapped_column(Float)
+    """When a runner was last woken for this job; the reconciler wakes one again if nothing happened."""
 
 
 class JobEvent(Base):

@@ -5,9 +5,14 @@ A message carries only a job id; Postgres holds the job. Settings suit multi-hou
 JSON only, no result backend.
 """
 
+import logging
+from typing import Protocol
+
 from celery import Celery
 
 from models.settings import Settings
+
+log = logging.getLogger("ftjobs")
 
 RUN_JOB = "ftjobs.run_job"
 
@@ -28,3 +33,21 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+class Dispatcher(Protocol):
+    """Wakes a runner for a committed job. The database row is the job; this is only a nudge."""
+
+    def submit(self, job_id: str) -> None: ...
+
+
+class CeleryDispatcher:
+    def __init__(self, settings: Settings) -> None:
+        self.celery = make_celery(settings)
+        self.queue = settings.worker_queue
+
+    def submit(self, job_id: str) -> None:
+        try:
+            self.celery.send_task(RUN_JOB, args=[job_id], queue=self.queue)
+        except Exception:  # broker down: the reconciler publishes the job again later; it is not lost
+            log.exception("could not publish job %s to the broker", job_id)

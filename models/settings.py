@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="How often a running job reports liveness."
     )
     lease_seconds: float = Field(default=60.0, gt=0, description="How long a heartbeat keeps a job's lease.")
+    max_attempts: int = Field(default=3, ge=1, description="Attempts before a job whose workers die fails.")
+    reconcile_seconds: float = Field(default=10.0, gt=0, description="How often the reconciler sweeps.")
+    redispatch_seconds: float = Field(
+        default=60.0, gt=0, description="Wake runners again for jobs still waiting after this long."
+    )
     cancel_grace_seconds: float = Field(
         default=30.0, ge=0, description="Grace before a cancelled trainer is killed."
     )

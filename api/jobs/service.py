@@ -6,7 +6,6 @@ import time
 from sqlalchemy.orm import Session
 
 from api.deps import on_commit
-from api.dispatch import Dispatcher
 from api.errors import APIError, not_found
 from api.jobs.schemas import JobCreate, SupervisedMethod
 from api.pagination import cursor
@@ -15,6 +14,7 @@ from models.files import FileRepository
 from models.hyperparameters import APPLIES_TO, inapplicable_key
 from models.jobs import JobRepository
 from models.orm import Job, JobCheckpoint, JobEvent
+from models.queue import Dispatcher
 from models.registry import ModelRegistry
 from models.states import ACTIVE, JobStatus, transition
 
@@ -85,6 +85,7 @@ def create(session: Session, dispatcher: Dispatcher, organization_id: str, body:
             integrations=None,
             result_files=[],
             created_at=int(time.time()),
+            dispatched_at=time.time(),
             attempt=0,
         )
     )

@@ -1,0 +1,131 @@
+"""The reconciler: puts right what crashes and lost messages leave behind, from the database alone.
+
+- A `running` job whose lease expired (its worker died, or lost the database) is queued again as a new
+  attempt, or fails once `max_attempts` attempts have been used. The old attempt, if it still runs,
+  is fenced off: its writes name its attempt number and no longer match.
+- A job still waiting (`validating_files`/`queued`) long after its last wake-up gets another one, with a
+  growing interval, so a message lost by the broker (Redis restarted empty) costs a delay, not the job.
+
+Every API and worker process runs one; on Postgres a transaction-scoped advisory lock lets one sweep at a
+time, and every change is a compare-and-set, so overlapping sweeps cannot requeue a job twice.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, or_, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.db import session_scope
+from models.jobs import JobRepository
+from models.orm import Job
+from models.queue import Dispatcher
+from models.settings import Settings
+from models.states import JobStatus, transition
+
+log = logging.getLogger("ftjobs.reconciler")
+
+_SWEEP_LOCK = 7_102_932
+
+
+@dataclass
+class Sweep:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    woken: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(
+        self, settings: Settings, session_factory: sessionmaker[Session], dispatcher: Dispatcher
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.dispatcher = dispatcher
+
+    def sweep(self) -> Sweep:
+        now = time.time()
+        result = Sweep()
+        with session_scope(self.session_factory) as session:
+            if session.get_bind().dialect.name == "postgresql":
+                locked = session.scalar(text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": _SWEEP_LOCK})
+                if not locked:
+                    return result  # another process is sweeping right now
+            for job in self._expired_leases(session, now):
+                self._recover(session, job, now, result)
+            result.woken = self._wake_waiting(session, now)
+        for job_id in result.requeued + result.woken:
+            self.dispatcher.submit(job_id)
+        return result
+
+    def _expired_leases(self, session: Session, now: float) -> list[Job]:
+        # A claim always sets the lease; COALESCE still reaps a row that somehow has none.
+        lease_end = func.coalesce(Job.lease_expires_at, Job.started_at + self.settings.lease_seconds, 0)
+        stmt = select(Job).where(Job.status == JobStatus.RUNNING.value, lease_end < now)
+        return list(session.scalars(stmt))
+
+    def _recover(self, session: Session, job: Job, now: float, result: Sweep) -> None:
+        repo = JobRepository(session)
+        lease = {"lease_owner": None, "lease_expires_at": None, "estimated_finish": None}
+        if job.attempt >= self.settings.max_attempts:
+            message = (
+                f"The job's worker stopped reporting {job.attempt} time(s), the most attempts allowed; "
+                "giving up."
+            )
+            error = {"code": "max_attempts_exceeded", "message": message, "param": None}
+            values = {**lease, "error": error, "finished_at": int(now)}
+            if transition(
+                session,
+                job.id,
+                from_=JobStatus.RUNNING,
+                to=JobStatus.FAILED,
+                attempt=job.attempt,
+                values=values,
+            ):
+                repo.add_event(job.id, message, level="error")
+                result.failed.append(job.id)
+            return
+        values = {**lease, "dispatched_at": now}
+        if transition(
+            session, job.id, from_=JobStatus.RUNNING, to=JobStatus.QUEUED, attempt=job.attempt, values=values
+        ):
+            repo.add_event(
+                job.id,
+                f"Attempt {job.attempt} stopped reporting (its worker died or lost the database); "
+                "the job is queued again.",
+                level="warn",
+            )
+            result.requeued.append(job.id)
+
+    def _wake_waiting(self, session: Session, now: float) -> list[str]:
+        """Waiting jobs not woken for a while; the interval grows with the job's age (few duplicates)."""
+        waited = now - func.coalesce(Job.dispatched_at, 0)
+        backoff = func.max if session.get_bind().dialect.name == "sqlite" else func.greatest
+        interval = backoff(
+            self.settings.redispatch_seconds, func.coalesce(Job.dispatched_at, 0) - Job.created_at
+        )
+        waiting = [JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value]
+        stmt = (
+            update(Job)
+            .where(Job.status.in_(waiting), or_(Job.dispatched_at.is_(None), waited > interval))
+            .values(dispatched_at=now)
+            .returning(Job.id)
+        )
+        return list(session.scalars(stmt))
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.reconcile_seconds):
+            try:
+                sweep = self.sweep()
+                if sweep.requeued or sweep.failed:
+                    log.warning("reconciler: requeued %s, failed %s", sweep.requeued, sweep.failed)
+            except Exception:  # the database may be down; the next sweep tries again
+                log.exception("reconciler sweep failed")
+
+    def start(self) -> threading.Event:
+        """Sweep in a daemon thread until the returned event is set."""
+        stop = threading.Event()
+        threading.Thread(target=self.run_forever, args=(stop,), name="ftjobs-reconciler", daemon=True).start()
+        return stop
