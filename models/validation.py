@@ -1,8 +1,9 @@
 """Streaming validation of JSONL fine-tuning files, run by the worker while a job is `validating_files`.
 
-Error codes and the chat format follow OpenAI's fine-tuning API. Line numbers are 1-based physical lines
-(blank lines count); message numbers are 1-based positions in an example's `messages`. The file is read
-one line at a time, so memory stays bounded by the longest line, not the file size.
+Error codes, the chat format and the preference (DPO) format follow OpenAI's fine-tuning API. Line numbers
+are 1-based physical lines (blank lines count); message numbers are 1-based positions in a list of
+messages. The file is read one line at a time and lines are capped at MAX_LINE_BYTES, so memory stays
+bounded whatever the file holds.
 """
 
 import json
@@ -12,13 +13,44 @@ from typing import Any, NoReturn
 
 from models.spec import DataFormat
 
+MAX_LINE_BYTES = 16 * 2**20
+MAX_LABELS = 1_000
+"""Most distinct classification labels or NER tags in one file; FileSummary lists them all."""
+MAX_LABEL_CHARS = 256
+"""Longest label or tag, so the listed labels stay small too."""
+
 _JSONL = "Expected file to have JSONL format, where every line is a valid JSON dictionary."
 _FORMATS: dict[DataFormat, str] = {
     "chat": 'chat examples ("messages")',
     "prompt_completion": 'prompt/completion examples ("prompt" and "completion")',
+    "text": 'text examples ("text")',
+    "classification": 'classification examples ("text" and "label")',
+    "token_classification": 'token classification examples ("tokens" and "tags")',
+    "preference": 'preference examples ("input", "preferred_output" and "non_preferred_output")',
+}
+# Keys that identify an example's format. "text" alone means text; with "label" it means classification.
+_FORMAT_KEYS: dict[DataFormat, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "classification": ("text", "label"),
+    "token_classification": ("tokens", "tags"),
+    "preference": (
+        "input",
+        "preferred_output",
+        "non_preferred_output",
+        "preferred_completion",
+        "non_preferred_completion",
+    ),
 }
 _CHAT_KEYS = ("messages", "tools", "parallel_tool_calls", "functions")
 _PROMPT_COMPLETION_KEYS = ("prompt", "completion")
+_TEXT_KEYS = ("text",)
+_CLASSIFICATION_KEYS = ("text", "label")
+_TOKEN_CLASSIFICATION_KEYS = ("tokens", "tags")
+_PREFERENCE_INPUT_KEYS = ("messages", "tools", "parallel_tool_calls")
+# The two spellings OpenAI accepts for a preference example's outputs.
+_OUTPUT_KEYS = ("preferred_output", "non_preferred_output")
+_COMPLETION_KEYS = ("preferred_completion", "non_preferred_completion")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 _LEGACY_ROLES = ("function",)  # accepted for old files, not advertised in messages
 _MESSAGE_KEYS = (
@@ -55,6 +87,8 @@ class DataError(Exception):
 class FileSummary:
     format: DataFormat
     n_examples: int
+    labels: tuple[str, ...] = ()
+    """Distinct classification labels or NER tags, sorted (integer labels numerically); else empty."""
 
 
 class _InvalidExample(Exception):
@@ -72,14 +106,25 @@ def _reject_literal(literal: str) -> NoReturn:
 _DECODER = json.JSONDecoder(parse_constant=_reject_literal)
 
 
-def validate_file(path: Path, *, param: str, min_examples: int) -> FileSummary:
-    """Stream-validate a JSONL fine-tuning file; raise DataError on the first problem."""
+def validate_file(
+    path: Path, *, param: str, min_examples: int, require_two_labels: bool = False
+) -> FileSummary:
+    """Stream-validate a JSONL fine-tuning file; raise DataError on the first problem.
+
+    require_two_labels: a classification file must have at least two distinct labels (for training files).
+    """
     file_format: DataFormat | None = None
     first_line = 0
     n_examples = 0
-    # Binary iteration splits on b"\n" only (not on U+2028 and friends) and holds one line at a time.
+    labels: set[str | int] = set()
+    # Binary readline splits on b"\n" only (not on U+2028 and friends) and holds one line at a time.
     with path.open("rb") as file:
-        for line_no, raw in enumerate(file, start=1):
+        lines = iter(lambda: file.readline(MAX_LINE_BYTES + 1), b"")
+        for line_no, raw in enumerate(lines, start=1):
+            # A read that fills the limit without reaching a newline stopped inside a longer line.
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                message = f"Line {line_no} is longer than {MAX_LINE_BYTES // 2**20} MiB."
+                raise DataError("invalid_file_format", message, param)
             example = _parse_line(raw, line_no, param)
             if example is None:
                 continue
@@ -92,10 +137,7 @@ def validate_file(path: Path, *, param: str, min_examples: int) -> FileSummary:
                     raise _InvalidExample(
                         f"Line {line_no} mixes formats: expected {expected} like line {first_line}."
                     )
-                if line_format == "chat":
-                    _check_chat(example, line_no)
-                else:
-                    _check_prompt_completion(example, line_no)
+                _check_example(example, line_format, line_no, labels)
             except _InvalidExample as exc:
                 raise DataError("invalid_example", str(exc), param) from None
             n_examples += 1
@@ -103,14 +145,24 @@ def validate_file(path: Path, *, param: str, min_examples: int) -> FileSummary:
         raise DataError(
             "invalid_file_format", "File has no examples: it is empty or has only blank lines.", param
         )
+    file_name = param.replace("_", " ").capitalize()
     if n_examples < min_examples:
-        label = param.replace("_", " ").capitalize()
         raise DataError(
             "invalid_n_examples",
-            f"{label} has {n_examples} example(s), but must have at least {min_examples} examples",
+            f"{file_name} has {n_examples} example(s), but must have at least {min_examples} examples",
             param,
         )
-    return FileSummary(format=file_format, n_examples=n_examples)
+    if require_two_labels and file_format == "classification" and len(labels) < 2:
+        (label,) = labels
+        raise DataError(
+            "invalid_example",
+            f"{file_name} has only one label (`{_brief(label)}`); a classifier needs at least two.",
+            param,
+        )
+    # A file's labels are all strings or all integers, so they sort; integers sort numerically.
+    return FileSummary(
+        format=file_format, n_examples=n_examples, labels=tuple(str(label) for label in sorted(labels))
+    )
 
 
 def _parse_line(raw: bytes, line_no: int, param: str) -> dict[str, Any] | None:
@@ -132,7 +184,9 @@ def _parse_line(raw: bytes, line_no: int, param: str) -> dict[str, Any] | None:
     except _NonFiniteLiteral as exc:
         message = f"{_JSONL} Line {line_no} is not valid JSON: {exc} is not a JSON value."
         raise DataError("invalid_file_format", message, param) from None
-    except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+    # JSONDecodeError is a ValueError, as is an integer over Python's 4,300-digit limit;
+    # RecursionError: absurdly deep nesting.
+    except (ValueError, RecursionError):
         raise DataError("invalid_file_format", f"{_JSONL} Line {line_no} is not valid JSON.", param) from None
     if not isinstance(value, dict):
         raise DataError("invalid_file_format", f"{_JSONL} Line {line_no} is not a dictionary.", param)
@@ -140,21 +194,46 @@ def _parse_line(raw: bytes, line_no: int, param: str) -> dict[str, Any] | None:
 
 
 def _detect_format(example: dict[str, Any], line_no: int) -> DataFormat:
-    has_messages = "messages" in example
-    has_prompt_completion = any(key in example for key in _PROMPT_COMPLETION_KEYS)
-    if has_messages and has_prompt_completion:
+    found: dict[DataFormat, str] = {}  # format -> its first identifying key in the example
+    for data_format, keys in _FORMAT_KEYS.items():
+        key = next((key for key in keys if key in example), None)
+        if key is not None:
+            found[data_format] = key
+    if len(found) > 1:
+        first, second = list(found.values())[:2]
         raise _InvalidExample(
-            f'Line {line_no} has both "messages" and "prompt"/"completion"; '
-            "an example is either chat or prompt/completion."
+            f'Line {line_no} has both "{first}" and "{second}"; an example has exactly one format.'
         )
-    if has_messages:
-        return "chat"
-    if has_prompt_completion:
-        return "prompt_completion"
-    raise _InvalidExample(
-        f"Line {line_no} is not a supported example. Expected {_FORMATS['chat']} "
-        f"or {_FORMATS['prompt_completion']}."
-    )
+    if not found:
+        expected = list(_FORMATS.values())
+        raise _InvalidExample(
+            f"Line {line_no} is not a supported example. Expected {', '.join(expected[:-1])} "
+            f"or {expected[-1]}."
+        )
+    data_format = next(iter(found))
+    if data_format == "classification" and "label" not in example:
+        return "text"
+    return data_format
+
+
+def _check_example(
+    example: dict[str, Any], data_format: DataFormat, line_no: int, labels: set[str | int]
+) -> None:
+    """Check one example of a known format, adding its labels or tags to the file's."""
+    match data_format:
+        case "chat":
+            _check_chat(example, line_no)
+        case "prompt_completion":
+            _check_prompt_completion(example, line_no)
+        case "text":
+            _check_text(example, line_no)
+        case "classification":
+            _add_label(labels, _check_classification(example, line_no), line_no, "label")
+        case "token_classification":
+            for tag in _check_token_classification(example, line_no):
+                _add_label(labels, tag, line_no, "tag")
+        case "preference":
+            _check_preference(example, line_no)
 
 
 def _check_prompt_completion(example: dict[str, Any], line_no: int) -> None:
@@ -168,27 +247,142 @@ def _check_prompt_completion(example: dict[str, Any], line_no: int) -> None:
         raise _InvalidExample(f'"completion" on line {line_no} is empty.')
 
 
+def _check_text(example: dict[str, Any], line_no: int) -> None:
+    _check_keys(example, _TEXT_KEYS, f"on line {line_no}")
+    _check_text_field(example, line_no)
+
+
+def _check_classification(example: dict[str, Any], line_no: int) -> str | int:
+    """Check a classification example and return its label."""
+    _check_keys(example, _CLASSIFICATION_KEYS, f"on line {line_no}")
+    if "text" not in example:
+        raise _InvalidExample(f'Line {line_no} is missing "text".')
+    _check_text_field(example, line_no)
+    label = example["label"]
+    # bool is an int subclass, so compare types to reject true/false.
+    if not (type(label) is int or (isinstance(label, str) and label)):
+        got = _brief(json.dumps(label))  # JSON-encoded so that an empty string shows as ""
+        raise _InvalidExample(
+            f'"label" on line {line_no} must be a non-empty string or an integer, got {got}.'
+        )
+    return label
+
+
+def _check_text_field(example: dict[str, Any], line_no: int) -> None:
+    if not isinstance(example["text"], str) or not example["text"]:
+        raise _InvalidExample(f'"text" on line {line_no} must be a non-empty string.')
+
+
+def _check_token_classification(example: dict[str, Any], line_no: int) -> list[str]:
+    """Check a token classification (NER) example and return its tags."""
+    _check_keys(example, _TOKEN_CLASSIFICATION_KEYS, f"on line {line_no}")
+    for key in _TOKEN_CLASSIFICATION_KEYS:
+        if key not in example:
+            raise _InvalidExample(f'Line {line_no} is missing "{key}".')
+        items = example[key]
+        if not isinstance(items, list) or not items:
+            raise _InvalidExample(f'"{key}" on line {line_no} must be a non-empty list of strings.')
+        for index, item in enumerate(items, start=1):
+            if not isinstance(item, str):
+                raise _InvalidExample(f'Item {index} of "{key}" on line {line_no} is not a string.')
+    tokens, tags = example["tokens"], example["tags"]
+    if len(tokens) != len(tags):
+        raise _InvalidExample(
+            f"Line {line_no} has {len(tokens)} tokens but {len(tags)} tags; every token needs one tag."
+        )
+    return tags
+
+
+def _add_label(labels: set[str | int], label: str | int, line_no: int, noun: str) -> None:
+    """Record a label or tag; the file's labels must be of one type and bounded in number and size."""
+    if label in labels:
+        return
+    earlier = next(iter(labels), label)
+    if type(label) is not type(earlier):
+        types = {str: "string", int: "integer"}
+        raise _InvalidExample(
+            f"Line {line_no} has {types[type(label)]} {noun} `{_brief(label)}`, but earlier {noun}s are "
+            f"{types[type(earlier)]}s like `{_brief(earlier)}`; {noun}s must be all strings or all integers."
+        )
+    if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
+        raise _InvalidExample(
+            f"The {noun} `{_brief(label)}` on line {line_no} is longer than {MAX_LABEL_CHARS} characters."
+        )
+    if len(labels) == MAX_LABELS:
+        raise _InvalidExample(
+            f"Line {line_no} has {noun} `{_brief(label)}`, making more than {MAX_LABELS:,} distinct "
+            f"{noun}s; a file may have at most {MAX_LABELS:,}."
+        )
+    labels.add(label)
+
+
+def _check_preference(example: dict[str, Any], line_no: int) -> None:
+    _check_keys(example, ("input", *_OUTPUT_KEYS, *_COMPLETION_KEYS), f"on line {line_no}")
+    output_key = next((key for key in _OUTPUT_KEYS if key in example), None)
+    completion_key = next((key for key in _COMPLETION_KEYS if key in example), None)
+    if output_key and completion_key:
+        raise _InvalidExample(
+            f'Line {line_no} has both "{output_key}" and "{completion_key}"; '
+            'use either the "_output" or the "_completion" spelling.'
+        )
+    output_keys = _COMPLETION_KEYS if completion_key else _OUTPUT_KEYS
+    for key in ("input", *output_keys):
+        if key not in example:
+            raise _InvalidExample(f'Line {line_no} is missing "{key}".')
+
+    inputs = example["input"]
+    if not isinstance(inputs, dict):
+        raise _InvalidExample(f'"input" on line {line_no} must be a dictionary with "messages".')
+    _check_keys(inputs, _PREFERENCE_INPUT_KEYS, f'in "input" on line {line_no}')
+    messages = inputs.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _InvalidExample(f'"input.messages" on line {line_no} must be a non-empty list of messages.')
+    _check_tool_options(inputs, "input.", line_no)
+    call_ids: set[str] = set()
+    for index, message in enumerate(messages, start=1):
+        _check_message(message, f'message {index} of "input" on line {line_no}', call_ids)
+    if messages[-1]["role"] == "assistant":
+        raise _InvalidExample(
+            f'The last message of "input" on line {line_no} is from the assistant; '
+            "the input must end where the preferred and non-preferred outputs begin."
+        )
+
+    for key in output_keys:
+        output = example[key]
+        if not isinstance(output, list) or len(output) != 1:
+            raise _InvalidExample(
+                f'"{key}" on line {line_no} must be a list of exactly one assistant message.'
+            )
+        message, where = output[0], f'message 1 of "{key}" on line {line_no}'
+        # A copy of the input's call ids: each output answers the input on its own.
+        _check_message(message, where, set(call_ids))
+        if message["role"] != "assistant":
+            role = message["role"]
+            raise _InvalidExample(f"{_capitalize(where)} has role `{role}`; it must be `assistant`.")
+        # Legacy function_call alone passes the chat check, but DPO outputs use tool_calls.
+        if not (message.get("content") or message.get("tool_calls")):
+            raise _InvalidExample(f"{_capitalize(where)} needs content or tool_calls.")
+    if example[output_keys[0]] == example[output_keys[1]]:
+        raise _InvalidExample(
+            f'"{output_keys[0]}" and "{output_keys[1]}" on line {line_no} are identical; '
+            "a preference needs two different answers."
+        )
+
+
 def _check_chat(example: dict[str, Any], line_no: int) -> None:
     _check_keys(example, _CHAT_KEYS, f"on line {line_no}")
     messages = example["messages"]
     if not isinstance(messages, list) or not messages:
         raise _InvalidExample(f'"messages" on line {line_no} must be a non-empty list of messages.')
-    tools = example.get("tools", [])
-    if not (isinstance(tools, list) and all(_is_tool(tool) for tool in tools)):
-        raise _InvalidExample(
-            f'"tools" on line {line_no} must be a list of '
-            '{"type": "function", "function": {"name": <string>, ...}}.'
-        )
+    _check_tool_options(example, "", line_no)
     functions = example.get("functions", [])
     if not (isinstance(functions, list) and all(_is_function(function) for function in functions)):
         raise _InvalidExample(f'"functions" on line {line_no} must be a list of {{"name": ...}}.')
-    if not isinstance(example.get("parallel_tool_calls", False), bool):
-        raise _InvalidExample(f'"parallel_tool_calls" on line {line_no} must be true or false.')
 
     call_ids: set[str] = set()  # ids of tool calls made so far, which tool messages must answer
     trained = False
     for index, message in enumerate(messages, start=1):
-        _check_message(message, index, line_no, call_ids)
+        _check_message(message, f"message {index} on line {line_no}", call_ids)
         trained = trained or (message["role"] == "assistant" and message.get("weight") != 0)
     if not trained:
         raise _InvalidExample(
@@ -197,13 +391,25 @@ def _check_chat(example: dict[str, Any], line_no: int) -> None:
         )
 
 
-def _check_message(message: Any, index: int, line_no: int, call_ids: set[str]) -> None:
-    where = f"message {index} on line {line_no}"
+def _check_tool_options(obj: dict[str, Any], prefix: str, line_no: int) -> None:
+    """Check "tools" and "parallel_tool_calls" of a chat example or a preference input."""
+    tools = obj.get("tools", [])
+    if not (isinstance(tools, list) and all(_is_tool(tool) for tool in tools)):
+        raise _InvalidExample(
+            f'"{prefix}tools" on line {line_no} must be a list of '
+            '{"type": "function", "function": {"name": <string>, ...}}.'
+        )
+    if not isinstance(obj.get("parallel_tool_calls", False), bool):
+        raise _InvalidExample(f'"{prefix}parallel_tool_calls" on line {line_no} must be true or false.')
+
+
+def _check_message(message: Any, where: str, call_ids: set[str]) -> None:
+    """Check one message; `where` names it, e.g. "message 2 on line 7"."""
     if not isinstance(message, dict):
-        raise _InvalidExample(f"Message {index} on line {line_no} is not a dictionary.")
+        raise _InvalidExample(f"{_capitalize(where)} is not a dictionary.")
     _check_keys(message, _MESSAGE_KEYS, f"in {where}")
     if "role" not in message:
-        raise _InvalidExample(f"Message {index} on line {line_no} has no role.")
+        raise _InvalidExample(f"{_capitalize(where)} has no role.")
     role = message["role"]
     if role not in _ROLES + _LEGACY_ROLES:
         raise _InvalidExample(
@@ -229,7 +435,7 @@ def _check_message(message: Any, index: int, line_no: int, call_ids: set[str]) -
     if content is None or content == "" or content == []:
         # An assistant turn that only calls a tool has nothing else to say.
         if not (role == "assistant" and (message.get("tool_calls") or message.get("function_call"))):
-            raise _InvalidExample(f"Message {index} on line {line_no} has no content.")
+            raise _InvalidExample(f"{_capitalize(where)} has no content.")
     else:
         _check_content(content, where)
 
@@ -286,7 +492,7 @@ def _check_arguments(function: Any, field: str, where: str) -> None:
         raise _InvalidExample(f'"{field}.arguments" of {where} must be a string of JSON.')
     try:
         _DECODER.decode(arguments)
-    except (json.JSONDecodeError, _NonFiniteLiteral, RecursionError):
+    except (ValueError, _NonFiniteLiteral, RecursionError):  # ValueError as in _parse_line
         raise _InvalidExample(f'"{field}.arguments" of {where} is not valid JSON.') from None
 
 
@@ -304,6 +510,10 @@ def _check_keys(obj: dict[str, Any], allowed: tuple[str, ...], where: str) -> No
             raise _InvalidExample(
                 f"Unsupported key `{_brief(key)}` {where}. Allowed keys: {', '.join(allowed)}."
             )
+
+
+def _capitalize(where: str) -> str:
+    return where[:1].upper() + where[1:]
 
 
 def _brief(value: Any) -> str:
