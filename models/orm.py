@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Base, JSONType
@@ -105,3 +105,19 @@ class JobCheckpoint(Base):
     metrics: Mapped[dict[str, float]] = mapped_column(JSONType)
     fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(300))
     storage_key: Mapped[str] = mapped_column(String(256))
+
+
+class IdempotencyKey(Base):
+    """The first response to a POST that carried an `Idempotency-Key`, replayed to its retries for 24 h."""
+
+    __tablename__ = "idempotency_key"
+    __table_args__ = (UniqueConstraint("organization_id", "key"),)
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    """sha256 of the route and the request body: the same key with another request is refused."""
+    status_code: Mapped[int] = mapped_column(Integer)
+    response: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)

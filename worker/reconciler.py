@@ -14,11 +14,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import session_scope
+from models.idempotency import IdempotencyRepository
 from models.jobs import JobRepository
 from models.orm import Job
 from models.queue import Dispatcher
@@ -35,6 +37,32 @@ class Sweep:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     woken: list[str] = field(default_factory=list)
+
+
+def retry_or_fail(
+    session: Session, job: Job, reason: str, *, max_attempts: int, now: float
+) -> Literal["requeued", "failed"] | None:
+    """Queue a running job's next attempt, or fail it once `max_attempts` are spent; None if it moved on."""
+    repo = JobRepository(session)
+    lease = {"lease_owner": None, "lease_expires_at": None, "estimated_finish": None}
+    if job.attempt >= max_attempts:
+        message = f"{reason}; that was attempt {job.attempt} of {max_attempts}, so the job failed."
+        error = {"code": "max_attempts_exceeded", "message": message, "param": None}
+        values = {**lease, "error": error, "finished_at": int(now)}
+        if not transition(
+            session, job.id, from_=JobStatus.RUNNING, to=JobStatus.FAILED, attempt=job.attempt, values=values
+        ):
+            return None
+        repo.add_event(job.id, message, level="error")
+        return "failed"
+    # No wake-up time recorded: the next sweep (of any process) wakes a runner for it.
+    values = {**lease, "dispatched_at": None}
+    if not transition(
+        session, job.id, from_=JobStatus.RUNNING, to=JobStatus.QUEUED, attempt=job.attempt, values=values
+    ):
+        return None
+    repo.add_event(job.id, f"{reason}; the job is queued again.", level="warn")
+    return "requeued"
 
 
 class Reconciler:
@@ -56,7 +84,8 @@ class Reconciler:
             for job in self._expired_leases(session, now):
                 self._recover(session, job, now, result)
             result.woken = self._wake_waiting(session, now)
-        for job_id in result.requeued + result.woken:
+            IdempotencyRepository(session).expire()
+        for job_id in result.woken:  # requeued jobs are among them
             self.dispatcher.submit(job_id)
         return result
 
@@ -67,37 +96,12 @@ class Reconciler:
         return list(session.scalars(stmt))
 
     def _recover(self, session: Session, job: Job, now: float, result: Sweep) -> None:
-        repo = JobRepository(session)
-        lease = {"lease_owner": None, "lease_expires_at": None, "estimated_finish": None}
-        if job.attempt >= self.settings.max_attempts:
-            message = (
-                f"The job's worker stopped reporting {job.attempt} time(s), the most attempts allowed; "
-                "giving up."
-            )
-            error = {"code": "max_attempts_exceeded", "message": message, "param": None}
-            values = {**lease, "error": error, "finished_at": int(now)}
-            if transition(
-                session,
-                job.id,
-                from_=JobStatus.RUNNING,
-                to=JobStatus.FAILED,
-                attempt=job.attempt,
-                values=values,
-            ):
-                repo.add_event(job.id, message, level="error")
-                result.failed.append(job.id)
-            return
-        values = {**lease, "dispatched_at": now}
-        if transition(
-            session, job.id, from_=JobStatus.RUNNING, to=JobStatus.QUEUED, attempt=job.attempt, values=values
-        ):
-            repo.add_event(
-                job.id,
-                f"Attempt {job.attempt} stopped reporting (its worker died or lost the database); "
-                "the job is queued again.",
-                level="warn",
-            )
+        reason = f"Attempt {job.attempt} stopped reporting (its worker died or lost the database)"
+        outcome = retry_or_fail(session, job, reason, max_attempts=self.settings.max_attempts, now=now)
+        if outcome == "requeued":
             result.requeued.append(job.id)
+        elif outcome == "failed":
+            result.failed.append(job.id)
 
     def _wake_waiting(self, session: Session, now: float) -> list[str]:
         """Waiting jobs not woken for a while; the interval grows with the job's age (few duplicates)."""

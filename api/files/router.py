@@ -1,5 +1,6 @@
+import hashlib
 from collections.abc import Iterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from fastapi import APIRouter, Form, UploadFile
 from fastapi.responses import StreamingResponse
@@ -7,32 +8,49 @@ from fastapi.responses import StreamingResponse
 from api.deps import OrgDep, SessionDep, StoreDep
 from api.files import service as file_service
 from api.files.schemas import FileDeleted, FileObject
+from api.idempotency import IdempotencyDep
 from api.pagination import After, Limit, ListPage, list_page
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("")
+@router.post("", response_model=FileObject)
 def upload_file(
     file: UploadFile,
     session: SessionDep,
     store: StoreDep,
     org: OrgDep,
+    idempotency: IdempotencyDep,
     purpose: Annotated[str, Form()],
     expires_after_anchor: Annotated[Literal["created_at"] | None, Form(alias="expires_after[anchor]")] = None,
     expires_after_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
-) -> FileObject:
+) -> Any:
     """Upload a JSONL file for fine-tuning."""
-    stored = file_service.upload(
-        session,
-        store,
-        organization_id=org,
-        source=file.file,
-        filename=file.filename,
-        purpose=purpose,
-        expires_after_seconds=expires_after_seconds,
-    )
-    return FileObject.model_validate(stored)
+
+    def store_upload() -> FileObject:
+        stored = file_service.upload(
+            session,
+            store,
+            organization_id=org,
+            source=file.file,
+            filename=file.filename,
+            purpose=purpose,
+            expires_after_seconds=expires_after_seconds,
+        )
+        return FileObject.model_validate(stored)
+
+    def request() -> bytes:
+        return f"{purpose}\0{file.filename}\0{expires_after_seconds}\0{_sha256(file.file)}".encode()
+
+    return idempotency.run(request, store_upload)
+
+
+def _sha256(source: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    while chunk := source.read(1 << 20):
+        digest.update(chunk)
+    source.seek(0)
+    return digest.hexdigest()
 
 
 @router.get("")

@@ -1,10 +1,11 @@
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 
 from api.deps import DispatcherDep, OrgDep, SessionDep
 from api.errors import APIError
+from api.idempotency import IdempotencyDep
 from api.jobs import service as job_service
 from api.jobs.schemas import FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate
 from api.pagination import After, Limit, ListPage, list_page
@@ -26,10 +27,15 @@ def _metadata_filter(request: Request) -> tuple[dict[str, str] | None, bool]:
     return pairs or None, no_metadata
 
 
-@router.post("")
-def create_job(body: JobCreate, session: SessionDep, dispatcher: DispatcherDep, org: OrgDep) -> FineTuningJob:
+@router.post("", response_model=FineTuningJob)
+def create_job(
+    body: JobCreate, session: SessionDep, dispatcher: DispatcherDep, org: OrgDep, idempotency: IdempotencyDep
+) -> Any:
     """Create a fine-tuning job; its files are validated by the job itself."""
-    return FineTuningJob.of(job_service.create(session, dispatcher, org, body))
+    return idempotency.run(
+        lambda: body.model_dump_json().encode(),
+        lambda: FineTuningJob.of(job_service.create(session, dispatcher, org, body)),
+    )
 
 
 @router.get("")
@@ -54,10 +60,12 @@ def retrieve_job(fine_tuning_job_id: str, session: SessionDep, org: OrgDep) -> F
     return FineTuningJob.of(job_service.get(session, org, fine_tuning_job_id))
 
 
-@router.post("/{fine_tuning_job_id}/cancel")
-def cancel_job(fine_tuning_job_id: str, session: SessionDep, org: OrgDep) -> FineTuningJob:
+@router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
+def cancel_job(fine_tuning_job_id: str, session: SessionDep, org: OrgDep, idempotency: IdempotencyDep) -> Any:
     """Cancel a job that has not finished; nothing of a cancelled job is published."""
-    return FineTuningJob.of(job_service.cancel(session, org, fine_tuning_job_id))
+    return idempotency.run(
+        lambda: b"", lambda: FineTuningJob.of(job_service.cancel(session, org, fine_tuning_job_id))
+    )
 
 
 @router.get("/{fine_tuning_job_id}/events")
