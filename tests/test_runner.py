@@ -2,6 +2,9 @@
 deliveries, and cancelling a running job."""
 
 import io
+import os
+import signal
+import subprocess
 import threading
 
 import pytest
@@ -176,3 +179,31 @@ def test_cancelling_a_running_job_stops_training_and_publishes_nothing(
         if e["type"] == "metrics"
     ]
     assert max(steps) < 2000
+
+
+def test_a_killed_trainer_is_retried_as_the_next_attempt(
+    client: TestClient, runner: JobRunner, registered_model: str, settings: Settings
+) -> None:
+    """kill -9 of the training child (as the OOM killer would): attempt 1 is requeued, attempt 2 succeeds."""
+    job_id = create_job(client, registered_model, chat_lines(20), n_epochs=2, batch_size=1)
+    thread = threading.Thread(target=runner.run, args=(job_id,))
+    thread.start()
+    events_url = f"/v1/fine_tuning/jobs/{job_id}/events"
+    wait_for(
+        lambda: any(e["type"] == "metrics" for e in client.get(events_url).json()["data"]), 120, "training"
+    )
+    trainer = subprocess.run(
+        ["pgrep", "-f", f"worker.training --spec .*{job_id}"], capture_output=True, text=True
+    )
+    os.kill(int(trainer.stdout.split()[0]), signal.SIGKILL)
+    thread.join(timeout=60)
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "queued"
+    warning = client.get(events_url).json()["data"][0]
+    assert warning["level"] == "warn" and "killed (signal 9)" in warning["message"]
+
+    runner.run(job_id)  # the next wake-up
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    assert (settings.artifacts_root / "jobs" / job_id / "attempt-2" / "adapter").exists()
+    assert not (settings.artifacts_root / "jobs" / job_id / "attempt-1" / "adapter").exists()

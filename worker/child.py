@@ -4,6 +4,7 @@ The child runs `python -m worker.training` in its own session (process group), s
 it and everything it started; it reports on an inherited pipe, one JSON message per line.
 """
 
+import ctypes
 import os
 import select
 import signal
@@ -18,6 +19,13 @@ from pydantic import TypeAdapter
 from models.spec import ChildMessage, TrainingSpec
 
 _messages = TypeAdapter(ChildMessage)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills the trainer when its supervising thread dies, so no orphan keeps the GPU."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class TrainingProcess:
@@ -43,6 +51,7 @@ class TrainingProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         os.close(write_fd)
         self._fd = read_fd

@@ -12,10 +12,12 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import ids
@@ -34,7 +36,6 @@ from models.spec import (
     DataFormat,
     LogMessage,
     MetricsMessage,
-    StartedMessage,
     StoppedMessage,
     TrainingSpec,
 )
@@ -42,10 +43,12 @@ from models.states import JobStatus, transition
 from models.storage import ArtifactStore
 from models.validation import DataError, FileSummary, validate_file
 from worker.child import TrainingProcess
+from worker.reconciler import retry_or_fail
 
 log = logging.getLogger("ftjobs.worker")
 
 MIN_TRAINING_EXAMPLES = 10
+T = TypeVar("T")
 
 
 def fine_tuned_model_name(job: Job, organization_name: str) -> str:
@@ -57,6 +60,10 @@ class JobFailed(Exception):
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.error = {"code": code, "message": message, "param": param}
+
+
+class LeaseLost(Exception):
+    """The database stayed unreachable longer than the lease: another attempt may own the job now."""
 
 
 class JobRunner:
@@ -182,7 +189,7 @@ class Attempt:
         self.workdir = self.settings.work_root / job_id / f"attempt-{attempt}"
         self.prefix = f"jobs/{job_id}/attempt-{attempt}"
         self.last_error: str | None = None
-        self.total_steps = 0
+        self.lease_deadline = time.monotonic() + self.settings.lease_seconds
 
     def run(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -190,11 +197,23 @@ class Attempt:
         try:
             child = TrainingProcess(self._spec(), self.workdir)
             outcome = self._supervise(child)
+            if outcome is None and child.process.returncode < 0:
+                # Killed by a signal (the OOM killer, an operator): worth another attempt, unlike an error.
+                self._db(
+                    lambda: self._retry(
+                        f"The trainer of attempt {self.attempt} was killed (signal "
+                        f"{-child.process.returncode})"
+                    )
+                )
+                return
             if not isinstance(outcome, CompletedMessage | StoppedMessage):
                 detail = self.last_error or child.log_tail(500) or "the trainer exited without a result"
                 raise JobFailed("training_failed", f"Training failed: {detail}")
             if isinstance(outcome, CompletedMessage):
-                self._publish(outcome)
+                self._db(lambda: self._publish(outcome))
+        except LeaseLost:
+            # Writing anything now could clobber the next attempt; the reconciler takes it from here.
+            log.error("job %s attempt %s lost its lease; abandoning it", self.job_id, self.attempt)
         except Exception as exc:
             if not isinstance(exc, JobFailed):  # a bug or a full disk must not leave the job running
                 log.exception("job %s attempt %s crashed", self.job_id, self.attempt)
@@ -208,6 +227,12 @@ class Attempt:
                 with open(log_file, "rb") as source:
                     self.store.put_stream(f"{self.prefix}/train.log", source)
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _retry(self, reason: str) -> None:
+        with session_scope(self.runner.session_factory) as session:
+            job = JobRepository(session).get(self.job_id)
+            if job is not None and job.status == JobStatus.RUNNING and job.attempt == self.attempt:
+                retry_or_fail(session, job, reason, max_attempts=self.settings.max_attempts, now=time.time())
 
     def _spec(self) -> TrainingSpec:
         with session_scope(self.runner.session_factory) as session:
@@ -237,19 +262,37 @@ class Attempt:
         next_beat = 0.0
         stop_deadline: float | None = None
         while not child.finished:
-            for message in child.messages(timeout=0.5):
-                if isinstance(message, CompletedMessage | StoppedMessage):
-                    outcome = message
-                elif not self._record(message):
-                    stop_deadline = stop_deadline or self._stop(child)
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self.settings.heartbeat_seconds
-                if stop_deadline is None and not self._fenced_update({}):
-                    stop_deadline = self._stop(child)
-            if stop_deadline is not None and now > stop_deadline:
+            try:
+                for message in child.messages(timeout=0.5):
+                    if isinstance(message, CompletedMessage | StoppedMessage):
+                        outcome = message
+                    elif not self._db(lambda m=message: self._record(m)):  # type: ignore[misc]
+                        stop_deadline = stop_deadline or self._stop(child)
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.settings.heartbeat_seconds
+                    if stop_deadline is None and not self._db(lambda: self._fenced_update({})):
+                        stop_deadline = self._stop(child)
+            except LeaseLost:
+                child.kill()  # self-fencing: a trainer without a lease must not keep the GPU or write
+                raise
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
                 child.kill()
         return outcome
+
+    def _db(self, action: Callable[[], T]) -> T:
+        """Run a database write, riding out an outage for as long as this attempt's lease lasts."""
+        while True:
+            try:
+                result = action()
+            except OperationalError as error:
+                if time.monotonic() > self.lease_deadline:
+                    raise LeaseLost from error
+                log.warning("job %s: database unavailable (%s); retrying", self.job_id, type(error).__name__)
+                time.sleep(1)
+                continue
+            self.lease_deadline = time.monotonic() + self.settings.lease_seconds
+            return result
 
     def _stop(self, child: TrainingProcess) -> float:
         log.info(
@@ -282,9 +325,7 @@ class Attempt:
                 session.rollback()
                 return False
             repo = JobRepository(session)
-            if isinstance(message, StartedMessage):
-                self.total_steps = message.total_steps
-            elif isinstance(message, MetricsMessage):
+            if isinstance(message, MetricsMessage):
                 if self._is_event_step(message):
                     repo.add_event(
                         self.job_id, _metrics_text(message), type="metrics", data=_metrics_data(message)

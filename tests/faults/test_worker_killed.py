@@ -1,0 +1,68 @@
+"""Fault injection on real processes: kill -9 a Celery worker mid-training; the job finishes on another."""
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import fresh_postgres_database
+from tests.e2e.servers import cli, free_port, process
+from tests.jobs_helpers import TERMINAL, write_chat
+
+pytestmark = pytest.mark.e2e
+
+
+def test_killed_worker_job_resumes_elsewhere(tmp_path: Path, tiny_model_dir: Path, redis_url: str) -> None:
+    with fresh_postgres_database() as database_url:
+        env = {
+            "FTJOBS_DATA_DIR": str(tmp_path / "data"),
+            "FTJOBS_DATABASE_URL": database_url,
+            "FTJOBS_BROKER_URL": redis_url,
+            "FTJOBS_WORKER_QUEUE": f"ftjobs-test-{uuid.uuid4().hex[:8]}",
+            "FTJOBS_HEARTBEAT_SECONDS": "0.5",
+            "FTJOBS_LEASE_SECONDS": "4",
+            "FTJOBS_RECONCILE_SECONDS": "1",
+        }
+        cli("models", "add", "tiny-llama", str(tiny_model_dir), env=env)
+        port = free_port()
+        health = f"http://127.0.0.1:{port}/healthz"
+        with process(["api", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "api.log", health):
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            with open(write_chat(tmp_path / "train.jsonl", 20), "rb") as train:
+                training_file = client.files.create(file=train, purpose="fine-tune")
+            hyperparameters = {"n_epochs": 2, "batch_size": 1, "max_seq_length": 512}
+            job = client.fine_tuning.jobs.create(
+                model="tiny-llama",
+                training_file=training_file.id,
+                method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},  # type: ignore[typeddict-unknown-key]
+            )
+            with process(["worker"], env, tmp_path / "worker-1.log") as first:
+                deadline = time.monotonic() + 120
+                while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)):
+                    assert time.monotonic() < deadline, (tmp_path / "worker-1.log").read_text()
+                    time.sleep(0.3)
+                os.kill(first.pid, signal.SIGKILL)
+            time.sleep(1)
+            trainers = subprocess.run(
+                ["pgrep", "-f", f"worker.training --spec .*{job.id}"], capture_output=True
+            )
+            assert trainers.stdout == b"", "the trainer outlived its killed worker"
+
+            with process(["worker"], env, tmp_path / "worker-2.log"):
+                deadline = time.monotonic() + 180
+                while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in TERMINAL:
+                    assert time.monotonic() < deadline, (tmp_path / "worker-2.log").read_text()
+                    time.sleep(0.5)
+            assert job.status == "succeeded", job.error
+            messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+            assert any("Attempt 1 stopped reporting" in m for m in messages)
+            final_step = [
+                e for e in client.fine_tuning.jobs.list_events(job.id, limit=1000) if e.type == "metrics"
+            ]
+            assert final_step[0].data["step"] == final_step[0].data["total_steps"] == 40  # type: ignore[index]
+        assert (tmp_path / "data" / "artifacts" / "jobs" / job.id / "attempt-2" / "adapter").exists()
