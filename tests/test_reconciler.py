@@ -84,6 +84,7 @@ def test_attempts_are_bounded(
     assert reconciler.sweep().failed == [job_id]
     job = status(client, job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "max_attempts_exceeded"
+    assert "attempt 2 of 2" in job["error"]["message"]
     assert job["finished_at"] is not None
 
 
