@@ -8,7 +8,9 @@ import csv
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,17 +52,32 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(path: str, device: DeviceConfig) -> PreTrainedModel:
+def load_model(path: str, device: DeviceConfig, **options: Any) -> PreTrainedModel:
+    """The base model on the device; `options` are a method's extra `from_pretrained` arguments."""
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=device.dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True
+        path,
+        dtype=device.dtype,
+        use_safetensors=True,
+        trust_remote_code=False,
+        local_files_only=True,
+        **options,
     )
     return model.to(device.device)
+
+
+def count_parameters(parameters: Iterable[nn.Parameter]) -> int:
+    # A 4-bit weight stores two values per byte; count its values (its original shape), like any weight's.
+    return sum(
+        quant.shape.numel() if (quant := getattr(p, "quant_state", None)) else p.numel() for p in parameters
+    )
 
 
 def token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy, correct argmax predictions and count over the trained tokens."""
     output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits, labels = output.logits[:, :-1], batch["labels"][:, 1:]
+    # Prompt tuning and p-tuning return logits for their virtual tokens too, ahead of the input's.
+    n_positions = batch["input_ids"].shape[1]
+    logits, labels = output.logits[:, -n_positions:-1], batch["labels"][:, 1:]
     trained = labels != IGNORE_INDEX
     loss_sum = F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -101,11 +118,12 @@ class SFTRecipe:
             )
         )
 
-        base = load_model(self.spec.base_model_path, self.device)
-        self.model = get_method(self.hp.training_type)(base, self.hp)
+        self.method = get_method(self.hp.training_type)
+        base = load_model(self.spec.base_model_path, self.device, **self.method.load_options(self.device))
+        self.model = self.method.prepare(base, self.hp)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        n_trainable = sum(p.numel() for p in self.trainable)
-        n_total = sum(p.numel() for p in self.model.parameters())
+        n_trainable = count_parameters(self.trainable)
+        n_total = count_parameters(self.model.parameters())
         self.events.log(
             f"{self.hp.training_type} on {self.device.device.type} ({self.device.dtype}): "
             f"{n_trainable:,} of {n_total:,} parameters trainable"
@@ -208,13 +226,14 @@ class SFTRecipe:
 
     def _save_checkpoint(self, step: int, metrics: Metrics) -> None:
         path = self.output_dir / "checkpoints" / f"step-{step}"
-        self.model.save_pretrained(path)
+        self.method.save(self.model, path)
         self.events.emit(CheckpointMessage(step=step, path=str(path), metrics=metrics))
 
     def save(self) -> None:
-        """Publish the final adapter with the tokenizer (it carries the chat template) and the results CSV."""
+        """Publish the final artifact (what the method saves: an adapter, the trained tensors or the whole
+        model) with the tokenizer (it carries the chat template) and the results CSV."""
         adapter_dir = self.output_dir / "adapter"
-        self.model.save_pretrained(adapter_dir)
+        self.method.save(self.model, adapter_dir)
         self.tokenizer.save_pretrained(adapter_dir)
         results_csv = self.output_dir / "step_metrics.csv"
         self._write_csv(results_csv)

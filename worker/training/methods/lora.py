@@ -7,13 +7,18 @@ from models.spec import ResolvedHyperparameters
 from worker.training.methods import register
 
 
-@register("lora")
-def apply_lora(model: PreTrainedModel, hp: ResolvedHyperparameters) -> PeftModel:
-    config = LoraConfig(
+def lora_config(hp: ResolvedHyperparameters, use_dora: bool = False) -> LoraConfig:
+    """The adapter shape shared by lora, dora and qlora."""
+    return LoraConfig(
         r=hp.lora_r,
         lora_alpha=hp.lora_alpha,
         lora_dropout=hp.lora_dropout,
         target_modules=hp.lora_target_modules,
+        use_dora=use_dora,
         task_type=TaskType.CAUSAL_LM,
     )
-    return get_peft_model(model, config)
+
+
+@register("lora")
+def apply_lora(model: PreTrainedModel, hp: ResolvedHyperparameters) -> PeftModel:
+    return get_peft_model(model, lora_config(hp))

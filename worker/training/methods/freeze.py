@@ -1,0 +1,65 @@
+"""Freeze tuning: only the last `trainable_layers` transformer blocks, the final norm and the LM head train;
+`trainable_layers=0` trains the head and final norm alone. The artifact is just those tensors (see
+`_tensors`); `load_freeze` applies it onto a fresh base.
+
+The blocks are the one `nn.ModuleList` with as many entries as the config has hidden layers (`model.layers`
+in Llama-likes, `transformer.h` in GPT-2-likes); the final norm is any norm layer next to that list. Models
+where that is ambiguous are refused at job start rather than guessed at.
+
+Tied head: SmolLM2, like many small models, ties the LM head to the input embeddings, one matrix serving
+both. "The head trains" then means that matrix trains, input embeddings included: untying would add a
+second vocabulary-sized matrix the base was designed without. The job log's trainable-parameter count shows
+it (about 28M of SmolLM2-135M's trainable parameters are that matrix).
+"""
+
+from functools import partial
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from models.spec import ResolvedHyperparameters
+from worker.training.methods import register
+from worker.training.methods._tensors import copy_into, read_trained_tensors, save_trained_tensors
+
+
+def find_blocks(model: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList]:
+    """The module holding the transformer blocks, and the blocks."""
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    found = [
+        (parent, child)
+        for parent in model.modules()
+        for child in parent.children()
+        if isinstance(child, nn.ModuleList) and len(child) == n_layers
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"freeze: cannot tell which modules of {type(model).__name__} are its transformer blocks; "
+            "use another training_type for this model"
+        )
+    return found[0]
+
+
+@register("freeze", save=partial(save_trained_tensors, "freeze"))
+def freeze_all_but_last_layers(model: PreTrainedModel, hp: ResolvedHyperparameters) -> PreTrainedModel:
+    parent, blocks = find_blocks(model)
+    if hp.trainable_layers > len(blocks):
+        raise ValueError(
+            f"freeze: trainable_layers={hp.trainable_layers} but {type(model).__name__} has only "
+            f"{len(blocks)} transformer blocks"
+        )
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"freeze: {type(model).__name__} has no output head to train")
+    final_norms = [child for child in parent.children() if "norm" in type(child).__name__.lower()]
+
+    model.requires_grad_(False)
+    for module in [*blocks[len(blocks) - hp.trainable_layers :], *final_norms, head]:
+        module.requires_grad_(True)
+    return model
+
+
+def load_freeze(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
+    """Apply a freeze artifact onto a freshly loaded copy of its base model."""
+    copy_into(model, read_trained_tensors("freeze", directory))
+    return model
