@@ -51,6 +51,10 @@ class TrainingSpec(BaseModel):
     stop_file: str
     seed: int
     hyperparameters: ResolvedHyperparameters
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+    resume_from: str | None = None
+    """A complete checkpoint directory of an earlier attempt to continue from (same spec otherwise)."""
 
 
 Metrics = dict[str, float]
@@ -96,7 +100,10 @@ class CompletedMessage(BaseModel):
 
 
 class StoppedMessage(BaseModel):
-    """The child saw the stop file and ended training without publishing anything."""
+    """The child saw the stop file and ended training without publishing anything.
+
+    A stop file containing `pause` asks for a checkpoint first; it is reported before this message.
+    """
 
     type: Literal["stopped"] = "stopped"
     step: int
