@@ -89,6 +89,23 @@ class JobRepository:
         self.session.add(checkpoint)
         return checkpoint
 
+    def latest_checkpoint(self, job_id: str) -> JobCheckpoint | None:
+        stmt = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id).order_by(JobCheckpoint.seq.desc())
+        return self.session.scalar(stmt.limit(1))
+
+    def drop_old_checkpoints(self, job_id: str, *, keep: int) -> Sequence[str]:
+        """Delete all but the newest `keep` checkpoint rows of a job; return their storage keys."""
+        stmt = (
+            select(JobCheckpoint)
+            .where(JobCheckpoint.job_id == job_id)
+            .order_by(JobCheckpoint.seq.desc())
+            .offset(keep)
+        )
+        old = list(self.session.scalars(stmt))
+        for checkpoint in old:
+            self.session.delete(checkpoint)
+        return [checkpoint.storage_key for checkpoint in old]
+
     def get_checkpoint(self, job_id: str, checkpoint_id: str) -> JobCheckpoint | None:
         return self.session.scalar(
             select(JobCheckpoint).where(JobCheckpoint.job_id == job_id, JobCheckpoint.id == checkpoint_id)

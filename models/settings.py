@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="How often a running job reports liveness."
     )
     lease_seconds: float = Field(default=60.0, gt=0, description="How long a heartbeat keeps a job's lease.")
+    checkpoint_every_steps: int = Field(
+        default=0, ge=0, description="Also checkpoint every N steps (0: at epoch ends only), for resuming."
+    )
+    checkpoint_retention: int = Field(default=3, ge=1, description="Checkpoints kept per job (newest).")
     max_attempts: int = Field(default=3, ge=1, description="Attempts before a job whose workers die fails.")
     reconcile_seconds: float = Field(default=10.0, gt=0, description="How often the reconciler sweeps.")
     redispatch_seconds: float = Field(

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 
 from models.db import session_scope
 from models.files import FileRepository
+from models.states import JobStatus, transition
 from models.storage import LocalArtifactStore
 from tests.conftest import RecordingDispatcher
 from tests.test_api_files import assert_error, upload
@@ -206,6 +207,29 @@ def test_cancel(client: TestClient, registered_model: str, training_file: str) -
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "cancelled"
 
 
+def test_pause_and_resume(
+    client: TestClient, registered_model: str, training_file: str, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = create(client, registered_model, training_file).json()["id"]
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause"), 400)  # still validating its files
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume"), 400)
+    # Move the job on as a runner would once its files are valid.
+    with session_scope(client.app.state.session_factory) as session:
+        transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED)
+    paused = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause"), 400)
+    assert_error(client.delete(f"/v1/files/{training_file}"), 400, "file_id", "file_in_use")
+    dispatcher.submitted.clear()
+    resumed = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    assert dispatcher.submitted == [job_id]
+    messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]]
+    assert messages[:2] == ["Fine-tuning job resumed", "Fine-tuning job paused"]
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+
+
 def test_files_of_unfinished_jobs_cannot_be_deleted(
     client: TestClient, registered_model: str, training_file: str
 ) -> None:
@@ -228,7 +252,8 @@ def test_events_and_checkpoints_pages(client: TestClient, registered_model: str,
 
 
 def test_unknown_job_routes_are_404(client: TestClient) -> None:
-    for method, suffix in [("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/checkpoints")]:
+    routes = [("GET", ""), ("POST", "/cancel"), ("POST", "/pause"), ("POST", "/resume"), ("GET", "/events")]
+    for method, suffix in [*routes, ("GET", "/checkpoints")]:
         response = client.request(method, f"/v1/fine_tuning/jobs/ftjob-nope{suffix}")
         assert_error(response, 404, "fine_tuning_job_id", "not_found")
 

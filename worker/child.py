@@ -80,9 +80,10 @@ class TrainingProcess:
     def finished(self) -> bool:
         return self._eof and self.process.poll() is not None
 
-    def request_stop(self) -> None:
-        """Cooperative stop: the trainer checks this file before every optimizer step."""
-        Path(self.spec.stop_file).touch()
+    def request_stop(self, *, pause: bool = False) -> None:
+        """Cooperative stop: the trainer checks this file before every optimizer step; `pause` asks it to
+        checkpoint first."""
+        Path(self.spec.stop_file).write_text("pause" if pause else "stop")
 
     def kill(self) -> None:
         try:

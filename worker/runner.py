@@ -12,7 +12,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -242,6 +242,8 @@ class Attempt:
             training = files.get(job.organization_id, job.training_file)
             validation = files.get(job.organization_id, job.validation_file) if job.validation_file else None
             model = ModelRegistry(session).get(job.model)
+            # A new attempt (after a crash or a pause) continues from the newest checkpoint of any attempt.
+            latest = JobRepository(session).latest_checkpoint(job.id)
             if training is None or (job.validation_file and validation is None) or model is None:
                 raise JobFailed("file_not_found", "A file or the base model of this job no longer exists.")
             return TrainingSpec(
@@ -254,6 +256,8 @@ class Attempt:
                 stop_file=str(self.workdir / "STOP"),
                 seed=job.seed,
                 hyperparameters=job.hyperparameters,  # type: ignore[arg-type]
+                checkpoint_every_steps=self.settings.checkpoint_every_steps,
+                resume_from=str(self.store.local_path(latest.storage_key)) if latest else None,
             )
 
     def _supervise(self, child: TrainingProcess) -> ChildMessage | None:
@@ -295,18 +299,26 @@ class Attempt:
             return result
 
     def _stop(self, child: TrainingProcess) -> float:
-        log.info(
-            "job %s attempt %s is no longer running here; stopping its trainer", self.job_id, self.attempt
-        )
-        child.request_stop()
+        """Stop a trainer whose job is no longer running here; a paused job gets a checkpoint first."""
+        with session_scope(self.runner.session_factory) as session:
+            job = JobRepository(session).get(self.job_id)
+            pause = job is not None and job.status == JobStatus.PAUSED and job.attempt == self.attempt
+        log.info("job %s attempt %s: stopping its trainer (pause: %s)", self.job_id, self.attempt, pause)
+        child.request_stop(pause=pause)
         return time.monotonic() + self.settings.cancel_grace_seconds
 
-    def _fenced_update(self, values: dict[str, Any], session: Session | None = None) -> bool:
-        """Heartbeat (plus `values`) only while the job is running on this attempt."""
+    def _fenced_update(
+        self, values: dict[str, Any], session: Session | None = None, *, paused_too: bool = False
+    ) -> bool:
+        """Heartbeat (plus `values`) only while the job is running on this attempt (or was just paused
+        on it, for the pause checkpoint)."""
         now = time.time()
+        statuses = (
+            [JobStatus.RUNNING.value, JobStatus.PAUSED.value] if paused_too else [JobStatus.RUNNING.value]
+        )
         stmt = (
             update(Job)
-            .where(Job.id == self.job_id, Job.attempt == self.attempt, Job.status == JobStatus.RUNNING.value)
+            .where(Job.id == self.job_id, Job.attempt == self.attempt, Job.status.in_(statuses))
             .values(heartbeat_at=now, lease_expires_at=now + self.settings.lease_seconds, **values)
         )
         if session is not None:
@@ -316,12 +328,13 @@ class Attempt:
 
     def _record(self, message: ChildMessage) -> bool:
         """Store one progress message; False when the job is no longer ours to write."""
+        expired: Sequence[str] = ()
         with session_scope(self.runner.session_factory) as session:
             values: dict[str, Any] = {}
             if isinstance(message, MetricsMessage):
                 remaining = message.elapsed_seconds / message.step * (message.total_steps - message.step)
                 values["estimated_finish"] = int(time.time() + remaining)
-            if not self._fenced_update(values, session):
+            if not self._fenced_update(values, session, paused_too=isinstance(message, CheckpointMessage)):
                 session.rollback()
                 return False
             repo = JobRepository(session)
@@ -331,13 +344,15 @@ class Attempt:
                         self.job_id, _metrics_text(message), type="metrics", data=_metrics_data(message)
                     )
             elif isinstance(message, CheckpointMessage):
-                self._save_checkpoint(session, message)
+                expired = self._save_checkpoint(session, message)
             elif isinstance(message, LogMessage):
                 if message.level == "error":
                     self.last_error = message.message
                 else:
                     repo.add_event(self.job_id, message.message, level=message.level)
-            return True
+        for key in expired:  # only once the rows that named them are gone for good
+            self.store.delete(key)
+        return True
 
     @staticmethod
     def _is_event_step(message: MetricsMessage) -> bool:
@@ -349,7 +364,8 @@ class Attempt:
             or any(key.startswith("full_valid") for key in message.metrics)
         )
 
-    def _save_checkpoint(self, session: Session, message: CheckpointMessage) -> None:
+    def _save_checkpoint(self, session: Session, message: CheckpointMessage) -> Sequence[str]:
+        """Store and list a checkpoint; return the storage keys of those now beyond retention."""
         key = f"{self.prefix}/checkpoints/step-{message.step}"
         self.store.put_dir(key, Path(message.path))
         job = JobRepository(session).get(self.job_id)
@@ -365,6 +381,9 @@ class Attempt:
                 fine_tuned_model_checkpoint=name,
                 storage_key=key,
             )
+        )
+        return JobRepository(session).drop_old_checkpoints(
+            self.job_id, keep=self.settings.checkpoint_retention
         )
 
     def _publish(self, done: CompletedMessage) -> None:

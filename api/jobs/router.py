@@ -68,6 +68,29 @@ def cancel_job(fine_tuning_job_id: str, session: SessionDep, org: OrgDep, idempo
     )
 
 
+@router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
+def pause_job(fine_tuning_job_id: str, session: SessionDep, org: OrgDep, idempotency: IdempotencyDep) -> Any:
+    """Pause a job: its trainer checkpoints and stops, freeing the worker."""
+    return idempotency.run(
+        lambda: b"", lambda: FineTuningJob.of(job_service.pause(session, org, fine_tuning_job_id))
+    )
+
+
+@router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob)
+def resume_job(
+    fine_tuning_job_id: str,
+    session: SessionDep,
+    dispatcher: DispatcherDep,
+    org: OrgDep,
+    idempotency: IdempotencyDep,
+) -> Any:
+    """Resume a paused job from its latest checkpoint."""
+    return idempotency.run(
+        lambda: b"",
+        lambda: FineTuningJob.of(job_service.resume(session, dispatcher, org, fine_tuning_job_id)),
+    )
+
+
 @router.get("/{fine_tuning_job_id}/events")
 def list_events(
     fine_tuning_job_id: str,

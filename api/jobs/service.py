@@ -122,23 +122,68 @@ def list_jobs(
     return list(rows), has_more
 
 
-def cancel(session: Session, organization_id: str, job_id: str) -> Job:
-    """Cancel wins over whatever the runner does next: its own final write is a CAS from `running`."""
+def _move(
+    session: Session,
+    organization_id: str,
+    job_id: str,
+    *,
+    from_: frozenset[JobStatus] | tuple[JobStatus, ...],
+    to: JobStatus,
+    event: str,
+    values: dict[str, object] | None = None,
+) -> Job:
+    """A client-requested status change (cancel, pause, resume): one CAS, or a 400 saying why not."""
     job = get(session, organization_id, job_id)
-    now = int(time.time())
-    moved = transition(
-        session,
-        job.id,
-        from_=ACTIVE,
-        to=JobStatus.CANCELLED,
-        values={"finished_at": now, "estimated_finish": None},
-    )
-    if not moved:
+    if not transition(session, job.id, from_=from_, to=to, values=values):
         session.refresh(job)
-        raise APIError(f"Job {job_id} is already {job.status}; only unfinished jobs can be cancelled.")
-    JobRepository(session).add_event(job.id, "Fine-tuning job cancelled")
+        allowed = " or ".join(sorted(from_))
+        raise APIError(f"Job {job_id} is {job.status}; only {allowed} jobs can be {to}.")
+    JobRepository(session).add_event(job.id, event)
     session.flush()
     session.refresh(job)
+    return job
+
+
+def cancel(session: Session, organization_id: str, job_id: str) -> Job:
+    """Cancel wins over whatever the runner does next: its own final write is a CAS from `running`."""
+    values = {"finished_at": int(time.time()), "estimated_finish": None}
+    return _move(
+        session,
+        organization_id,
+        job_id,
+        from_=ACTIVE,
+        to=JobStatus.CANCELLED,
+        event="Fine-tuning job cancelled",
+        values=values,
+    )
+
+
+def pause(session: Session, organization_id: str, job_id: str) -> Job:
+    """Stop a running (or waiting) job at a checkpoint and free its worker; `resume` continues it."""
+    waiting_or_running = (JobStatus.QUEUED, JobStatus.RUNNING)
+    return _move(
+        session,
+        organization_id,
+        job_id,
+        from_=waiting_or_running,
+        to=JobStatus.PAUSED,
+        event="Fine-tuning job paused",
+        values={"estimated_finish": None},
+    )
+
+
+def resume(session: Session, dispatcher: Dispatcher, organization_id: str, job_id: str) -> Job:
+    """Queue a paused job again; its next attempt continues from its latest checkpoint."""
+    job = _move(
+        session,
+        organization_id,
+        job_id,
+        from_=(JobStatus.PAUSED,),
+        to=JobStatus.QUEUED,
+        event="Fine-tuning job resumed",
+        values={"dispatched_at": time.time()},
+    )
+    on_commit(session, lambda: dispatcher.submit(job.id))
     return job
 
 
