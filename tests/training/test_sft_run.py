@@ -1,7 +1,8 @@
 """The training child as the runner starts it: `python -m worker.training` with an events pipe.
 
-Three children run at once (two with the same seed, one stopped after its second step) so the module
-pays for the heavy torch/transformers imports only once in wall time.
+Three children run at once (two with the same seed, the second also checkpointing every few steps, and
+one stopped after its second step) so the module pays for the heavy torch/transformers imports only once
+in wall time. A fourth resumes from a mid-epoch checkpoint of the second and must end as the first does.
 """
 
 import csv
@@ -12,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -39,6 +40,9 @@ REPO = Path(__file__).resolve().parents[2]
 N_TRAIN, N_VALID, BATCH_SIZE, EPOCHS = 21, 5, 2, 2
 STEPS_PER_EPOCH = 11  # ceil(21 / 2), the last batch holds one example
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH  # 22 → a validation mini-batch every 22 // 10 = 2 steps
+CHECKPOINT_EVERY = 2  # 2, 4, ..., 10, 11 (epoch end), 12, ..., 22 (an epoch end on the interval: once)
+RESUME_AT = 10  # mid-epoch: the first epoch has one batch left
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 MESSAGES = TypeAdapter(ChildMessage)
 T = TypeVar("T")
 
@@ -99,6 +103,17 @@ def make_spec(root: Path, name: str, base: Path, train: Path, valid: Path) -> Tr
     return spec
 
 
+def respec(spec: TrainingSpec, **fields: Any) -> TrainingSpec:
+    """`spec` with `fields` changed, rewritten where the child reads it."""
+    spec = spec.model_copy(update=fields)
+    (Path(spec.stop_file).parent / "spec.json").write_text(spec.model_dump_json())
+    return spec
+
+
+def checkpoint_dir(spec: TrainingSpec, step: int) -> Path:
+    return Path(spec.output_dir) / "checkpoints" / f"step-{step}"
+
+
 def start_child(spec: TrainingSpec) -> tuple[subprocess.Popen[bytes], int]:
     read_fd, write_fd = os.pipe()
     workdir = Path(spec.stop_file).parent
@@ -122,15 +137,23 @@ def start_child(spec: TrainingSpec) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def finish_child(
-    spec: TrainingSpec, process: subprocess.Popen[bytes], read_fd: int, stop_after: int | None = None
+    spec: TrainingSpec,
+    process: subprocess.Popen[bytes],
+    read_fd: int,
+    stop_after: int | None = None,
+    stop_with: str = "",
 ) -> Run:
-    """Read events to EOF; with `stop_after`, create the stop file once that step's metrics arrive."""
+    """Read events to EOF; with `stop_after`, write the stop file (content `stop_with`) once that step's
+    metrics arrive."""
     messages: list[ChildMessage] = []
     with os.fdopen(read_fd, encoding="utf-8") as events:
         for line in events:
             messages.append(MESSAGES.validate_json(line))
             if isinstance(messages[-1], MetricsMessage) and messages[-1].step == stop_after:
-                Path(spec.stop_file).touch()
+                # Renamed into place: the child must never read the file before its content is there.
+                written = Path(spec.stop_file + ".tmp")
+                written.write_text(stop_with)
+                written.replace(spec.stop_file)
     returncode = process.wait(timeout=120)
     assert returncode == 0, (Path(spec.stop_file).parent / "stderr.log").read_text()[-3000:]
     return Run(spec, messages, returncode)
@@ -143,13 +166,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     train = write_jsonl(root / "train.jsonl", N_TRAIN)
     valid = write_jsonl(root / "valid.jsonl", N_VALID, offset=100)
     specs = {name: make_spec(root, name, base, train, valid) for name in ("first", "again", "stopped")}
+    specs["again"] = respec(specs["again"], checkpoint_every_steps=CHECKPOINT_EVERY)
     children = {name: start_child(spec) for name, spec in specs.items()}
     # The stopped child is read first, live, so its stop file lands mid-training.
-    order = ["stopped", "first", "again"]
-    return {
-        name: finish_child(specs[name], *children[name], stop_after=2 if name == "stopped" else None)
-        for name in order
-    }
+    runs = {"stopped": finish_child(specs["stopped"], *children["stopped"], stop_after=2)}
+    runs["again"] = finish_child(specs["again"], *children["again"])
+    resumed = respec(
+        make_spec(root, "resumed", base, train, valid),
+        checkpoint_every_steps=CHECKPOINT_EVERY,
+        resume_from=str(checkpoint_dir(specs["again"], RESUME_AT)),
+    )
+    resumed_child = start_child(resumed)
+    runs["first"] = finish_child(specs["first"], *children["first"])
+    runs["resumed"] = finish_child(resumed, *resumed_child)
+    return runs
+
+
+def metrics_by_step(run: Run) -> dict[int, dict[str, float]]:
+    return {m.step: m.metrics for m in run.of_type(MetricsMessage)}
 
 
 def test_events_follow_the_training_protocol(runs: dict[str, Run]) -> None:
@@ -264,3 +298,76 @@ def test_stop_file_ends_training_without_publishing(runs: dict[str, Run]) -> Non
     assert not run.of_type(CompletedMessage)
     out = Path(run.spec.output_dir)
     assert not (out / "adapter").exists() and not (out / "step_metrics.csv").exists()
+
+
+def test_checkpoints_land_on_the_interval_and_epoch_ends_once_each(runs: dict[str, Run]) -> None:
+    again = runs["again"]
+    expected = sorted({*range(CHECKPOINT_EVERY, TOTAL_STEPS + 1, CHECKPOINT_EVERY), STEPS_PER_EPOCH})
+    checkpoints = again.of_type(CheckpointMessage)
+    assert [c.step for c in checkpoints] == expected
+    assert all(c.path == str(checkpoint_dir(again.spec, c.step)) for c in checkpoints)
+    by_step = metrics_by_step(again)
+    assert all(c.metrics == by_step[c.step] for c in checkpoints)
+    # Only finished checkpoints are left: no partial directory of a write in progress.
+    root = Path(again.spec.output_dir) / "checkpoints"
+    assert sorted(path.name for path in root.iterdir()) == sorted(f"step-{step}" for step in expected)
+
+    step_4 = checkpoint_dir(again.spec, 4)
+    files = {str(path.relative_to(step_4)) for path in step_4.rglob("*") if path.is_file()}
+    assert {
+        "COMPLETE",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer/trainable.safetensors",
+        "trainer/optimizer.safetensors",
+        "trainer/rng.safetensors",
+        "trainer/state.json",
+    } <= files
+    assert not {name for name in files if Path(name).suffix in PICKLE_SUFFIXES}
+    state = json.loads((step_4 / "trainer" / "state.json").read_text())
+    progress = state["progress"]
+    assert (progress["step"], progress["epoch"], progress["batches_done"]) == (4, 0, 4)
+    assert [step for step, _ in progress["history"]] == [1, 2, 3, 4]
+    assert progress["valid_cursor"] == 4  # validation mini-batches of 2 at steps 2 and 4
+    assert (state["job"]["seed"], state["job"]["n_train_examples"]) == (7, N_TRAIN)
+
+
+def test_resumed_run_continues_from_the_next_step(runs: dict[str, Run]) -> None:
+    first, again, resumed = runs["first"], runs["again"], runs["resumed"]
+    assert resumed.of_type(StartedMessage) == first.of_type(StartedMessage)
+    logs = [m.message for m in resumed.of_type(LogMessage)]
+    assert any(m.startswith(f"resumed from step {RESUME_AT} of {TOTAL_STEPS} (") for m in logs), logs
+    metrics = resumed.of_type(MetricsMessage)
+    assert [m.step for m in metrics] == list(range(RESUME_AT + 1, TOTAL_STEPS + 1))
+    assert {m.total_steps for m in metrics} == {TOTAL_STEPS}
+    uninterrupted = metrics_by_step(first)
+    for m in metrics:
+        assert m.metrics == pytest.approx(uninterrupted[m.step], rel=0, abs=1e-6), m.step
+    # Elapsed time goes on from the checkpoint's instead of starting over.
+    assert metrics[0].elapsed_seconds > again.of_type(MetricsMessage)[RESUME_AT - 1].elapsed_seconds
+    assert [c.step for c in resumed.of_type(CheckpointMessage)] == [
+        c.step for c in again.of_type(CheckpointMessage) if c.step > RESUME_AT
+    ]
+
+
+def test_resumed_run_publishes_what_the_uninterrupted_run_does(runs: dict[str, Run]) -> None:
+    [expected], [completed] = (
+        runs["first"].of_type(CompletedMessage),
+        runs["resumed"].of_type(CompletedMessage),
+    )
+    assert (completed.step, completed.trained_tokens) == (expected.step, expected.trained_tokens)
+    assert completed.metrics == pytest.approx(expected.metrics, rel=0, abs=1e-6)
+
+    weights = load_file(Path(completed.adapter_path) / "adapter_model.safetensors")
+    expected_weights = load_file(Path(expected.adapter_path) / "adapter_model.safetensors")
+    assert weights.keys() == expected_weights.keys()
+    for name, weight in expected_weights.items():
+        torch.testing.assert_close(weights[name], weight, rtol=0, atol=1e-6, msg=name)
+
+    def rows(path: str) -> list[list[str]]:
+        with open(path, newline="") as file:
+            return list(csv.reader(file))
+
+    # One row per step, those trained before the checkpoint included.
+    assert [row[0] for row in rows(completed.results_csv)[1:]] == [str(s) for s in range(1, TOTAL_STEPS + 1)]
+    assert rows(completed.results_csv) == rows(expected.results_csv)

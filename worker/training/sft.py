@@ -6,7 +6,6 @@ ours to checkpoint and resume exactly.
 
 import csv
 import math
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,6 +31,13 @@ from models.spec import (
     StartedMessage,
     StoppedMessage,
     TrainingSpec,
+)
+from worker.training.checkpoint import (
+    Progress,
+    job_fingerprint,
+    read_progress,
+    restore_state,
+    save_checkpoint,
 )
 from worker.training.data import IGNORE_INDEX, Dataset, Example, collate, load_dataset
 from worker.training.device import DeviceConfig, select_device
@@ -92,10 +98,8 @@ class SFTRecipe:
         self.hp = spec.hyperparameters
         self.events = events
         self.output_dir = Path(spec.output_dir)
-        self.history: list[tuple[int, Metrics]] = []
-        self.last_full_valid: Metrics = {}
-        self.trained_tokens = 0
-        self.valid_cursor = 0
+        self.resume_from = Path(spec.resume_from) if spec.resume_from else None
+        self.progress = Progress()
 
     def setup(self) -> None:
         set_seed(self.spec.seed)
@@ -110,6 +114,10 @@ class SFTRecipe:
             raise ValueError("no training example has a trained token left")
 
         self.total_steps = self.hp.n_epochs * math.ceil(len(self.train_examples) / self.hp.batch_size)
+        self.fingerprint = job_fingerprint(self.spec, len(self.train_examples), len(self.valid_examples))
+        if self.resume_from:
+            # Before the model loads: a checkpoint of another job fails the attempt at once.
+            self.progress = read_progress(self.resume_from, self.fingerprint)
         self.events.emit(
             StartedMessage(
                 total_steps=self.total_steps,
@@ -137,6 +145,18 @@ class SFTRecipe:
             num_training_steps=self.total_steps,
         )
         self.scaler = torch.amp.GradScaler(self.device.device.type, enabled=self.device.needs_grad_scaling)
+        if self.resume_from:
+            restore_state(
+                self.resume_from,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+            )
+            self.events.log(
+                f"resumed from step {self.progress.step} of {self.total_steps} ({self.resume_from})"
+            )
+        self.last_checkpoint_step = self.progress.step
 
     def _load(self, path: str, name: str) -> Dataset:
         data = load_dataset(path, self.spec.data_format, self.tokenizer, self.hp.max_seq_length)
@@ -151,40 +171,56 @@ class SFTRecipe:
         return data
 
     def fit(self) -> bool:
-        """Train for n_epochs; False when the stop file ended training early."""
-        examples, valid = self.train_examples, self.valid_examples
+        """Train for n_epochs, from the checkpoint's step when resuming; False when the stop file ended
+        training early."""
+        examples, valid, batch_size = self.train_examples, self.valid_examples, self.hp.batch_size
+        progress = self.progress
         eval_every = max(1, self.total_steps // 10)
-        started = time.monotonic()
-        step = 0
+        started = time.monotonic() - progress.elapsed_seconds
+        first_epoch, first_batch = progress.epoch, progress.batches_done
         self.model.train()  # from_pretrained hands the model over in eval mode
-        for epoch in range(self.hp.n_epochs):
+        for epoch in range(first_epoch, self.hp.n_epochs):
             # One generator per epoch: any epoch's order can be rebuilt on its own when resuming.
             generator = torch.Generator().manual_seed(self.spec.seed + epoch)
             order = torch.randperm(len(examples), generator=generator).tolist()
-            for start in range(0, len(examples), self.hp.batch_size):
-                if os.path.exists(self.spec.stop_file):
-                    self.events.emit(StoppedMessage(step=step))
+            batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+            # A resumed epoch goes on after the batches its checkpoint had already trained.
+            for index in range(first_batch if epoch == first_epoch else 0, len(batches)):
+                if (request := self._stop_request()) is not None:
+                    if request == "pause":
+                        self._checkpoint()
+                    self.events.emit(StoppedMessage(step=progress.step))
                     return False
-                metrics = self._train_step([examples[i] for i in order[start : start + self.hp.batch_size]])
-                step += 1
-                epoch_end = start + self.hp.batch_size >= len(examples)
+                metrics = self._train_step([examples[i] for i in batches[index]])
+                progress.step += 1
+                progress.epoch, progress.batches_done = epoch, index + 1
+                step, epoch_end = progress.step, index + 1 == len(batches)
                 if valid and (step % eval_every == 0 or step == self.total_steps):
                     metrics.update(self._validate(self._next_valid_batch(valid), "valid"))
                 if valid and epoch_end:
-                    self.last_full_valid = self._validate(valid, "full_valid")
-                    metrics.update(self.last_full_valid)
-                self.history.append((step, metrics))
+                    progress.last_full_valid = self._validate(valid, "full_valid")
+                    metrics.update(progress.last_full_valid)
+                progress.history.append((step, metrics))
+                progress.elapsed_seconds = time.monotonic() - started
                 self.events.emit(
                     MetricsMessage(
                         step=step,
                         total_steps=self.total_steps,
                         metrics=metrics,
-                        elapsed_seconds=time.monotonic() - started,
+                        elapsed_seconds=progress.elapsed_seconds,
                     )
                 )
-                if epoch_end:
-                    self._save_checkpoint(step, metrics)
+                every = self.spec.checkpoint_every_steps
+                if epoch_end or (every > 0 and step % every == 0):
+                    self._checkpoint()
         return True
+
+    def _stop_request(self) -> str | None:
+        """The stop file's content when it exists: "pause" asks for a checkpoint first."""
+        try:
+            return Path(self.spec.stop_file).read_text(encoding="utf-8", errors="replace").strip()
+        except FileNotFoundError:
+            return None
 
     def _train_step(self, examples: list[Example]) -> Metrics:
         batch = self._collate(examples)
@@ -197,14 +233,15 @@ class SFTRecipe:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.trained_tokens += int(batch["attention_mask"].sum())
+        self.progress.trained_tokens += int(batch["attention_mask"].sum())
         return {"train_loss": loss.item(), "train_mean_token_accuracy": correct / n_tokens}
 
     def _next_valid_batch(self, examples: list[Example]) -> list[Example]:
         """batch_size validation examples, rotating through the set so successive evals see new data."""
         size = min(self.hp.batch_size, len(examples))
-        batch = [examples[(self.valid_cursor + k) % len(examples)] for k in range(size)]
-        self.valid_cursor = (self.valid_cursor + size) % len(examples)
+        cursor = self.progress.valid_cursor
+        batch = [examples[(cursor + k) % len(examples)] for k in range(size)]
+        self.progress.valid_cursor = (cursor + size) % len(examples)
         return batch
 
     @torch.no_grad()
@@ -224,10 +261,26 @@ class SFTRecipe:
         batch = collate(examples, self.tokenizer.pad_token_id)
         return {name: tensor.to(self.device.device) for name, tensor in batch.items()}
 
-    def _save_checkpoint(self, step: int, metrics: Metrics) -> None:
+    def _checkpoint(self) -> None:
+        """Save and report a checkpoint of the current step, unless that step has one already: an epoch end
+        on the interval, a pause right after either, or a pause before the first step of this attempt
+        (nothing trained yet, or the checkpoint it resumed from)."""
+        step = self.progress.step
+        if step == self.last_checkpoint_step:
+            return
         path = self.output_dir / "checkpoints" / f"step-{step}"
-        self.method.save(self.model, path)
-        self.events.emit(CheckpointMessage(step=step, path=str(path), metrics=metrics))
+        save_checkpoint(
+            path,
+            method=self.method,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            progress=self.progress,
+            fingerprint=self.fingerprint,
+        )
+        self.last_checkpoint_step = step
+        self.events.emit(CheckpointMessage(step=step, path=str(path), metrics=self.progress.history[-1][1]))
 
     def save(self) -> None:
         """Publish the final artifact (what the method saves: an adapter, the trained tensors or the whole
@@ -238,14 +291,14 @@ class SFTRecipe:
         results_csv = self.output_dir / "step_metrics.csv"
         self._write_csv(results_csv)
 
-        last_step, last_metrics = self.history[-1]
+        last_step, last_metrics = self.progress.history[-1]
         self.events.emit(
             CompletedMessage(
                 step=last_step,
                 adapter_path=str(adapter_dir),
                 results_csv=str(results_csv),
-                trained_tokens=self.trained_tokens,
-                metrics={**self.last_full_valid, **last_metrics},
+                trained_tokens=self.progress.trained_tokens,
+                metrics={**self.progress.last_full_valid, **last_metrics},
             )
         )
 
@@ -253,7 +306,7 @@ class SFTRecipe:
         with open(path, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
             writer.writerow(CSV_HEADER)
-            for step, metrics in self.history:
+            for step, metrics in self.progress.history:
                 values = (metrics.get(name) for name in CSV_METRICS)
                 writer.writerow([step, *("" if value is None else f"{value:.5f}" for value in values)])
 
