@@ -54,8 +54,11 @@ BAD_FILES = [
         None, "invalid_example", "training_file", "line 12", id="bad-role",
     ),
     pytest.param(
-        b'{"text": "raw text is not supported yet"}\n' * 10,
-        None, "invalid_example", "training_file", "Line 1", id="unknown-format",
+        b'{"review": "great"}\n' * 10, None, "invalid_example", "training_file", "Line 1", id="unknown",
+    ),
+    pytest.param(
+        b'{"text": "raw text for continued pre-training"}\n' * 10,
+        None, "invalid_file_format", "training_file", "text format", id="format-not-for-sft",
     ),
     pytest.param(
         chat_lines(10), b'{"messages": [{"role": "user", "content": "hi"}]}\n',

@@ -83,7 +83,11 @@ class TrainingProcess:
     def request_stop(self, *, pause: bool = False) -> None:
         """Cooperative stop: the trainer checks this file before every optimizer step; `pause` asks it to
         checkpoint first."""
-        Path(self.spec.stop_file).write_text("pause" if pause else "stop")
+        # Atomically (rename), so the trainer never reads a half-written file as a plain stop.
+        stop_file = Path(self.spec.stop_file)
+        partial = stop_file.with_suffix(".partial")
+        partial.write_text("pause" if pause else "stop")
+        partial.replace(stop_file)
 
     def kill(self) -> None:
         try:
