@@ -8,7 +8,9 @@ import subprocess
 import threading
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file
 
 from models.settings import Settings
 from models.storage import LocalArtifactStore
@@ -29,10 +31,16 @@ def upload(client: TestClient, content: bytes) -> str:
 
 
 def create_job(
-    client: TestClient, model: str, train: bytes, valid: bytes | None = None, **hyper: object
+    client: TestClient,
+    model: str,
+    train: bytes,
+    valid: bytes | None = None,
+    seed: int | None = None,
+    **hyper: object,
 ) -> str:
     body = {
         "model": model,
+        "seed": seed,
         "training_file": upload(client, train),
         "method": {"type": "supervised", "supervised": {"hyperparameters": {**FAST, **hyper}}},
     }
@@ -210,3 +218,52 @@ def test_a_killed_trainer_is_retried_as_the_next_attempt(
     assert job["status"] == "succeeded", job["error"]
     assert (settings.artifacts_root / "jobs" / job_id / "attempt-2" / "adapter").exists()
     assert not (settings.artifacts_root / "jobs" / job_id / "attempt-1" / "adapter").exists()
+
+
+def adapter_tensors(settings: Settings, job_id: str, attempt: int) -> dict[str, torch.Tensor]:
+    return load_file(
+        settings.artifacts_root
+        / "jobs"
+        / job_id
+        / f"attempt-{attempt}"
+        / "adapter"
+        / "adapter_model.safetensors"
+    )
+
+
+def test_pause_then_resume_matches_an_uninterrupted_run(
+    client: TestClient, runner: JobRunner, registered_model: str, settings: Settings
+) -> None:
+    """Pause mid-run (the trainer checkpoints and frees the worker), resume: the new attempt continues from
+    that checkpoint and ends with the same adapter as a run that was never paused."""
+    train, seed, total = chat_lines(24), 11, 48
+    straight = create_job(client, registered_model, train, n_epochs=2, batch_size=1, seed=seed)
+    runner.run(straight)
+    paused = create_job(client, registered_model, train, n_epochs=2, batch_size=1, seed=seed)
+    thread = threading.Thread(target=runner.run, args=(paused,))
+    thread.start()
+    events_url = f"/v1/fine_tuning/jobs/{paused}/events"
+    wait_for(
+        lambda: any(e["type"] == "metrics" for e in client.get(events_url).json()["data"]), 120, "training"
+    )
+    assert client.post(f"/v1/fine_tuning/jobs/{paused}/pause").json()["status"] == "paused"
+    thread.join(timeout=60)
+    assert not thread.is_alive() and client.get(f"/v1/fine_tuning/jobs/{paused}").json()["status"] == "paused"
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{paused}/checkpoints").json()["data"]
+    pause_step = checkpoints[0]["step_number"]
+    assert 1 <= pause_step < total
+
+    assert client.post(f"/v1/fine_tuning/jobs/{paused}/resume").json()["status"] == "queued"
+    runner.run(paused)
+    job = client.get(f"/v1/fine_tuning/jobs/{paused}").json()
+    assert job["status"] == "succeeded", job["error"]
+    events = client.get(events_url, params={"limit": 1000}).json()["data"]
+    assert any(f"resumed from step {pause_step}" in e["message"] for e in events)
+    steps = [e["data"]["step"] for e in reversed(events) if e["type"] == "metrics"]
+    assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))
+    final, reference = adapter_tensors(settings, paused, 2), adapter_tensors(settings, straight, 1)
+    assert final.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-6, rtol=1e-5)
+    csv = client.get(f"/v1/files/{job['result_files'][0]}/content").text.splitlines()
+    assert [row.split(",")[0] for row in csv[1:]] == [str(step) for step in range(1, total + 1)]

@@ -310,8 +310,8 @@ class Attempt:
     def _fenced_update(
         self, values: dict[str, Any], session: Session | None = None, *, paused_too: bool = False
     ) -> bool:
-        """Heartbeat (plus `values`) only while the job is running on this attempt (or was just paused
-        on it, for the pause checkpoint)."""
+        """Heartbeat (plus `values`) only while the job is running on this attempt (or, with `paused_too`,
+        was paused on it)."""
         now = time.time()
         statuses = (
             [JobStatus.RUNNING.value, JobStatus.PAUSED.value] if paused_too else [JobStatus.RUNNING.value]
@@ -334,7 +334,8 @@ class Attempt:
             if isinstance(message, MetricsMessage):
                 remaining = message.elapsed_seconds / message.step * (message.total_steps - message.step)
                 values["estimated_finish"] = int(time.time() + remaining)
-            if not self._fenced_update(values, session, paused_too=isinstance(message, CheckpointMessage)):
+            # The attempt that is being paused still reports its last steps and its pause checkpoint.
+            if not self._fenced_update(values, session, paused_too=True):
                 session.rollback()
                 return False
             repo = JobRepository(session)
@@ -425,8 +426,12 @@ class Attempt:
                 repo.add_event(self.job_id, "The job has successfully completed")
                 return
             session.rollback()
-        self.store.delete(adapter_key)
+            # A retry after a commit whose reply was lost finds its own success: keep what it published.
+            now = JobRepository(session).get(self.job_id)
+            ours = now is not None and (now.status, now.attempt) == (JobStatus.SUCCEEDED, self.attempt)
         self.store.delete(results_key)
+        if not ours:
+            self.store.delete(adapter_key)
 
 
 def _metrics_text(message: MetricsMessage) -> str:
