@@ -1,6 +1,9 @@
-"""Fault injection on real processes: kill -9 a Celery worker mid-training; the job finishes on another."""
+"""Fault injection on real processes: kill -9 a Celery worker at a random step; another worker resumes the
+job from its last checkpoint and finishes it."""
 
 import os
+import random
+import re
 import signal
 import subprocess
 import time
@@ -27,6 +30,7 @@ def test_killed_worker_job_resumes_elsewhere(tmp_path: Path, tiny_model_dir: Pat
             "FTJOBS_HEARTBEAT_SECONDS": "0.5",
             "FTJOBS_LEASE_SECONDS": "4",
             "FTJOBS_RECONCILE_SECONDS": "1",
+            "FTJOBS_CHECKPOINT_EVERY_STEPS": "3",
         }
         cli("models", "add", "tiny-llama", str(tiny_model_dir), env=env)
         port = free_port()
@@ -43,7 +47,11 @@ def test_killed_worker_job_resumes_elsewhere(tmp_path: Path, tiny_model_dir: Pat
             )
             with process(["worker"], env, tmp_path / "worker-1.log") as first:
                 deadline = time.monotonic() + 120
-                while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)):
+                kill_after = random.randint(4, 20)  # a random step past the first checkpoint
+                while not any(
+                    e.type == "metrics" and e.data["step"] >= kill_after  # type: ignore[index]
+                    for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+                ):
                     assert time.monotonic() < deadline, (tmp_path / "worker-1.log").read_text()
                     time.sleep(0.3)
                 os.kill(first.pid, signal.SIGKILL)
@@ -61,6 +69,10 @@ def test_killed_worker_job_resumes_elsewhere(tmp_path: Path, tiny_model_dir: Pat
             assert job.status == "succeeded", job.error
             messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
             assert any("Attempt 1 stopped reporting" in m for m in messages)
+            resumed = [
+                int(m.group(1)) for text in messages if (m := re.search(r"resumed from step (\d+)", text))
+            ]
+            assert resumed and resumed[0] >= 3, messages  # not from scratch: from a checkpoint of attempt 1
             final_step = [
                 e for e in client.fine_tuning.jobs.list_events(job.id, limit=1000) if e.type == "metrics"
             ]
