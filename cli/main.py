@@ -158,6 +158,34 @@ def files_list(base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
         typer.echo(f"{file.id}\t{file.purpose}\t{file.bytes}\t{file.filename}")
 
 
+@files_app.command("get")
+def files_get(file_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Show a file's metadata."""
+    _print(_client(base_url).files.retrieve(file_id))
+
+
+@files_app.command("content")
+def files_content(
+    file_id: str,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+) -> None:
+    """Download a file's bytes (e.g. a job's results CSV)."""
+    content = _client(base_url).files.content(file_id)
+    if output is None:
+        typer.echo(content.text, nl=False)
+    else:
+        content.write_to_file(output)
+
+
+@files_app.command("delete")
+def files_delete(file_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Delete a file."""
+    _print(_client(base_url).files.delete(file_id))
+
+
 @jobs_app.command("create")
 def jobs_create(
     model: Annotated[str, typer.Option()],
@@ -213,6 +241,27 @@ def jobs_events(job_id: str, limit: int = 20, base_url: BaseUrl = DEFAULT_BASE_U
 def jobs_cancel(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
     """Cancel a job."""
     _print(_client(base_url).fine_tuning.jobs.cancel(job_id))
+
+
+@jobs_app.command("pause")
+def jobs_pause(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Pause a job at a checkpoint, freeing its worker."""
+    _print(_client(base_url).fine_tuning.jobs.pause(job_id))
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Resume a paused job from its checkpoint."""
+    _print(_client(base_url).fine_tuning.jobs.resume(job_id))
+
+
+@jobs_app.command("checkpoints")
+def jobs_checkpoints(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """List a job's checkpoints, newest first, with their metrics."""
+    for checkpoint in _client(base_url).fine_tuning.jobs.checkpoints.list(job_id).data:
+        metrics = checkpoint.metrics.model_dump(exclude={"step"}, exclude_none=True)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        typer.echo(f"{checkpoint.step_number}\t{checkpoint.fine_tuned_model_checkpoint}\t{shown}")
 
 
 @jobs_app.command("follow")

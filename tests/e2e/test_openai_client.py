@@ -113,6 +113,11 @@ def test_embedded_server_with_openai_client(embedded, tmp_path: Path, tiny_model
     assert "The job has successfully completed" in cli("jobs", "events", job.id, env=env).stdout
     assert job.id in cli("jobs", "list", env=env).stdout
     assert job.training_file in cli("files", "list", env=env).stdout
+    assert (
+        json.loads(cli("files", "get", job.result_files[0], env=env).stdout)["purpose"] == "fine-tune-results"
+    )
+    assert cli("files", "content", job.result_files[0], env=env).stdout.startswith("step,train_loss,")
+    assert f"{job.fine_tuned_model}:ckpt-step-6" in cli("jobs", "checkpoints", job.id, env=env).stdout
     uploaded = json.loads(cli("files", "upload", str(tmp_path / "train.jsonl"), env=env).stdout)
     created = json.loads(
         cli(
@@ -128,7 +133,10 @@ def test_embedded_server_with_openai_client(embedded, tmp_path: Path, tiny_model
         ).stdout
     )
     assert created["method"]["supervised"]["hyperparameters"]["n_epochs"] == 1
+    assert json.loads(cli("jobs", "pause", created["id"], env=env).stdout)["status"] == "paused"
+    assert json.loads(cli("jobs", "resume", created["id"], env=env).stdout)["status"] == "queued"
     assert json.loads(cli("jobs", "cancel", created["id"], env=env).stdout)["status"] == "cancelled"
+    assert json.loads(cli("files", "delete", uploaded["id"], env=env).stdout)["deleted"] is True
 
 
 def test_distributed_celery_worker_with_openai_client(
