@@ -29,7 +29,9 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 ACTIVE = frozenset(JobStatus) - TERMINAL
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.VALIDATING_FILES: frozenset(
+        {JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED}
+    ),
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED}),
     # running → queued: the reconciler requeues an attempt whose worker stopped renewing its lease.
     JobStatus.RUNNING: frozenset(

@@ -211,11 +211,14 @@ def test_pause_and_resume(
     client: TestClient, registered_model: str, training_file: str, dispatcher: RecordingDispatcher
 ) -> None:
     job_id = create(client, registered_model, training_file).json()["id"]
-    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause"), 400)  # still validating its files
-    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume"), 400)
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume"), 400)  # not paused
+    assert (
+        client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+    )  # while validating
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
     # Move the job on as a runner would once its files are valid.
     with session_scope(client.app.state.session_factory) as session:
-        transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED)
+        transition(session, job_id, from_=JobStatus.QUEUED, to=JobStatus.RUNNING)
     paused = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
     assert paused.status_code == 200 and paused.json()["status"] == "paused"
     assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause"), 400)

@@ -160,7 +160,7 @@ def cancel(session: Session, organization_id: str, job_id: str) -> Job:
 
 def pause(session: Session, organization_id: str, job_id: str) -> Job:
     """Stop a running (or waiting) job at a checkpoint and free its worker; `resume` continues it."""
-    waiting_or_running = (JobStatus.QUEUED, JobStatus.RUNNING)
+    waiting_or_running = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
     return _move(
         session,
         organization_id,
