@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def distributed_env(data_dir: Path, database_url: str, broker_url: str, **settings: object) -> dict[str, str]:
+    """Environment for `ftjobs api|worker` test processes: their own queue, quick heartbeats, and any
+    other settings as keyword arguments (`lease_seconds=4` → FTJOBS_LEASE_SECONDS=4)."""
+    env = {
+        "FTJOBS_DATA_DIR": str(data_dir),
+        "FTJOBS_DATABASE_URL": database_url,
+        "FTJOBS_BROKER_URL": broker_url,
+        "FTJOBS_WORKER_QUEUE": f"ftjobs-test-{uuid.uuid4().hex[:8]}",
+        "FTJOBS_HEARTBEAT_SECONDS": "0.5",
+    }
+    return env | {f"FTJOBS_{name.upper()}": str(value) for name, value in settings.items()}
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,6 @@ SQLite) and distributed (`ftjobs api` + `ftjobs worker` on Postgres and Redis)."
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.queue import RUN_JOB, make_celery
 from models.settings import Settings
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, free_port, process
+from tests.e2e.servers import cli, distributed_env, free_port, process
 from tests.jobs_helpers import TERMINAL, write_chat
 
 pytestmark = pytest.mark.e2e
@@ -143,13 +142,7 @@ def test_distributed_celery_worker_with_openai_client(
     tmp_path: Path, tiny_model_dir: Path, redis_url: str
 ) -> None:
     with fresh_postgres_database() as database_url:
-        env = {
-            "FTJOBS_DATA_DIR": str(tmp_path / "data"),
-            "FTJOBS_DATABASE_URL": database_url,
-            "FTJOBS_BROKER_URL": redis_url,
-            "FTJOBS_WORKER_QUEUE": f"ftjobs-test-{uuid.uuid4().hex[:8]}",
-            "FTJOBS_HEARTBEAT_SECONDS": "0.5",
-        }
+        env = distributed_env(tmp_path / "data", database_url, redis_url)
         cli("models", "add", "tiny-llama", str(tiny_model_dir), env=env)
         port = free_port()
         health = f"http://127.0.0.1:{port}/healthz"

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from models.db import make_engine
 from models.orm import IdempotencyKey
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, free_port, process
+from tests.e2e.servers import cli, distributed_env, free_port, process
 from tests.faults.jobs_db import job_rows
 from tests.jobs_helpers import prompt_completion_lines
 
@@ -44,12 +44,7 @@ def test_killed_api_loses_and_duplicates_no_idempotent_create(
     tmp_path: Path, tiny_model_dir: Path, redis_url: str
 ) -> None:
     with fresh_postgres_database() as database_url:
-        env = {
-            "FTJOBS_DATA_DIR": str(tmp_path / "data"),
-            "FTJOBS_DATABASE_URL": database_url,
-            "FTJOBS_BROKER_URL": redis_url,
-            "FTJOBS_WORKER_QUEUE": f"ftjobs-test-{uuid.uuid4().hex[:8]}",  # no worker: nothing consumes
-        }
+        env = distributed_env(tmp_path / "data", database_url, redis_url)  # no worker: nothing consumes
         cli("models", "add", "tiny-llama", str(tiny_model_dir), env=env)
         port = free_port()
         base, args = f"http://127.0.0.1:{port}", ["api", "--host", "127.0.0.1", "--port", str(port)]

@@ -8,7 +8,6 @@ keep training through it (same trainer process, same attempt), the API must answ
 
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, free_port, process
+from tests.e2e.servers import cli, distributed_env, free_port, process
 from tests.faults.jobs_db import STARTED, event_counts, job_rows
 from tests.faults.tcp_proxy import TcpProxy
 from tests.jobs_helpers import TERMINAL, write_chat
@@ -44,15 +43,9 @@ def test_training_rides_out_a_database_outage(tmp_path: Path, tiny_model_dir: Pa
     with fresh_postgres_database() as database_url, TcpProxy(5432) as proxy:
         proxied_url = database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
         assert proxied_url != database_url
-        env = {
-            "FTJOBS_DATA_DIR": str(tmp_path / "data"),
-            "FTJOBS_DATABASE_URL": proxied_url,
-            "FTJOBS_BROKER_URL": redis_url,
-            "FTJOBS_WORKER_QUEUE": f"ftjobs-test-{uuid.uuid4().hex[:8]}",
-            "FTJOBS_HEARTBEAT_SECONDS": "0.5",
-            "FTJOBS_LEASE_SECONDS": str(LEASE_SECONDS),
-            "FTJOBS_RECONCILE_SECONDS": "1",
-        }
+        env = distributed_env(
+            tmp_path / "data", proxied_url, redis_url, lease_seconds=LEASE_SECONDS, reconcile_seconds=1
+        )
         cli("models", "add", "tiny-llama", str(tiny_model_dir), env=env)
         port = free_port()
         base = f"http://127.0.0.1:{port}"

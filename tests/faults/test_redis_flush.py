@@ -8,7 +8,6 @@ is the same as `FLUSHALL` (or Redis restarting empty), and the other tests' data
 import base64
 import json
 import time
-import uuid
 from pathlib import Path
 
 import openai
@@ -18,7 +17,7 @@ import redis
 from models.queue import RUN_JOB, make_celery
 from models.settings import Settings
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, free_port, process
+from tests.e2e.servers import cli, distributed_env, free_port, process
 from tests.faults.jobs_db import JobRow, event_counts, job_rows
 from tests.jobs_helpers import TERMINAL, prompt_completion_lines
 
@@ -44,15 +43,9 @@ def queued_job_ids(broker: redis.Redis, queue: str) -> set[str]:
 
 
 def service_env(tmp_path: Path, database_url: str, broker_url: str) -> dict[str, str]:
-    return {
-        "FTJOBS_DATA_DIR": str(tmp_path / "data"),
-        "FTJOBS_DATABASE_URL": database_url,
-        "FTJOBS_BROKER_URL": broker_url,
-        "FTJOBS_WORKER_QUEUE": f"ftjobs-test-{uuid.uuid4().hex[:8]}",
-        "FTJOBS_HEARTBEAT_SECONDS": "0.5",
-        "FTJOBS_RECONCILE_SECONDS": "1",
-        "FTJOBS_REDISPATCH_SECONDS": "2",
-    }
+    return distributed_env(
+        tmp_path / "data", database_url, broker_url, reconcile_seconds=1, redispatch_seconds=2
+    )
 
 
 def test_jobs_survive_a_flushed_broker_and_duplicates_run_once(

@@ -7,14 +7,13 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import openai
 import pytest
 
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, free_port, process
+from tests.e2e.servers import cli, distributed_env, free_port, process
 from tests.jobs_helpers import TERMINAL, write_chat
 
 pytestmark = pytest.mark.e2e
@@ -22,16 +21,14 @@ pytestmark = pytest.mark.e2e
 
 def test_killed_worker_job_resumes_elsewhere(tmp_path: Path, tiny_model_dir: Path, redis_url: str) -> None:
     with fresh_postgres_database() as database_url:
-        env = {
-            "FTJOBS_DATA_DIR": str(tmp_path / "data"),
-            "FTJOBS_DATABASE_URL": database_url,
-            "FTJOBS_BROKER_URL": redis_url,
-            "FTJOBS_WORKER_QUEUE": f"ftjobs-test-{uuid.uuid4().hex[:8]}",
-            "FTJOBS_HEARTBEAT_SECONDS": "0.5",
-            "FTJOBS_LEASE_SECONDS": "4",
-            "FTJOBS_RECONCILE_SECONDS": "1",
-            "FTJOBS_CHECKPOINT_EVERY_STEPS": "3",
-        }
+        env = distributed_env(
+            tmp_path / "data",
+            database_url,
+            redis_url,
+            lease_seconds=4,
+            reconcile_seconds=1,
+            checkpoint_every_steps=3,
+        )
         cli("models", "add", "tiny-llama", str(tiny_model_dir), env=env)
         port = free_port()
         health = f"http://127.0.0.1:{port}/healthz"
