@@ -12,11 +12,12 @@ from pathlib import Path
 import httpx
 import typer
 from openai import OpenAI
+from sqlalchemy.orm import Session, sessionmaker
 
 from cli.follow import follow
-from models.db import make_engine, make_session_factory, session_scope
+from models.db import session_scope
 from models.jobs import JobRepository
-from models.migrate import upgrade
+from models.migrate import open_database
 from models.registry import ModelRegistry
 from models.settings import Settings
 from models.storage import LocalArtifactStore
@@ -34,10 +35,7 @@ def _find_dataset() -> Path:
     raise typer.BadParameter("could not find ../shared/data/sentiment_chat; pass --dataset")
 
 
-def _ensure_model(settings: Settings) -> None:
-    url = settings.resolved_database_url()
-    upgrade(url)
-    factory = make_session_factory(make_engine(url))
+def _ensure_model(settings: Settings, factory: sessionmaker[Session]) -> None:
     with session_scope(factory) as session:
         if ModelRegistry(session).get(BASE_MODEL) is not None:
             return
@@ -71,7 +69,8 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
     started = time.monotonic()
     dataset = dataset or _find_dataset()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_model(settings)
+    factory = open_database(settings)
+    _ensure_model(settings, factory)
     server = _start_server(settings, port)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="ftjobs-local")
@@ -93,7 +92,7 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
             typer.echo(f"Error: {job.error}")
             return 1
         checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data[0]
-        with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
+        with session_scope(factory) as session:
             stored = JobRepository(session).get(job.id)
             assert stored is not None and stored.adapter_key is not None
             adapter = LocalArtifactStore(settings.artifacts_root).local_path(stored.adapter_key)

@@ -9,8 +9,8 @@ import typer
 from openai import OpenAI
 
 from cli.follow import follow
-from models.db import make_engine, make_session_factory, session_scope
-from models.migrate import upgrade
+from models.db import session_scope
+from models.migrate import open_database
 from models.queue import CeleryDispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
@@ -85,7 +85,7 @@ def worker(loglevel: str = "info") -> None:
     from worker.tasks import app as celery_app
 
     settings = _settings()
-    upgrade(settings.resolved_database_url())
+    _start_reconciler(settings)
     celery_app.worker_main(
         ["worker", "--pool=solo", f"--queues={settings.worker_queue}", f"--loglevel={loglevel}"]
     )
@@ -93,9 +93,7 @@ def worker(loglevel: str = "info") -> None:
 
 def _start_reconciler(settings: Settings) -> None:
     """Migrate, then sweep for lost jobs in the background (distributed mode: every process does)."""
-    url = settings.resolved_database_url()
-    upgrade(url)
-    Reconciler(settings, make_session_factory(make_engine(url)), CeleryDispatcher(settings)).start()
+    Reconciler(settings, open_database(settings), CeleryDispatcher(settings)).start()
 
 
 @models_app.command("pull")
@@ -126,17 +124,14 @@ def models_add(name: str, path: Path, data_dir: DataDir = None) -> None:
 @models_app.command("list")
 def models_list(data_dir: DataDir = None) -> None:
     """List registered base models."""
-    settings = _settings(data_dir)
-    upgrade(settings.resolved_database_url())
-    with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
+    with session_scope(open_database(_settings(data_dir))) as session:
         for entry in ModelRegistry(session).list():
             typer.echo(f"{entry.name}\t{entry.path}")
 
 
 def _register(settings: Settings, name: str, path: Path, *, source: str) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.resolved_database_url())
-    with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
+    with session_scope(open_database(settings)) as session:
         try:
             ModelRegistry(session).register(name, str(path), source)
         except InvalidModelName as error:

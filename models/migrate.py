@@ -4,8 +4,11 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+from models.db import make_engine, make_session_factory
+from models.settings import Settings
 
 
 def alembic_config(database_url: str) -> Config:
@@ -20,3 +23,10 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
+
+
+def open_database(settings: Settings) -> sessionmaker[Session]:
+    """Migrate the configured database to head, then hand out sessions on it (every process starts so)."""
+    url = settings.resolved_database_url()
+    upgrade(url)
+    return make_session_factory(make_engine(url))

@@ -1,4 +1,4 @@
-"""Fine-tuning job rules: what may be created, listed and cancelled. Runners do the rest."""
+"""Fine-tuning job rules: what may be created, listed, cancelled, paused and resumed. Runners do the rest."""
 
 import random
 import time
