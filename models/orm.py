@@ -20,6 +20,8 @@ class RegisteredModel(Base):
     path: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[int] = mapped_column(BigInteger)
+    architecture: Mapped[str | None] = mapped_column(String(128))
+    """From its config.json (`LlamaForCausalLM`, `BertModel`): says which objectives it can train."""
 
 
 class File(Base):
@@ -70,6 +72,8 @@ class Job(Base):
     started_at: Mapped[int | None] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)
     adapter_key: Mapped[str | None] = mapped_column(String(256))
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    """Baseline vs tuned metrics and the best checkpoint (see docs/evaluation.md), kept up to date."""
     # Reliability: each run is an attempt; a worker holds the job through a renewed lease.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
