@@ -5,20 +5,37 @@ writes one `ChildMessage` per line on an inherited pipe. Training code imports o
 `models/`.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
 DataFormat = Literal[
     "chat", "prompt_completion", "text", "classification", "token_classification", "preference"
 ]
-SFT_FORMATS: frozenset[str] = frozenset({"chat", "prompt_completion"})
-"""What the supervised recipe trains on today; the other formats belong to objectives still to come."""
+MethodType = Literal["supervised", "dpo", "reward_model"]
+"""OpenAI's `method.type` values we train, plus `reward_model` (an extension)."""
+Objective = Literal["sft", "pretrain", "classification", "token_classification", "dpo", "reward"]
+"""What a job learns; it follows from the method type and the training file's format."""
 TrainingType = Literal[
-    "lora", "dora", "qlora", "full", "freeze", "bitfit", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"
+    "lora",
+    "dora",
+    "qlora",
+    "full",
+    "freeze",
+    "bitfit",
+    "ia3",
+    "prompt_tuning",
+    "prefix_tuning",
+    "p_tuning",
+    "feature_extraction",
 ]
 LORA_FAMILY: frozenset[str] = frozenset({"lora", "dora", "qlora"})
 VIRTUAL_TOKEN_METHODS: frozenset[str] = frozenset({"prompt_tuning", "prefix_tuning", "p_tuning"})
+
+
+def greater_is_better(metric: str) -> bool:
+    """Losses and perplexity improve downwards; every other metric we report improves upwards."""
+    return not metric.endswith(("loss", "perplexity"))
 
 
 class ResolvedHyperparameters(BaseModel):
@@ -39,6 +56,28 @@ class ResolvedHyperparameters(BaseModel):
     """freeze: how many of the last transformer layers train (0: only the head)."""
     num_virtual_tokens: int = 20
     """prompt_tuning, prefix_tuning, p_tuning: length of the learned prompt."""
+    # Optimisation.
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    gradient_checkpointing: bool = False
+    # Batching.
+    packing: bool = False
+    """sft, pretrain: examples share rows up to max_seq_length, never attending across each other."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding), in a seeded order."""
+    # Evaluation.
+    eval_steps: int = 0
+    """Also evaluate (and checkpoint) every N optimizer steps; 0: at each epoch end only."""
+    metric_for_best_checkpoint: str = "full_valid_loss"
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improving metric_for_best_checkpoint (0: never)."""
+    generation_eval_samples: int = 16
+    """sft: validation examples whose assistant answer is checked by exact match of a greedy generation."""
+    # Preference objectives.
+    beta: float = 0.1
+    """dpo: how far the tuned policy may move from the base (higher: more conservative)."""
 
 
 class TrainingSpec(BaseModel):
@@ -47,6 +86,10 @@ class TrainingSpec(BaseModel):
     training_file: str
     validation_file: str | None = None
     data_format: DataFormat
+    objective: Objective
+    labels: list[str] = []
+    """classification, token_classification: the training file's labels or tags, sorted; their index is
+    the class id."""
     output_dir: str
     stop_file: str
     seed: int
@@ -58,8 +101,23 @@ class TrainingSpec(BaseModel):
 
 
 Metrics = dict[str, float]
-"""OpenAI metric names: train_loss, train_mean_token_accuracy, valid_loss, valid_mean_token_accuracy,
-full_valid_loss, full_valid_mean_token_accuracy."""
+"""OpenAI's metric names where they exist (train_loss, train_mean_token_accuracy, valid_loss,
+valid_mean_token_accuracy, full_valid_loss, full_valid_mean_token_accuracy), ours beside them under the same
+prefixes (full_valid_perplexity, full_valid_accuracy, full_valid_macro_f1, ...); see docs/evaluation.md."""
+Details = dict[str, Any]
+"""Evaluation results that are not one number: per-class precision and recall, a confusion matrix, sample
+generations."""
+
+
+class EvaluationMessage(BaseModel):
+    """A full evaluation on the validation file: of the untouched base (`baseline`, before any step) or of
+    the model at a checkpoint step."""
+
+    type: Literal["evaluation"] = "evaluation"
+    step: int
+    baseline: bool = False
+    metrics: Metrics
+    details: Details = {}
 
 
 class StartedMessage(BaseModel):
@@ -110,6 +168,12 @@ class StoppedMessage(BaseModel):
 
 
 ChildMessage = Annotated[
-    StartedMessage | MetricsMessage | CheckpointMessage | LogMessage | CompletedMessage | StoppedMessage,
+    StartedMessage
+    | MetricsMessage
+    | EvaluationMessage
+    | CheckpointMessage
+    | LogMessage
+    | CompletedMessage
+    | StoppedMessage,
     Field(discriminator="type"),
 ]

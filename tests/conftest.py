@@ -1,7 +1,12 @@
 """Shared fixtures: real Postgres and Redis (fail under CI=true when unreachable), SQLite, the app."""
 
 import os
-import uuid
+
+# Tiny models run fastest on one thread: two OpenMP threads spin against each other (and against the
+# training children, which inherit this) on a 2-core machine. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import uuid  # noqa: E402
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,10 @@ def test_truncation_cuts_the_end_and_drops_empty(tokenizer: PreTrainedTokenizerB
     data = load_dataset(path, "chat", tokenizer, max_len)
 
     assert (data.truncated, data.dropped) == (2, 1)
-    assert data.examples == [full[0], Example(full[1].input_ids[:max_len], full[1].labels[:max_len])]
+    assert data.examples == [
+        full[0],
+        replace(full[1], input_ids=full[1].input_ids[:max_len], labels=full[1].labels[:max_len]),
+    ]
     assert tokenizer.decode([t for t in data.examples[1].labels if t != IGNORE_INDEX]) == "The quick brown"
 
 

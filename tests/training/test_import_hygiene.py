@@ -27,6 +27,6 @@ def test_training_child_imports_no_service_modules() -> None:
     )
     modules = set(json.loads(result.stdout))
 
-    assert {"worker.training.sft", "worker.training.methods", "models.spec", "torch"} <= modules
+    assert {"worker.training.recipe", "worker.training.methods", "models.spec", "torch"} <= modules
     assert {name for name in modules if name.split(".")[0] in FORBIDDEN_ROOTS} == set()
     assert {name for name in modules if name.startswith("models.")} == {"models.spec"}

@@ -18,15 +18,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, Pre
 from models.spec import ResolvedHyperparameters, TrainingType
 from worker.training.data import IGNORE_INDEX
 from worker.training.device import bnb_4bit_config, select_device
+from worker.training.loading import count_parameters, load_model
 from worker.training.methods import Method, get_method, register
 from worker.training.methods.bitfit import load_bitfit
 from worker.training.methods.freeze import freeze_all_but_last_layers, load_freeze
 from worker.training.methods.lora import apply_lora
 from worker.training.methods.qlora import keep_training_layout
-from worker.training.sft import count_parameters, load_model, token_stats
+from worker.training.objectives.causal_lm import token_stats
 
 DEVICE = select_device()
-METHODS: list[str] = list(get_args(TrainingType))
+METHODS: list[str] = [name for name in get_args(TrainingType) if name != "feature_extraction"]
+"""Every method trained by gradient steps (feature_extraction fits a classifier head instead)."""
 N_VIRTUAL = 4
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 LINEARS = {

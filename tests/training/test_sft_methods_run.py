@@ -15,9 +15,10 @@ from tests.tiny_model import build_tiny_llama
 from tests.training.test_sft_run import Run, finish_child, make_spec, start_child, write_jsonl
 from worker.training.data import collate, load_dataset
 from worker.training.device import select_device
+from worker.training.loading import load_model, load_tokenizer
 from worker.training.methods import get_method
 from worker.training.methods.qlora import keep_training_layout
-from worker.training.sft import load_model, load_tokenizer, token_stats
+from worker.training.objectives.causal_lm import token_stats
 
 METHODS = ["full", "prompt_tuning", "qlora"]
 N_TRAIN, N_VALID = 6, 3

@@ -24,7 +24,7 @@ from models.spec import (
 )
 from tests.training.test_sft_run import checkpoint_dir, make_spec, write_jsonl
 from worker.training.events import EventWriter
-from worker.training.sft import SFTRecipe, run
+from worker.training.recipe import Recipe, run
 
 N_TRAIN, STEPS, RESUME_AT, PAUSE_AFTER = 5, 6, 4, 1
 METHODS = ["lora", "full", "freeze", "bitfit", "qlora", "p_tuning"]
@@ -183,7 +183,7 @@ def test_resuming_from_the_last_step_only_publishes(
 
 
 def setup_here(spec: TrainingSpec) -> None:
-    SFTRecipe(spec, Recorder(spec)).setup()
+    Recipe(spec, Recorder(spec)).setup()
 
 
 @pytest.mark.parametrize("runs", ["lora"], indirect=True)

@@ -7,6 +7,7 @@ in wall time. A fourth resumes from a mid-epoch checkpoint of the second and mus
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from models.spec import (
     CheckpointMessage,
     ChildMessage,
     CompletedMessage,
+    EvaluationMessage,
     LogMessage,
     MetricsMessage,
     StartedMessage,
@@ -34,10 +36,12 @@ from models.spec import (
 )
 from tests.tiny_model import build_tiny_llama
 from worker.training.data import collate, load_dataset
-from worker.training.sft import load_tokenizer, token_stats
+from worker.training.loading import load_tokenizer
+from worker.training.objectives.causal_lm import token_stats
 
 REPO = Path(__file__).resolve().parents[2]
 N_TRAIN, N_VALID, BATCH_SIZE, EPOCHS = 21, 5, 2, 2
+FULL_METRICS = [f"full_valid_{name}" for name in ("loss", "mean_token_accuracy", "perplexity", "exact_match")]
 STEPS_PER_EPOCH = 11  # ceil(21 / 2), the last batch holds one example
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH  # 22 → a validation mini-batch every 22 // 10 = 2 steps
 CHECKPOINT_EVERY = 2  # 2, 4, ..., 10, 11 (epoch end), 12, ..., 22 (an epoch end on the interval: once)
@@ -81,6 +85,7 @@ def make_spec(root: Path, name: str, base: Path, train: Path, valid: Path) -> Tr
             "training_file": str(train),
             "validation_file": str(valid),
             "data_format": "chat",
+            "objective": "sft",
             "output_dir": str(root / name / "out"),
             "stop_file": str(root / name / "STOP"),
             "seed": 7,
@@ -190,9 +195,14 @@ def test_events_follow_the_training_protocol(runs: dict[str, Run]) -> None:
     run = runs["first"]
     assert [type(m).__name__ for m in run.messages if not isinstance(m, LogMessage)] == [
         "StartedMessage",
-        *["MetricsMessage"] * STEPS_PER_EPOCH,
+        "EvaluationMessage",  # the baseline
+        *["MetricsMessage"] * (STEPS_PER_EPOCH - 1),
+        "EvaluationMessage",
+        "MetricsMessage",
         "CheckpointMessage",
-        *["MetricsMessage"] * STEPS_PER_EPOCH,
+        *["MetricsMessage"] * (STEPS_PER_EPOCH - 1),
+        "EvaluationMessage",
+        "MetricsMessage",
         "CheckpointMessage",
         "CompletedMessage",
     ]
@@ -208,10 +218,29 @@ def test_events_follow_the_training_protocol(runs: dict[str, Run]) -> None:
         if m.step % 2 == 0:
             expected |= {"valid_loss", "valid_mean_token_accuracy"}
         if m.step % STEPS_PER_EPOCH == 0:
-            expected |= {"full_valid_loss", "full_valid_mean_token_accuracy"}
+            expected |= set(FULL_METRICS)
         assert set(m.metrics) == expected, m.step
         assert 0.0 <= m.metrics["train_mean_token_accuracy"] <= 1.0
     by_step = {m.step: m.metrics for m in metrics}
+    evaluations = run.of_type(EvaluationMessage)
+    assert [(e.step, e.baseline) for e in evaluations] == [
+        (0, True),
+        (STEPS_PER_EPOCH, False),
+        (TOTAL_STEPS, False),
+    ]
+    for evaluation in evaluations:
+        assert set(evaluation.metrics) == set(FULL_METRICS)
+        assert evaluation.metrics["full_valid_perplexity"] == pytest.approx(
+            math.exp(evaluation.metrics["full_valid_loss"])
+        )
+        # Every validation example ends in an answer: all N_VALID (fewer than the sample) are generated.
+        generations = evaluation.details["generations"]
+        assert len(generations) == N_VALID
+        assert evaluation.metrics["full_valid_exact_match"] == sum(g["match"] for g in generations) / N_VALID
+        if evaluation.step:
+            assert evaluation.metrics.items() <= by_step[evaluation.step].items()
+    # Training moved the model away from the base: the baseline loss is the worst of the three.
+    assert evaluations[0].metrics["full_valid_loss"] > evaluations[-1].metrics["full_valid_loss"]
     # The random model learns: the second epoch ends with a lower full validation loss than the first.
     assert by_step[TOTAL_STEPS]["full_valid_loss"] < by_step[STEPS_PER_EPOCH]["full_valid_loss"]
 
@@ -239,12 +268,22 @@ def test_results_csv_has_one_row_per_step(runs: dict[str, Run]) -> None:
     run = runs["first"]
     with open(Path(run.spec.output_dir) / "step_metrics.csv", newline="") as file:
         rows = list(csv.reader(file))
-    assert rows[0] == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
-    assert len(rows) == TOTAL_STEPS + 1
-    for row, m in zip(rows[1:], run.of_type(MetricsMessage), strict=True):
-        names = ["train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    # OpenAI's columns, then the rest in name order; the baseline evaluation is step 0.
+    names = ["train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    names += sorted(FULL_METRICS)
+    assert rows[0] == [
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+    ] + sorted(FULL_METRICS)
+    assert len(rows) == TOTAL_STEPS + 2
+    baseline = run.of_type(EvaluationMessage)[0].metrics
+    assert rows[1] == ["0", *(f"{baseline[n]:.5f}" if n in baseline else "" for n in names)]
+    for row, m in zip(rows[2:], run.of_type(MetricsMessage), strict=True):
         assert row == [str(m.step), *(f"{m.metrics[n]:.5f}" if n in m.metrics else "" for n in names)]
-    assert rows[1][3:] == ["", ""] and rows[2][3] != ""
+    assert rows[2][3:5] == ["", ""] and rows[3][3] != ""
 
 
 def test_adapter_is_saved_as_safetensors_and_reproduces_the_trained_model(runs: dict[str, Run]) -> None:
@@ -327,7 +366,7 @@ def test_checkpoints_land_on_the_interval_and_epoch_ends_once_each(runs: dict[st
     state = json.loads((step_4 / "trainer" / "state.json").read_text())
     progress = state["progress"]
     assert (progress["step"], progress["epoch"], progress["batches_done"]) == (4, 0, 4)
-    assert [step for step, _ in progress["history"]] == [1, 2, 3, 4]
+    assert [step for step, _ in progress["history"]] == [0, 1, 2, 3, 4]  # 0: the baseline
     assert progress["valid_cursor"] == 4  # validation mini-batches of 2 at steps 2 and 4
     assert (state["job"]["seed"], state["job"]["n_train_examples"]) == (7, N_TRAIN)
 
@@ -369,5 +408,5 @@ def test_resumed_run_publishes_what_the_uninterrupted_run_does(runs: dict[str, R
             return list(csv.reader(file))
 
     # One row per step, those trained before the checkpoint included.
-    assert [row[0] for row in rows(completed.results_csv)[1:]] == [str(s) for s in range(1, TOTAL_STEPS + 1)]
+    assert [row[0] for row in rows(completed.results_csv)[1:]] == [str(s) for s in range(TOTAL_STEPS + 1)]
     assert rows(completed.results_csv) == rows(expected.results_csv)

@@ -10,8 +10,8 @@ import traceback
 from pathlib import Path
 
 from models.spec import LogMessage, TrainingSpec
+from worker.training import feature_extraction, recipe
 from worker.training.events import EventWriter
-from worker.training.sft import run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,12 @@ def main(argv: list[str] | None = None) -> int:
 
     events = EventWriter(args.events_fd)
     try:
-        run(TrainingSpec.model_validate_json(args.spec.read_text(encoding="utf-8")), events)
+        spec = TrainingSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
+        # Feature extraction fits a classifier head in one solve: no steps for the recipe's loop.
+        if spec.hyperparameters.training_type == "feature_extraction":
+            feature_extraction.run(spec, events)
+        else:
+            recipe.run(spec, events)
     except Exception as exc:
         traceback.print_exc()
         # One line: the runner shows it to the user as the job's error.

@@ -56,6 +56,9 @@ class Progress:
     history: list[tuple[int, Metrics]] = field(default_factory=list)
     """Every step's metrics so far, for the results CSV."""
     last_full_valid: Metrics = field(default_factory=dict)
+    best_value: float | None = None
+    """The best full evaluation of metric_for_best_checkpoint so far, for early stopping."""
+    evaluations_since_best: int = 0
 
 
 def job_fingerprint(spec: TrainingSpec, n_train_examples: int, n_valid_examples: int) -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""JSONL examples → token ids and labels (-100 where no loss is taken), plus batch collation.
+"""JSONL examples → token ids and labels (-100 where no loss is taken) for causal-LM objectives, plus
+packing and batch collation.
 
 The runner has already validated the files, so this module only tokenizes: chat examples through the
-tokenizer's own chat template, prompt/completion examples as prompt + completion + eos.
+tokenizer's own chat template, prompt/completion examples as prompt + completion + eos, raw text as
+chunks of max_seq_length tokens trained on throughout.
 """
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from models.spec import DataFormat
+from worker.training.batching import pack
 
 IGNORE_INDEX = -100
 
@@ -22,6 +25,20 @@ IGNORE_INDEX = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
+    """Set on packed rows: positions restart at each example, which keeps attention within examples."""
+    prompt_ids: list[int] | None = None
+    """The context of the final answer (chat, prompt/completion), for exact-match generation."""
+    answer: str | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def units(self) -> int:
+        """Trained tokens: labels[0] is never predicted (nothing precedes it)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 @dataclass(frozen=True)
@@ -36,26 +53,58 @@ class Dataset:
 def load_dataset(
     path: str | Path, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, max_seq_length: int
 ) -> Dataset:
-    tokenize = tokenize_chat if data_format == "chat" else tokenize_prompt_completion
+    tokenize = TOKENIZERS[data_format]
     examples: list[Example] = []
     truncated = dropped = 0
-    for line_no, record in _read_jsonl(path):
+    for line_no, record in read_jsonl(path):
         try:
             example = tokenize(tokenizer, record)
         except Exception as exc:
             raise ValueError(f"{Path(path).name} line {line_no}: {exc}") from exc
-        if len(example.input_ids) > max_seq_length:
+        if data_format == "text":
+            # A document is not cut short: it continues in the next chunk.
+            pieces = [
+                Example(example.input_ids[i : i + max_seq_length], example.labels[i : i + max_seq_length])
+                for i in range(0, len(example.input_ids), max_seq_length)
+            ]
+        elif len(example.input_ids) > max_seq_length:
             truncated += 1
-            example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length])
-        # labels[0] is never predicted (nothing precedes it), so it does not count as a trained token.
-        if all(label == IGNORE_INDEX for label in example.labels[1:]):
-            dropped += 1
-            continue
-        examples.append(example)
+            pieces = [
+                replace(
+                    example,
+                    input_ids=example.input_ids[:max_seq_length],
+                    labels=example.labels[:max_seq_length],
+                )
+            ]
+        else:
+            pieces = [example]
+        for piece in pieces:
+            if piece.units:
+                examples.append(piece)
+            else:
+                dropped += 1
     return Dataset(examples, truncated, dropped)
 
 
-def _read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def pack_examples(examples: list[Example], capacity: int) -> list[Example]:
+    """Concatenate examples into rows of at most `capacity` tokens (best-fit decreasing), positions
+    restarting at each; each example's first label is masked, as unpacked, so no token is trained on
+    predicting the next example."""
+    rows = []
+    for row in pack([example.length for example in examples], capacity):
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for index in row:
+            example = examples[index]
+            input_ids += example.input_ids
+            labels += [IGNORE_INDEX, *example.labels[1:]]
+            positions += range(example.length)
+        rows.append(Example(input_ids, labels, positions))
+    return rows
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, encoding="utf-8") as lines:
         for line_no, line in enumerate(lines, start=1):
             if line.strip():
@@ -67,14 +116,22 @@ def tokenize_prompt_completion(tokenizer: PreTrainedTokenizerBase, record: dict[
     prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
     completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
     completion = [*completion, tokenizer.eos_token_id]
-    return Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
+    return Example(
+        prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, None, prompt, record["completion"]
+    )
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any]) -> Example:
+    """Continued pre-training: every token is trained; eos marks where the document ends."""
+    ids = [*tokenizer(record["text"], add_special_tokens=True)["input_ids"], tokenizer.eos_token_id]
+    return Example(ids, list(ids))
 
 
 def tokenize_chat(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any]) -> Example:
     """Render with the chat template; train on each assistant turn (weight != 0) up to and including
     the template's end-of-turn, found as the text between "prefix + generation prompt" and "prefix + turn"."""
     raw_messages: list[dict[str, Any]] = record["messages"]
-    messages = [_template_message(message) for message in raw_messages]
+    messages = [template_message(message) for message in raw_messages]
     tools = record.get("tools")
 
     def render(conversation: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
@@ -103,10 +160,19 @@ def tokenize_chat(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any]) ->
         token if any(start <= char_start < end for start, end in spans) else IGNORE_INDEX
         for token, (char_start, _) in zip(input_ids, encoding["offset_mapping"], strict=True)
     ]
+    # The last assistant answer (when trained) is what exact-match generation checks.
+    last = len(raw_messages) - 1
+    if spans and raw_messages[last]["role"] == "assistant" and isinstance(raw_messages[last]["content"], str):
+        prompt = render(messages[:last], add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return Example(input_ids, labels, None, prompt_ids, raw_messages[last]["content"])
     return Example(input_ids, labels)
 
 
-def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+TOKENIZERS = {"chat": tokenize_chat, "prompt_completion": tokenize_prompt_completion, "text": tokenize_text}
+
+
+def template_message(message: dict[str, Any]) -> dict[str, Any]:
     """The message as chat templates expect it: no `weight`, `developer` → `system`, content never null
     (templates concatenate it), tool-call arguments as objects (templates `tojson` them)."""
     out = {key: value for key, value in message.items() if key != "weight"}
@@ -130,15 +196,24 @@ def _parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of the loss, and out of attention by the
+    attention mask, or for packed rows by positions (a row's padding is one more "example" at its end)."""
     width = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    position_ids = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         length = len(example.input_ids)
         input_ids[row, :length] = torch.tensor(example.input_ids)
         labels[row, :length] = torch.tensor(example.labels)
         attention_mask[row, :length] = 1
+        if example.position_ids is not None:
+            position_ids[row, :length] = torch.tensor(example.position_ids)
+            position_ids[row, length:] = torch.arange(width - length)
+    if examples[0].position_ids is not None:
+        # transformers builds a block-diagonal causal mask from restarting positions, but only when no
+        # attention mask is given.
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

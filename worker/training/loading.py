@@ -1,0 +1,41 @@
+"""Loading a base model and its tokenizer from a registered directory: offline, safetensors only, never
+remote code."""
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from worker.training.device import DeviceConfig
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    if tokenizer.pad_token is None:
+        # Padding is masked by position (attention mask, -100 labels), so reusing eos is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: str, device: DeviceConfig, auto_class: Any = AutoModelForCausalLM, **options: Any
+) -> PreTrainedModel:
+    """The base model on the device through `auto_class` (a causal LM unless an objective needs a head of
+    its own); `options` are extra `from_pretrained` arguments (a method's, an objective's)."""
+    model = auto_class.from_pretrained(
+        path,
+        dtype=device.dtype,
+        use_safetensors=True,
+        trust_remote_code=False,
+        local_files_only=True,
+        **options,
+    )
+    return model.to(device.device)
+
+
+def count_parameters(parameters: Iterable[nn.Parameter]) -> int:
+    # A 4-bit weight stores two values per byte; count its values (its original shape), like any weight's.
+    return sum(
+        quant.shape.numel() if (quant := getattr(p, "quant_state", None)) else p.numel() for p in parameters
+    )

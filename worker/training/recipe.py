@@ -1,0 +1,336 @@
+"""The training recipe: setup → baseline evaluation → fit (steps, evaluations, checkpoints) → save.
+
+One loop for every objective (`objectives/`) and every method (`methods/`). A plain loop rather than HF
+Trainer, so every piece of state (data order, optimizer, scheduler, RNG, early-stopping patience) is ours
+to checkpoint and resume exactly.
+"""
+
+import csv
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import get_scheduler, set_seed
+
+from models.spec import (
+    CheckpointMessage,
+    CompletedMessage,
+    EvaluationMessage,
+    Metrics,
+    MetricsMessage,
+    StartedMessage,
+    StoppedMessage,
+    TrainingSpec,
+    greater_is_better,
+)
+from worker.training.batching import epoch_batches
+from worker.training.checkpoint import (
+    Progress,
+    job_fingerprint,
+    read_progress,
+    restore_state,
+    save_checkpoint,
+)
+from worker.training.device import select_device
+from worker.training.events import EventWriter
+from worker.training.loading import count_parameters, load_tokenizer
+from worker.training.methods import get_method, untouched
+from worker.training.objectives import Example, get_objective
+
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+CSV_HEADER = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+"""OpenAI's results-file columns; the objective's other metrics follow in columns of their own names."""
+
+
+class Recipe:
+    def __init__(self, spec: TrainingSpec, events: EventWriter) -> None:
+        self.spec = spec
+        self.hp = spec.hyperparameters
+        self.events = events
+        self.output_dir = Path(spec.output_dir)
+        self.resume_from = Path(spec.resume_from) if spec.resume_from else None
+        self.progress = Progress()
+
+    def setup(self) -> None:
+        set_seed(self.spec.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.device = select_device()
+        self.tokenizer = load_tokenizer(self.spec.base_model_path)
+        self.objective = get_objective(self.spec.objective)(
+            self.spec, self.tokenizer, self.device, self.events
+        )
+        self.train_examples = self.objective.load_examples(self.spec.training_file, "training")
+        valid_file = self.spec.validation_file
+        self.valid_examples = self.objective.load_examples(valid_file, "validation") if valid_file else []
+        if not self.train_examples:
+            raise ValueError("no training example has anything left to train on")
+
+        hp = self.hp
+        self.micro_batches = math.ceil(len(self.train_examples) / hp.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_batches / hp.gradient_accumulation_steps)
+        self.total_steps = hp.n_epochs * self.steps_per_epoch
+        self.fingerprint = job_fingerprint(self.spec, len(self.train_examples), len(self.valid_examples))
+        if self.resume_from:
+            # Before the model loads: a checkpoint of another job fails the attempt at once.
+            self.progress = read_progress(self.resume_from, self.fingerprint)
+        self.events.emit(
+            StartedMessage(
+                total_steps=self.total_steps,
+                n_train_examples=len(self.train_examples),
+                truncated_examples=getattr(self.objective, "truncated", 0),
+            )
+        )
+
+        self.method = get_method(hp.training_type)
+        base = self.objective.load_model(**self.method.load_options(self.device))
+        self.model = self.method.prepare(base, hp)
+        if hp.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no requires-grad hook on frozen embeddings (adapters).
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.events.log(
+            f"{hp.training_type} on {self.device.device.type} ({self.device.dtype}): "
+            f"{count_parameters(self.trainable):,} of {count_parameters(self.model.parameters()):,} "
+            "parameters trainable"
+        )
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.learning_rate)
+        self.scheduler = get_scheduler(
+            SCHEDULERS[hp.lr_scheduler],
+            self.optimizer,
+            num_warmup_steps=math.ceil(hp.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.device.type, enabled=self.device.needs_grad_scaling)
+        self.objective.before_training(self.model, self.train_examples)
+        if self.resume_from:
+            restore_state(
+                self.resume_from,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+            )
+            self.events.log(
+                f"resumed from step {self.progress.step} of {self.total_steps} ({self.resume_from})"
+            )
+        self.last_checkpoint_step = self.progress.step
+
+    def _param_groups(self) -> list[dict[str, object]]:
+        """Weight decay on matrices only: decaying biases and norm scales only hurts (as HF Trainer does)."""
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        no_decay = [p for p in self.trainable if p.ndim < 2]
+        return [
+            {"params": decay, "weight_decay": self.hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def baseline(self) -> None:
+        """Evaluate the untouched base on the validation file before the first step, with the metrics
+        every checkpoint will report, so the job can show what tuning gained. Adapters are switched off
+        (a learned prompt changes outputs from the start); other methods start as the base."""
+        if not self.valid_examples or self.progress.step > 0:
+            return
+        with untouched(self.model) as base:
+            metrics, details = self._evaluate(base)
+        self.progress.history.append((0, metrics))
+        self.events.emit(EvaluationMessage(step=0, baseline=True, metrics=metrics, details=details))
+
+    def fit(self) -> bool:
+        """Train for n_epochs, from the checkpoint's step when resuming; False when the stop file ended
+        training early. Early stopping ends it early too, but what it trained is published."""
+        hp, progress = self.hp, self.progress
+        eval_every = max(1, self.total_steps // 10)
+        started = time.monotonic() - progress.elapsed_seconds
+        first_epoch, first_batch = progress.epoch, progress.batches_done
+        self.model.train()  # from_pretrained hands the model over in eval mode
+        for epoch in range(first_epoch, hp.n_epochs):
+            batches = epoch_batches(
+                [example.length for example in self.train_examples],
+                hp.batch_size,
+                seed=self.spec.seed + epoch,
+                group_by_length=hp.group_by_length,
+            )
+            steps = [
+                batches[i : i + hp.gradient_accumulation_steps]
+                for i in range(0, len(batches), hp.gradient_accumulation_steps)
+            ]
+            # A resumed epoch goes on after the batches its checkpoint had already trained.
+            done = first_batch if epoch == first_epoch else 0
+            for index in range(done // hp.gradient_accumulation_steps, len(steps)):
+                if (request := self._stop_request()) is not None:
+                    if request == "pause":
+                        self._checkpoint()
+                    self.events.emit(StoppedMessage(step=progress.step))
+                    return False
+                metrics = self._train_step(
+                    [[self.train_examples[i] for i in batch] for batch in steps[index]]
+                )
+                progress.step += 1
+                progress.epoch = epoch
+                progress.batches_done = min(len(batches), (index + 1) * hp.gradient_accumulation_steps)
+                step, epoch_end = progress.step, index + 1 == len(steps)
+                if self.valid_examples and (step % eval_every == 0 or step == self.total_steps):
+                    metrics.update(self._validate_batch())
+                evaluate = epoch_end or (hp.eval_steps > 0 and step % hp.eval_steps == 0)
+                if self.valid_examples and evaluate:
+                    full, details = self._evaluate()
+                    progress.last_full_valid = full
+                    metrics.update(full)
+                    self.events.emit(EvaluationMessage(step=step, metrics=full, details=details))
+                progress.history.append((step, metrics))
+                progress.elapsed_seconds = time.monotonic() - started
+                self.events.emit(
+                    MetricsMessage(
+                        step=step,
+                        total_steps=self.total_steps,
+                        metrics=metrics,
+                        elapsed_seconds=progress.elapsed_seconds,
+                    )
+                )
+                every = self.spec.checkpoint_every_steps
+                if evaluate or (every > 0 and step % every == 0):
+                    self._checkpoint()
+                if self.valid_examples and evaluate and self._patience_ran_out(metrics):
+                    self.events.log(
+                        f"early stopping at step {step}: {hp.metric_for_best_checkpoint} has not improved "
+                        f"for {hp.early_stopping_patience} evaluations"
+                    )
+                    return True
+        return True
+
+    def _patience_ran_out(self, metrics: Metrics) -> bool:
+        """Track the best value of the chosen metric; True once patience evaluations passed without it."""
+        progress, name = self.progress, self.hp.metric_for_best_checkpoint
+        value = metrics[name]
+        better = greater_is_better(name)
+        if progress.best_value is None or (
+            value > progress.best_value if better else value < progress.best_value
+        ):
+            progress.best_value, progress.evaluations_since_best = value, 0
+            return False
+        progress.evaluations_since_best += 1
+        patience = self.hp.early_stopping_patience
+        return patience > 0 and progress.evaluations_since_best >= patience
+
+    def _stop_request(self) -> str | None:
+        """The stop file's content when it exists: "pause" asks for a checkpoint first."""
+        try:
+            return Path(self.spec.stop_file).read_text(encoding="utf-8", errors="replace").strip()
+        except FileNotFoundError:
+            return None
+
+    def _train_step(self, batches: list[list[Example]]) -> Metrics:
+        """One optimizer step over `batches` (gradient accumulation): the loss is averaged over the units
+        of the whole step, exactly as one large batch would average it."""
+        units = sum(example.units for batch in batches for example in batch)
+        loss_total, correct = 0.0, 0
+        for batch in batches:
+            stats = self.objective.batch_stats(self.model, batch)
+            loss = stats.loss_sum / units
+            self.scaler.scale(loss).backward()
+            loss_total += loss.item()
+            correct += stats.correct
+            self.progress.trained_tokens += stats.tokens
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.hp.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"train_loss": loss_total, f"train_{self.objective.accuracy}": correct / units}
+
+    def _validate_batch(self) -> Metrics:
+        """Loss and accuracy on the next batch_size validation examples, rotating through the set so
+        successive steps see new data."""
+        examples = self.valid_examples
+        size = min(self.hp.batch_size, len(examples))
+        cursor = self.progress.valid_cursor
+        batch = [examples[(cursor + k) % len(examples)] for k in range(size)]
+        self.progress.valid_cursor = (cursor + size) % len(examples)
+        self.model.eval()
+        with torch.no_grad():
+            stats = self.objective.batch_stats(self.model, batch)
+        self.model.train()
+        units = sum(example.units for example in batch)
+        return {
+            "valid_loss": stats.loss_sum.item() / units,
+            f"valid_{self.objective.accuracy}": stats.correct / units,
+        }
+
+    def _evaluate(self, model: nn.Module | None = None) -> tuple[Metrics, dict[str, object]]:
+        """The objective's full evaluation of `model` (the model being trained unless given), without
+        dropout or grad."""
+        self.model.eval()
+        with torch.no_grad():
+            metrics, details = self.objective.evaluate(model or self.model, self.valid_examples)
+        self.model.train()
+        return {f"full_valid_{name}": value for name, value in metrics.items()}, details
+
+    def _checkpoint(self) -> None:
+        """Save and report a checkpoint of the current step, unless that step has one already: an epoch end
+        on the interval, a pause right after either, or a pause before the first step of this attempt
+        (nothing trained yet, or the checkpoint it resumed from)."""
+        step = self.progress.step
+        if step == self.last_checkpoint_step:
+            return
+        path = self.output_dir / "checkpoints" / f"step-{step}"
+        save_checkpoint(
+            path,
+            method=self.method,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            progress=self.progress,
+            fingerprint=self.fingerprint,
+        )
+        self.objective.save_extras(path)
+        self.last_checkpoint_step = step
+        self.events.emit(CheckpointMessage(step=step, path=str(path), metrics=self.progress.history[-1][1]))
+
+    def save(self) -> None:
+        """Publish the final artifact (what the method saves: an adapter, the trained tensors or the whole
+        model) with the tokenizer (it carries the chat template), the objective's extras and the results
+        CSV."""
+        adapter_dir = self.output_dir / "adapter"
+        self.method.save(self.model, adapter_dir)
+        self.tokenizer.save_pretrained(adapter_dir)
+        self.objective.save_extras(adapter_dir)
+        results_csv = self.output_dir / "step_metrics.csv"
+        write_results_csv(results_csv, self.progress.history, self.objective.accuracy)
+
+        last_step, last_metrics = self.progress.history[-1]
+        self.events.emit(
+            CompletedMessage(
+                step=last_step,
+                adapter_path=str(adapter_dir),
+                results_csv=str(results_csv),
+                trained_tokens=self.progress.trained_tokens,
+                metrics={**self.progress.last_full_valid, **last_metrics},
+            )
+        )
+
+
+def write_results_csv(path: Path, history: Sequence[tuple[int, Metrics]], accuracy: str) -> None:
+    """OpenAI's columns first, then every other metric the job reported; step 0 holds the baseline
+    evaluation. The two accuracy columns hold the objective's own accuracy (token accuracy for language
+    modelling, accuracy for classifiers, reward accuracy for preferences)."""
+    standard = ["train_loss", f"train_{accuracy}", "valid_loss", f"valid_{accuracy}"]
+    extra = sorted({name for _, metrics in history for name in metrics} - set(standard))
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow([*CSV_HEADER, *extra])
+        for step, metrics in history:
+            values = (metrics.get(name) for name in [*standard, *extra])
+            writer.writerow([step, *("" if value is None else f"{value:.5f}" for value in values)])
+
+
+def run(spec: TrainingSpec, events: EventWriter) -> None:
+    recipe = Recipe(spec, events)
+    recipe.setup()
+    recipe.baseline()
+    if recipe.fit():
+        recipe.save()
