@@ -1,15 +1,18 @@
-"""A tiny random Llama with a real ChatML tokenizer, built offline in well under a second.
+"""A tiny random Llama with a real ChatML tokenizer, and a tiny random BERT with a real WordPiece tokenizer,
+each built offline in well under a second.
 
-Shared by tests that need something `AutoModelForCausalLM` / `AutoTokenizer` can load from disk.
+Shared by tests that need something `AutoModelForCausalLM` (or another auto class) / `AutoTokenizer` can
+load from disk.
 """
 
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 # SmolLM2's ChatML shape, without its default system prompt.
 CHAT_TEMPLATE = (
@@ -79,6 +82,54 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """BERT's uncased WordPiece trained on CORPUS, small enough (256 pieces) that rarer words split into
+    several; [CLS] text [SEP] as BERT adds them."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=256, special_tokens=BERT_SPECIAL_TOKENS, show_progress=False
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def build_tiny_bert(path: Path, seed: int = 0) -> Path:
+    """Save a random-weight BertModel (an encoder checkpoint with its pooler, like all-MiniLM-L6-v2;
+    safetensors) and its tokenizer into `path`; return `path`."""
+    tokenizer = build_wordpiece_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = BertModel(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -3,16 +3,26 @@
 Each method lives in `methods/<name>.py` and registers its `prepare` function with `@register("<name>")`,
 naming any loading or saving it does differently. `get_method` imports that module on first use, so a
 method's own dependencies (bitsandbytes, ...) load only when chosen.
+
+The base arrives with its objective's head: a pretrained LM head (causal LM objectives) or a new, randomly
+initialised classifier head (classification, token classification, reward). `task_type` and `new_head` are
+the one place that tells them apart; every method trains a new head in full, since nothing else would.
 """
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peft import PeftModel, TaskType
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+)
 
 from models.spec import ResolvedHyperparameters
 from worker.training.device import DeviceConfig
@@ -24,6 +34,50 @@ SaveFn = Callable[[nn.Module, Path], None]
 """Writes a checkpoint or the final artifact of the prepared model into a directory (safetensors only)."""
 LoadOptionsFn = Callable[[DeviceConfig], dict[str, Any]]
 """Extra `from_pretrained` arguments for the base model on the given device."""
+
+
+def task_type(model: PreTrainedModel) -> TaskType:
+    """The kind of head the model has, as PEFT names it: PEFT wraps each kind in its own model class."""
+    name = type(model).__name__
+    if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
+        return TaskType.SEQ_CLS
+    if name in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values():
+        return TaskType.TOKEN_CLS
+    return TaskType.CAUSAL_LM
+
+
+def new_head(model: PreTrainedModel) -> list[str]:
+    """Names of the top-level modules a classifier head adds beside its pretrained base (BERT's `classifier`,
+    Llama's `score`, DistilBERT's `pre_classifier` and `classifier`). They start random, so they must train
+    and be saved; a causal LM's head is pretrained and is not new."""
+    if task_type(model) == TaskType.CAUSAL_LM:
+        return []
+    return [
+        name
+        for name, child in model.named_children()
+        if child is not model.base_model and next(child.parameters(), None) is not None
+    ]
+
+
+@contextmanager
+def untouched(model: nn.Module) -> Iterator[nn.Module]:
+    """The base behind a prepared model, as it was before any step: a learned prompt's model without its
+    prompt, an adapter's with the adapter switched off; every other method starts as the base itself.
+    (PEFT's `disable_adapter` cannot serve prompt learning on classifier models: it looks for a
+    generation hook they do not have.)"""
+    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        yield model.get_base_model()
+    elif isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def peft_options(model: PreTrainedModel) -> dict[str, Any]:
+    """The PEFT config fields every PEFT method takes from the model: its task type, and its new head as
+    `modules_to_save` (trained in full beside the adapter and saved in it)."""
+    return {"task_type": task_type(model), "modules_to_save": new_head(model) or None}
 
 
 def save_pretrained(model: nn.Module, directory: Path) -> None:

@@ -1,11 +1,12 @@
-"""BitFit: only bias terms train. Llama-family models have none (`attention_bias` and `mlp_bias` are off),
-so every linear layer without a bias gets one, initialised to zero: the model computes exactly what the base
-does until training moves them. Biases the architecture already has (Qwen2's q/k/v, GPT-2's) train as they
-are. The LM head gets no new bias: it would only learn a fixed per-token offset to the logits, not adapt the
-network.
+"""BitFit: only bias terms train, plus a new classifier head in full (it starts random; the BitFit paper
+trains the task head too). Llama-family models have no biases (`attention_bias` and `mlp_bias` are off), so
+every linear layer without a bias gets one, initialised to zero: the model computes exactly what the base
+does until training moves them. Biases the architecture already has (Qwen2's q/k/v, GPT-2's, BERT's) train
+as they are. Heads get no new bias: on a pretrained LM head it would only learn a fixed per-token offset to
+the logits, not adapt the network, and a new classifier head trains whole anyway.
 
-The artifact is the biases alone (see `_tensors`); `load_bitfit` adds the same zero biases to a fresh base,
-found from the saved tensor names, before applying them.
+The artifact is the biases and the new head alone (see `_tensors`); `load_bitfit` adds the same zero biases
+to a fresh base, found from the saved tensor names, before applying them.
 """
 
 from functools import partial
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from models.spec import ResolvedHyperparameters
-from worker.training.methods import register
+from worker.training.methods import new_head, register
 from worker.training.methods._tensors import copy_into, read_trained_tensors, save_trained_tensors
 
 
@@ -27,12 +28,13 @@ def add_zero_bias(linear: nn.Linear) -> None:
 
 @register("bitfit", save=partial(save_trained_tensors, "bitfit"))
 def train_biases(model: PreTrainedModel, hp: ResolvedHyperparameters) -> PreTrainedModel:
-    head = model.get_output_embeddings()
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.bias is None and module is not head:
+    lm_head, heads = model.get_output_embeddings(), set(new_head(model))
+    for name, module in model.named_modules():
+        in_head = name.split(".", 1)[0] in heads
+        if isinstance(module, nn.Linear) and module.bias is None and module is not lm_head and not in_head:
             add_zero_bias(module)
     for name, param in model.named_parameters():
-        param.requires_grad_(name.rsplit(".", 1)[-1] == "bias")
+        param.requires_grad_(name.rsplit(".", 1)[-1] == "bias" or name.split(".", 1)[0] in heads)
     return model
 
 
@@ -40,8 +42,9 @@ def load_bitfit(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
     """Apply a bitfit artifact onto a freshly loaded copy of its base model."""
     tensors = read_trained_tensors("bitfit", directory)
     for name in tensors:
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        if isinstance(module, nn.Linear) and module.bias is None:
+        module_name, kind = name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        if kind == "bias" and isinstance(module, nn.Linear) and module.bias is None:
             add_zero_bias(module)
     copy_into(model, tensors)
     return model

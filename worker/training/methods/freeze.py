@@ -1,10 +1,14 @@
-"""Freeze tuning: only the last `trainable_layers` transformer blocks, the final norm and the LM head train;
-`trainable_layers=0` trains the head and final norm alone. The artifact is just those tensors (see
-`_tensors`); `load_freeze` applies it onto a fresh base.
+"""Freeze tuning: only the last `trainable_layers` transformer blocks, the final norm and the head train;
+`trainable_layers=0` trains the head and final norm alone (the "fine-tuning I" of the literature, against
+"fine-tuning II" of every layer). The head is a new classifier head when the objective put one on the base
+(see `new_head`), else the LM head. The artifact is just those tensors (see `_tensors`); `load_freeze`
+applies it onto a fresh base.
 
 The blocks are the one `nn.ModuleList` with as many entries as the config has hidden layers (`model.layers`
-in Llama-likes, `transformer.h` in GPT-2-likes); the final norm is any norm layer next to that list. Models
-where that is ambiguous are refused at job start rather than guessed at.
+in Llama-likes, `transformer.h` in GPT-2-likes, `encoder.layer` in BERT-likes); the final norm is any norm
+layer next to that list (BERT-likes have none: their norms sit inside the blocks). Models where the blocks
+are ambiguous are refused at job start rather than guessed at. What lies outside the blocks and the head
+stays frozen: the embeddings, and BERT's pooler, which is pretrained base, not head.
 
 Tied head: SmolLM2, like many small models, ties the LM head to the input embeddings, one matrix serving
 both. "The head trains" then means that matrix trains, input embeddings included: untying would add a
@@ -19,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from models.spec import ResolvedHyperparameters
-from worker.training.methods import register
+from worker.training.methods import new_head, register
 from worker.training.methods._tensors import copy_into, read_trained_tensors, save_trained_tensors
 
 
@@ -48,13 +52,13 @@ def freeze_all_but_last_layers(model: PreTrainedModel, hp: ResolvedHyperparamete
             f"freeze: trainable_layers={hp.trainable_layers} but {type(model).__name__} has only "
             f"{len(blocks)} transformer blocks"
         )
-    head = model.get_output_embeddings()
-    if head is None:
+    head = [model.get_submodule(name) for name in new_head(model)] or [model.get_output_embeddings()]
+    if None in head:
         raise ValueError(f"freeze: {type(model).__name__} has no output head to train")
     final_norms = [child for child in parent.children() if "norm" in type(child).__name__.lower()]
 
     model.requires_grad_(False)
-    for module in [*blocks[len(blocks) - hp.trainable_layers :], *final_norms, head]:
+    for module in [*blocks[len(blocks) - hp.trainable_layers :], *final_norms, *head]:
         module.requires_grad_(True)
     return model
 

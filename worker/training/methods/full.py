@@ -1,5 +1,6 @@
-"""Full fine-tuning: every parameter trains; the artifact is the whole model (safetensors), loadable with
-`AutoModelForCausalLM.from_pretrained` like any base."""
+"""Full fine-tuning: every parameter trains, a new classifier head with the rest; the artifact is the whole
+model (safetensors, with its head and label map in config.json), loadable like any base through the auto
+class of its head (`AutoModelForCausalLM`, `AutoModelForSequenceClassification`, ...)."""
 
 from transformers import PreTrainedModel
 
