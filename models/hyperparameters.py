@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.spec import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, ResolvedHyperparameters, TrainingType
+from models.objectives import BEST_METRIC, metric_name
+from models.spec import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Objective, ResolvedHyperparameters, TrainingType
 
 Auto = Literal["auto"]
 
@@ -25,6 +26,7 @@ BASE_LEARNING_RATE: dict[str, float] = {
     "prompt_tuning": 3e-2,
     "prefix_tuning": 1e-2,
     "p_tuning": 1e-2,
+    "feature_extraction": 1.0,  # no gradient steps: the logistic-regression head is solved directly
 }
 DEFAULT_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
@@ -37,6 +39,15 @@ DEFAULTS = {
     "warmup_ratio": 0.05,
     "trainable_layers": 2,
     "num_virtual_tokens": 20,
+    "gradient_accumulation_steps": 1,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "lr_scheduler": "linear",
+    "gradient_checkpointing": False,
+    "group_by_length": False,
+    "eval_steps": 0,
+    "early_stopping_patience": 0,
+    "generation_eval_samples": 16,
 }
 APPLIES_TO = {
     **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), LORA_FAMILY),
@@ -62,6 +73,36 @@ class SupervisedHyperparameters(BaseModel):
     warmup_ratio: Annotated[float, Field(ge=0, le=1)] | None = None
     trainable_layers: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = None
     num_virtual_tokens: Annotated[int, Field(strict=True, ge=1, le=512)] | None = None
+    gradient_accumulation_steps: Annotated[int, Field(strict=True, ge=1, le=1024)] | None = None
+    weight_decay: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_grad_norm: Annotated[float, Field(gt=0, le=1000)] | None = None
+    lr_scheduler: Literal["linear", "cosine", "constant"] | None = None
+    gradient_checkpointing: bool | None = None
+    packing: bool | None = None
+    group_by_length: bool | None = None
+    eval_steps: Annotated[int, Field(strict=True, ge=0)] | None = None
+    metric_for_best_checkpoint: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    early_stopping_patience: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = None
+    generation_eval_samples: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = None
+
+    def given(self) -> set[str]:
+        """The fields a client set to a value (stored requests keep every field, unset ones as None)."""
+        return {name for name in self.model_fields_set if getattr(self, name) is not None}
+
+
+class DpoHyperparameters(SupervisedHyperparameters):
+    """OpenAI's DPO hyperparameters (the supervised three and `beta`) with the same extensions."""
+
+    beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+
+
+DEFAULT_BETA = 0.1
+HYPERPARAMETERS: dict[str, type[SupervisedHyperparameters]] = {
+    "supervised": SupervisedHyperparameters,
+    "dpo": DpoHyperparameters,
+    "reward_model": SupervisedHyperparameters,
+}
+"""The request shape of each method type's `hyperparameters`."""
 
 
 def inapplicable_key(requested: SupervisedHyperparameters) -> str | None:
@@ -85,7 +126,9 @@ def auto_batch_size(n_examples: int) -> int:
     return max(1, min(MAX_AUTO_BATCH_SIZE, n_examples // 50))
 
 
-def resolve(requested: SupervisedHyperparameters, n_examples: int) -> ResolvedHyperparameters:
+def resolve(
+    requested: SupervisedHyperparameters, n_examples: int, objective: Objective
+) -> ResolvedHyperparameters:
     base = BASE_LEARNING_RATE[requested.training_type]
     multiplier = 1.0 if requested.learning_rate_multiplier == "auto" else requested.learning_rate_multiplier
     if requested.learning_rate is not None:
@@ -97,8 +140,15 @@ def resolve(requested: SupervisedHyperparameters, n_examples: int) -> ResolvedHy
     extras = {
         k: getattr(requested, k) if getattr(requested, k) is not None else v for k, v in DEFAULTS.items()
     }
+    beta = getattr(requested, "beta", "auto")
     return ResolvedHyperparameters(
         training_type=requested.training_type,
+        # Raw text has no example boundaries worth padding; instruction data is packed on request.
+        packing=requested.packing if requested.packing is not None else objective == "pretrain",
+        metric_for_best_checkpoint=metric_name(
+            requested.metric_for_best_checkpoint or BEST_METRIC[objective]
+        ),
+        beta=DEFAULT_BETA if beta == "auto" else beta,
         n_epochs=auto_epochs(n_examples) if requested.n_epochs == "auto" else requested.n_epochs,
         batch_size=auto_batch_size(n_examples) if requested.batch_size == "auto" else requested.batch_size,
         learning_rate_multiplier=multiplier,

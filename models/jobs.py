@@ -93,15 +93,16 @@ class JobRepository:
         stmt = select(JobCheckpoint).where(JobCheckpoint.job_id == job_id).order_by(JobCheckpoint.seq.desc())
         return self.session.scalar(stmt.limit(1))
 
-    def drop_old_checkpoints(self, job_id: str, *, keep: int) -> Sequence[str]:
-        """Delete all but the newest `keep` checkpoint rows of a job; return their storage keys."""
+    def drop_old_checkpoints(self, job_id: str, *, keep: int, spare: str | None = None) -> Sequence[str]:
+        """Delete all but the newest `keep` checkpoint rows of a job, and the `spare` one (the best);
+        return their storage keys."""
         stmt = (
             select(JobCheckpoint)
             .where(JobCheckpoint.job_id == job_id)
             .order_by(JobCheckpoint.seq.desc())
             .offset(keep)
         )
-        old = list(self.session.scalars(stmt))
+        old = [checkpoint for checkpoint in self.session.scalars(stmt) if checkpoint.id != spare]
         for checkpoint in old:
             self.session.delete(checkpoint)
         return [checkpoint.storage_key for checkpoint in old]

@@ -1,8 +1,10 @@
 """The base-model registry: which names a job may fine-tune, and where each lives on disk."""
 
+import json
 import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,6 +16,24 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
 class InvalidModelName(ValueError):
     pass
+
+
+GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def read_architecture(directory: Path) -> str | None:
+    """The first architecture a Hugging Face directory's config.json names, if it names one."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return str(architectures[0])[:128] if isinstance(architectures, list) and architectures else None
+
+
+def is_generative(model: RegisteredModel) -> bool | None:
+    """Whether the model has a language-model head (None: its architecture is unknown)."""
+    return model.architecture.endswith(GENERATIVE_SUFFIXES) if model.architecture else None
 
 
 class ModelRegistry:
@@ -32,6 +52,7 @@ class ModelRegistry:
             raise InvalidModelName(f"invalid model name {name!r}: use letters, digits, '.', '_', '-', '/'")
         entry = self.get(name) or RegisteredModel(name=name)
         entry.path, entry.source, entry.created_at = path, source, int(time.time())
+        entry.architecture = read_architecture(Path(path))
         self.session.add(entry)
         self.session.flush()
         return entry

@@ -7,9 +7,10 @@ bounded whatever the file holds.
 """
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from models.spec import DataFormat
 
@@ -117,17 +118,8 @@ def validate_file(
     first_line = 0
     n_examples = 0
     labels: set[str | int] = set()
-    # Binary readline splits on b"\n" only (not on U+2028 and friends) and holds one line at a time.
     with path.open("rb") as file:
-        lines = iter(lambda: file.readline(MAX_LINE_BYTES + 1), b"")
-        for line_no, raw in enumerate(lines, start=1):
-            # A read that fills the limit without reaching a newline stopped inside a longer line.
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                message = f"Line {line_no} is longer than {MAX_LINE_BYTES // 2**20} MiB."
-                raise DataError("invalid_file_format", message, param)
-            example = _parse_line(raw, line_no, param)
-            if example is None:
-                continue
+        for line_no, example in _examples(file, param):
             try:
                 line_format = _detect_format(example, line_no)
                 if file_format is None:
@@ -163,6 +155,31 @@ def validate_file(
     return FileSummary(
         format=file_format, n_examples=n_examples, labels=tuple(str(label) for label in sorted(labels))
     )
+
+
+def peek_format(file: BinaryIO) -> DataFormat | None:
+    """The format of a file's first example, or None when it has none that parses (a job on the file
+    reports exactly why when it validates the whole file). Reads one line."""
+    try:
+        for line_no, example in _examples(file, "training_file"):
+            return _detect_format(example, line_no)
+    except (DataError, _InvalidExample):
+        return None
+    return None
+
+
+def _examples(file: BinaryIO, param: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, JSON object) for each non-blank line."""
+    # Binary readline splits on b"\n" only (not on U+2028 and friends) and holds one line at a time.
+    lines = iter(lambda: file.readline(MAX_LINE_BYTES + 1), b"")
+    for line_no, raw in enumerate(lines, start=1):
+        # A read that fills the limit without reaching a newline stopped inside a longer line.
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            message = f"Line {line_no} is longer than {MAX_LINE_BYTES // 2**20} MiB."
+            raise DataError("invalid_file_format", message, param)
+        example = _parse_line(raw, line_no, param)
+        if example is not None:
+            yield line_no, example
 
 
 def _parse_line(raw: bytes, line_no: int, param: str) -> dict[str, Any] | None:

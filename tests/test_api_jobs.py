@@ -2,12 +2,14 @@
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from models.db import session_scope
 from models.files import FileRepository
+from models.registry import ModelRegistry
 from models.states import JobStatus, transition
 from models.storage import LocalArtifactStore
 from tests.conftest import RecordingDispatcher
@@ -17,6 +19,7 @@ JOB_FIELDS = {
     "id", "object", "created_at", "model", "status", "training_file", "validation_file", "fine_tuned_model",
     "finished_at", "trained_tokens", "result_files", "hyperparameters", "method", "organization_id", "seed",
     "error", "estimated_finish", "integrations", "metadata", "user_provided_suffix",
+    "evaluation",  # extension
 }  # fmt: skip
 
 
@@ -267,3 +270,89 @@ def test_envelope_for_unknown_routes_and_health(client: TestClient) -> None:
     health = client.get("/healthz", headers={"x-request-id": "abc"})
     assert health.status_code == 200 and health.headers["x-request-id"] == "abc"
     assert json.loads(health.text) == {"status": "ok"}
+
+
+CHAT = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+TEXT = b'{"text": "raw text for continued pre-training"}\n'
+CLASSIFICATION = b'{"text": "a fine film", "label": "positive"}\n'
+PREFERENCE = (
+    b'{"input": {"messages": [{"role": "user", "content": "hi"}]}, '
+    b'"preferred_output": [{"role": "assistant", "content": "hello"}], '
+    b'"non_preferred_output": [{"role": "assistant", "content": "go away"}]}\n'
+)
+
+
+BEST = "metric_for_best_checkpoint"
+
+
+def method(method_type: str, **hyperparameters: object) -> dict[str, object]:
+    return {"type": method_type, method_type: {"hyperparameters": hyperparameters}}
+
+
+@pytest.mark.parametrize(
+    ("content", "body_method", "param"),
+    [
+        (PREFERENCE, method("supervised"), "method.type"),
+        (CHAT, method("dpo"), "method.type"),
+        (CLASSIFICATION, method("reward_model"), "method.type"),
+        (PREFERENCE, method("reward_model", training_type="prefix_tuning"), "training_type"),
+        (CHAT, method("supervised", training_type="feature_extraction"), "training_type"),
+        (PREFERENCE, method("dpo", training_type="feature_extraction"), "training_type"),
+        (CLASSIFICATION, method("supervised", packing=True), "packing"),
+        (TEXT, method("supervised", generation_eval_samples=4), "generation_eval_samples"),
+        (CLASSIFICATION, method("supervised", **{BEST: "bleu"}), BEST),
+        (CHAT, method("supervised", **{BEST: "macro_f1"}), BEST),
+        (PREFERENCE, method("dpo", beta=3), "beta"),
+        (PREFERENCE, method("dpo", beta=0), "beta"),
+    ],
+)  # fmt: skip
+def test_combinations_that_cannot_train_are_400_at_create_time(
+    client: TestClient, registered_model: str, content: bytes, body_method: dict, param: str
+) -> None:
+    training_file = upload(client, content * 10).json()["id"]
+    response = create(client, registered_model, training_file, method=body_method)
+    where = (
+        "method.type" if param == "method.type" else f"method.{body_method['type']}.hyperparameters.{param}"
+    )
+    assert_error(response, 400, where)
+
+
+@pytest.mark.parametrize(
+    ("content", "body_method"),
+    [
+        (PREFERENCE, method("dpo", beta=0.5, training_type="lora")),
+        (PREFERENCE, method("reward_model")),
+        (CLASSIFICATION, method("supervised", training_type="feature_extraction")),
+        (CLASSIFICATION, method("supervised", metric_for_best_checkpoint="accuracy")),
+        (TEXT, method("supervised", packing=False, eval_steps=5, early_stopping_patience=2)),
+        (b"not json\n", method("dpo")),  # the job's own validation says what is wrong with the file
+    ],
+)
+def test_fitting_combinations_are_accepted_and_echoed(
+    client: TestClient, registered_model: str, content: bytes, body_method: dict
+) -> None:
+    training_file = upload(client, content * 10).json()["id"]
+    response = create(client, registered_model, training_file, method=body_method)
+    assert response.status_code == 200, response.text
+    method_type = body_method["type"]
+    echoed = response.json()["method"]
+    assert echoed["type"] == method_type
+    given = body_method[method_type]["hyperparameters"]
+    assert given.items() <= echoed[method_type]["hyperparameters"].items()
+
+
+def test_encoder_models_cannot_train_generative_objectives(
+    client: TestClient,
+    session_factory,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    with session_scope(session_factory) as session:
+        ModelRegistry(session).register("tiny-bert", str(encoder), "local")
+    for content, body_method in [(CHAT, method("supervised")), (TEXT, method("supervised"))]:
+        training_file = upload(client, content * 10).json()["id"]
+        assert_error(create(client, "tiny-bert", training_file, method=body_method), 400, "model")
+    classification = upload(client, CLASSIFICATION * 10).json()["id"]
+    assert create(client, "tiny-bert", classification).status_code == 200

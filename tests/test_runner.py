@@ -65,10 +65,6 @@ BAD_FILES = [
         b'{"review": "great"}\n' * 10, None, "invalid_example", "training_file", "Line 1", id="unknown",
     ),
     pytest.param(
-        b'{"text": "raw text for continued pre-training"}\n' * 10,
-        None, "invalid_file_format", "training_file", "text format", id="format-not-for-sft",
-    ),
-    pytest.param(
         chat_lines(10), b'{"messages": [{"role": "user", "content": "hi"}]}\n',
         "invalid_example", "validation_file", "line 1", id="valid-no-assistant",
     ),
@@ -120,8 +116,11 @@ def test_a_job_runs_to_success(
     started = messages.index("Fine-tuning job started")
     assert messages[started - 1] == "Files validated, moving job to queued state"
     metrics = [e for e in reversed(events) if e["type"] == "metrics"]
-    assert [e["data"]["step"] for e in metrics] == [1, 2, 3, 4, 5, 6]
-    assert metrics[0]["message"].startswith("Step 1/6: training loss=")
+    assert [e["data"]["step"] for e in metrics] == [0, 1, 2, 3, 4, 5, 6]
+    assert metrics[0]["message"].startswith(
+        f"Baseline evaluation of {registered_model} before training: loss="
+    )
+    assert metrics[1]["message"].startswith("Step 1/6: training loss=")
     assert messages[-2:] == [
         f"New fine-tuned model created: {job['fine_tuned_model']}",
         "The job has successfully completed",
@@ -135,10 +134,30 @@ def test_a_job_runs_to_success(
     assert checkpoints[0]["fine_tuned_model_checkpoint"] == f"{job['fine_tuned_model']}:ckpt-step-6"
     assert checkpoints[0]["metrics"]["full_valid_loss"] > 0
 
+    # Baseline vs tuned on the validation file, and the best checkpoint by the default metric.
+    evaluation = job["evaluation"]
+    assert evaluation["metric"] == "full_valid_loss"
+    baseline, tuned = evaluation["baseline"], evaluation["tuned"]
+    assert (baseline["step"], tuned["step"]) == (0, 6)
+    assert tuned["metrics"] == {
+        k: v for k, v in checkpoints[0]["metrics"].items() if k.startswith("full_valid")
+    }
+    assert evaluation["gain"] == {k: tuned["metrics"][k] - baseline["metrics"][k] for k in tuned["metrics"]}
+    assert len(tuned["details"]["generations"]) == 4
+    best = min(checkpoints, key=lambda c: c["metrics"]["full_valid_loss"])
+    assert evaluation["best_checkpoint"] == {
+        "id": best["id"],
+        "step": best["step_number"],
+        "metric": "full_valid_loss",
+        "value": best["metrics"]["full_valid_loss"],
+        "fine_tuned_model_checkpoint": best["fine_tuned_model_checkpoint"],
+    }
+
     results = client.get(f"/v1/files/{job['result_files'][0]}").json()
     assert results["purpose"] == "fine-tune-results" and results["filename"] == "step_metrics.csv"
     csv = client.get(f"/v1/files/{results['id']}/content").text.splitlines()
-    assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(csv) == 7
+    assert csv[0].startswith("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy,full_valid")
+    assert [row.split(",")[0] for row in csv[1:]] == ["0", "1", "2", "3", "4", "5", "6"]
     adapter = settings.artifacts_root / "jobs" / job_id / "attempt-1" / "adapter"
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
     assert (settings.artifacts_root / "jobs" / job_id / "attempt-1" / "train.log").exists()

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,21 +24,23 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import ids
 from models.db import session_scope
 from models.files import FileRepository
-from models.hyperparameters import SupervisedHyperparameters, resolve
+from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
 from models.jobs import JobRepository
+from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint
-from models.registry import ModelRegistry
+from models.registry import ModelRegistry, is_generative
 from models.settings import Settings
 from models.spec import (
-    SFT_FORMATS,
     CheckpointMessage,
     ChildMessage,
     CompletedMessage,
-    DataFormat,
+    EvaluationMessage,
     LogMessage,
     MetricsMessage,
+    Objective,
     StoppedMessage,
     TrainingSpec,
+    greater_is_better,
 )
 from models.states import JobStatus, transition
 from models.storage import ArtifactStore
@@ -77,22 +80,29 @@ class JobRunner:
     def run(self, job_id: str) -> None:
         """Take `job_id` as far as it goes; returns quietly when another runner owns it."""
         try:
-            summary = self._validate(job_id)
-            attempt = self._claim(job_id, summary.n_examples) if summary else None
+            data = self._validate(job_id)
+            attempt = self._claim(job_id, data) if data else None
         except JobFailed as failure:
             fail_job(
                 self.session_factory, job_id, failure, from_=(JobStatus.VALIDATING_FILES, JobStatus.QUEUED)
             )
             return
-        if summary and attempt:
-            Attempt(self, job_id, attempt, summary.format).run()
+        if data and attempt:
+            Attempt(self, job_id, attempt, data).run()
 
-    def _validate(self, job_id: str) -> FileSummary | None:
-        """Check the files (read-only, so duplicate runners may both do it); None if not pending."""
+    def _validate(self, job_id: str) -> "JobData | None":
+        """Check the files (read-only, so duplicate runners may both do it) and what the job trains on
+        them; None if the job is not pending."""
         with session_scope(self.session_factory) as session:
             job = JobRepository(session).get(job_id)
             if job is None or job.status not in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED):
                 return None
+            method_type = job.method["type"]
+            requested = HYPERPARAMETERS[method_type].model_validate(
+                job.method[method_type]["hyperparameters"]
+            )
+            model = ModelRegistry(session).get(job.model)
+            generative = is_generative(model) if model else None
             files = [("training_file", job.training_file, MIN_TRAINING_EXAMPLES)]
             if job.validation_file:
                 files.append(("validation_file", job.validation_file, 1))
@@ -105,29 +115,37 @@ class JobRunner:
         summaries = []
         for param, path, minimum in paths:
             try:
-                summaries.append(validate_file(path, param=param, min_examples=minimum))
+                summaries.append(
+                    validate_file(path, param=param, min_examples=minimum, require_two_labels=not summaries)
+                )
             except DataError as error:
                 raise JobFailed(error.code, error.message, error.param) from error
-        if summaries[0].format not in SFT_FORMATS:
-            raise JobFailed(
-                "invalid_file_format",
-                f"The training file is in {summaries[0].format} format, which supervised jobs do not "
-                "train on yet; use chat or prompt/completion examples.",
-                "training_file",
+        train = summaries[0]
+        if len(summaries) == 2:
+            _check_validation_file(train, summaries[1])
+        objective = objective_for(method_type, train.format)
+        mismatch = (
+            objective
+            if isinstance(objective, Mismatch)
+            else check(
+                objective,
+                training_type=requested.training_type,
+                generative_base=generative,
+                given=requested.given(),
+                metric=requested.metric_for_best_checkpoint,
+                where=f"method.{method_type}.hyperparameters",
             )
-        if len(summaries) == 2 and summaries[0].format != summaries[1].format:
-            raise JobFailed(
-                "invalid_file_format",
-                f"The validation file is in {summaries[1].format} format but the training file is in "
-                f"{summaries[0].format} format.",
-                "validation_file",
-            )
+        )
+        if mismatch:
+            # The API refuses these at create time; a file replaced since then can still get here.
+            raise JobFailed("invalid_file_format", mismatch.message, mismatch.param)
+        assert not isinstance(objective, Mismatch)
         with session_scope(self.session_factory) as session:
             if transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED):
                 JobRepository(session).add_event(job_id, "Files validated, moving job to queued state")
-        return summaries[0]
+        return JobData(train, objective, requested)
 
-    def _claim(self, job_id: str, n_examples: int) -> int | None:
+    def _claim(self, job_id: str, data: "JobData") -> int | None:
         """queued → running as attempt N+1, with the hyperparameters resolved; None if not ours."""
         with session_scope(self.session_factory) as session:
             job = JobRepository(session).get(job_id)
@@ -135,7 +153,6 @@ class JobRunner:
                 return None
             if ModelRegistry(session).get(job.model) is None:
                 raise JobFailed("model_not_found", f"Model {job.model!r} is no longer registered.", "model")
-            requested = SupervisedHyperparameters.model_validate(job.method["supervised"]["hyperparameters"])
             now = time.time()
             attempt = job.attempt + 1
             claimed = transition(
@@ -146,7 +163,9 @@ class JobRunner:
                 attempt=job.attempt,
                 values={
                     "attempt": attempt,
-                    "hyperparameters": resolve(requested, n_examples).model_dump(),
+                    "hyperparameters": resolve(
+                        data.requested, data.summary.n_examples, data.objective
+                    ).model_dump(),
                     "started_at": int(now),
                     "lease_owner": f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}",
                     "heartbeat_at": now,
@@ -157,6 +176,33 @@ class JobRunner:
                 return None
             JobRepository(session).add_event(job_id, "Fine-tuning job started", data=None)
             return attempt
+
+
+@dataclass(frozen=True)
+class JobData:
+    """What validation learnt about a job: its training file, the objective it implies, the request."""
+
+    summary: FileSummary
+    objective: Objective
+    requested: SupervisedHyperparameters
+
+
+def _check_validation_file(train: FileSummary, valid: FileSummary) -> None:
+    """The validation file must be scorable by the model the training file makes."""
+    if valid.format != train.format:
+        raise JobFailed(
+            "invalid_file_format",
+            f"The validation file is in {valid.format} format but the training file is in "
+            f"{train.format} format.",
+            "validation_file",
+        )
+    if unseen := sorted(set(valid.labels) - set(train.labels)):
+        raise JobFailed(
+            "invalid_example",
+            f"The validation file has labels the training file does not have: {', '.join(unseen[:10])}; "
+            "a classifier can only predict labels it was trained on.",
+            "validation_file",
+        )
 
 
 def fail_job(
@@ -183,8 +229,8 @@ def fail_job(
 class Attempt:
     """One run of the training child for a claimed job, and everything it reports."""
 
-    def __init__(self, runner: JobRunner, job_id: str, attempt: int, data_format: DataFormat) -> None:
-        self.runner, self.job_id, self.attempt, self.data_format = runner, job_id, attempt, data_format
+    def __init__(self, runner: JobRunner, job_id: str, attempt: int, data: JobData) -> None:
+        self.runner, self.job_id, self.attempt, self.data = runner, job_id, attempt, data
         self.settings, self.store = runner.settings, runner.store
         self.workdir = self.settings.work_root / job_id / f"attempt-{attempt}"
         self.prefix = f"jobs/{job_id}/attempt-{attempt}"
@@ -251,7 +297,9 @@ class Attempt:
                 base_model_path=model.path,
                 training_file=str(self.store.local_path(training.storage_key)),
                 validation_file=str(self.store.local_path(validation.storage_key)) if validation else None,
-                data_format=self.data_format,
+                data_format=self.data.summary.format,
+                objective=self.data.objective,
+                labels=list(self.data.summary.labels),
                 output_dir=str(self.workdir / "output"),
                 stop_file=str(self.workdir / "STOP"),
                 seed=job.seed,
@@ -344,6 +392,8 @@ class Attempt:
                     repo.add_event(
                         self.job_id, _metrics_text(message), type="metrics", data=_metrics_data(message)
                     )
+            elif isinstance(message, EvaluationMessage):
+                self._save_evaluation(session, message)
             elif isinstance(message, CheckpointMessage):
                 expired = self._save_checkpoint(session, message)
             elif isinstance(message, LogMessage):
@@ -365,14 +415,37 @@ class Attempt:
             or any(key.startswith("full_valid") for key in message.metrics)
         )
 
+    def _save_evaluation(self, session: Session, message: EvaluationMessage) -> None:
+        """Keep the baseline and the latest evaluation on the job, and the gain between them."""
+        repo = JobRepository(session)
+        job = repo.get(self.job_id)
+        assert job is not None and job.hyperparameters is not None
+        evaluation = dict(job.evaluation or {})
+        evaluation["metric"] = job.hyperparameters["metric_for_best_checkpoint"]
+        result = {"step": message.step, "metrics": message.metrics, "details": message.details}
+        evaluation["baseline" if message.baseline else "tuned"] = result
+        if "baseline" in evaluation and "tuned" in evaluation:
+            baseline, tuned = evaluation["baseline"]["metrics"], evaluation["tuned"]["metrics"]
+            evaluation["gain"] = {name: tuned[name] - baseline[name] for name in tuned if name in baseline}
+        job.evaluation = evaluation  # a new dict: the JSON column only notices assignment
+        if message.baseline:
+            repo.add_event(
+                self.job_id,
+                f"Baseline evaluation of {job.model} before training: {_metrics_summary(message.metrics)}",
+                type="metrics",
+                data={"step": 0, **message.metrics},
+            )
+
     def _save_checkpoint(self, session: Session, message: CheckpointMessage) -> Sequence[str]:
-        """Store and list a checkpoint; return the storage keys of those now beyond retention."""
+        """Store and list a checkpoint, and name it the best if its metric beats the best so far; return
+        the storage keys of those now beyond retention (never the best)."""
         key = f"{self.prefix}/checkpoints/step-{message.step}"
         self.store.put_dir(key, Path(message.path))
-        job = JobRepository(session).get(self.job_id)
-        assert job is not None
+        repo = JobRepository(session)
+        job = repo.get(self.job_id)
+        assert job is not None and job.hyperparameters is not None
         name = f"{fine_tuned_model_name(job, self.settings.organization_name)}:ckpt-step-{message.step}"
-        JobRepository(session).add_checkpoint(
+        checkpoint = repo.add_checkpoint(
             JobCheckpoint(
                 id=ids.checkpoint_id(),
                 job_id=self.job_id,
@@ -383,8 +456,15 @@ class Attempt:
                 storage_key=key,
             )
         )
-        return JobRepository(session).drop_old_checkpoints(
-            self.job_id, keep=self.settings.checkpoint_retention
+        evaluation = dict(job.evaluation or {})
+        metric = job.hyperparameters["metric_for_best_checkpoint"]
+        best, value = evaluation.get("best_checkpoint"), message.metrics.get(metric)
+        if value is not None and (best is None or _improves(metric, value, best["value"])):
+            best = {"id": checkpoint.id, "step": message.step, "metric": metric, "value": value}
+            best["fine_tuned_model_checkpoint"] = name
+            job.evaluation = {**evaluation, "best_checkpoint": best}
+        return repo.drop_old_checkpoints(
+            self.job_id, keep=self.settings.checkpoint_retention, spare=best["id"] if best else None
         )
 
     def _publish(self, done: CompletedMessage) -> None:
@@ -432,6 +512,14 @@ class Attempt:
         self.store.delete(results_key)
         if not ours:
             self.store.delete(adapter_key)
+
+
+def _improves(metric: str, value: float, best: float) -> bool:
+    return value > best if greater_is_better(metric) else value < best
+
+
+def _metrics_summary(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name.removeprefix('full_valid_')}={value:.4f}" for name, value in metrics.items())
 
 
 def _metrics_text(message: MetricsMessage) -> str:

@@ -3,7 +3,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 
-from api.deps import DispatcherDep, OrgDep, SessionDep
+from api.deps import DispatcherDep, OrgDep, SessionDep, StoreDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
 from api.jobs import service as job_service
@@ -29,12 +29,17 @@ def _metadata_filter(request: Request) -> tuple[dict[str, str] | None, bool]:
 
 @router.post("", response_model=FineTuningJob)
 def create_job(
-    body: JobCreate, session: SessionDep, dispatcher: DispatcherDep, org: OrgDep, idempotency: IdempotencyDep
+    body: JobCreate,
+    session: SessionDep,
+    store: StoreDep,
+    dispatcher: DispatcherDep,
+    org: OrgDep,
+    idempotency: IdempotencyDep,
 ) -> Any:
     """Create a fine-tuning job; its files are validated by the job itself."""
     return idempotency.run(
         lambda: body.model_dump_json().encode(),
-        lambda: FineTuningJob.of(job_service.create(session, dispatcher, org, body)),
+        lambda: FineTuningJob.of(job_service.create(session, store, dispatcher, org, body)),
     )
 
 

@@ -4,7 +4,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models.hyperparameters import SupervisedHyperparameters
+from models.hyperparameters import DpoHyperparameters, SupervisedHyperparameters
 from models.orm import Job
 
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
@@ -15,12 +15,20 @@ class SupervisedMethod(BaseModel):
     hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
 
 
-class Method(BaseModel):
+class DpoMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo", "reinforcement"]
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class Method(BaseModel):
+    """OpenAI's `method`; `reward_model` (reward modelling on preference pairs) is our extension."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement", "reward_model"]
     supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
     reinforcement: dict[str, Any] | None = None
+    reward_model: SupervisedMethod | None = None
 
 
 class WandbIntegration(BaseModel):
@@ -99,12 +107,17 @@ class FineTuningJob(BaseModel):
     integrations: list[dict[str, Any]] | None
     metadata: dict[str, str] | None
     user_provided_suffix: str | None
+    # Extension.
+    evaluation: dict[str, Any] | None
+    """Baseline vs tuned metrics and the best checkpoint, once the job has a validation file and has
+    started (docs/evaluation.md)."""
 
     @classmethod
     def of(cls, job: Job) -> "FineTuningJob":
         # Until the job starts, the requested values (possibly "auto") are shown; then the resolved ones.
-        hyperparameters = job.hyperparameters or job.method.get("supervised", {}).get("hyperparameters", {})
-        method = {"type": job.method["type"], job.method["type"]: {"hyperparameters": hyperparameters}}
+        method_type = job.method["type"]
+        hyperparameters = job.hyperparameters or job.method[method_type]["hyperparameters"]
+        method = {"type": method_type, method_type: {"hyperparameters": hyperparameters}}
         return cls(
             id=job.id,
             created_at=job.created_at,
@@ -128,6 +141,7 @@ class FineTuningJob(BaseModel):
             integrations=job.integrations,
             metadata=job.metadata_,
             user_provided_suffix=job.suffix,
+            evaluation=job.evaluation,
         )
 
 

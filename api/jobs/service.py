@@ -7,16 +7,19 @@ from sqlalchemy.orm import Session
 
 from api.deps import on_commit
 from api.errors import APIError, not_found
-from api.jobs.schemas import JobCreate, SupervisedMethod
+from api.jobs.schemas import JobCreate
 from api.pagination import cursor
 from models import ids
 from models.files import FileRepository
-from models.hyperparameters import APPLIES_TO, inapplicable_key
+from models.hyperparameters import APPLIES_TO, HYPERPARAMETERS, SupervisedHyperparameters, inapplicable_key
 from models.jobs import JobRepository
+from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint, JobEvent
 from models.queue import Dispatcher
-from models.registry import ModelRegistry
+from models.registry import ModelRegistry, is_generative
 from models.states import ACTIVE, JobStatus, transition
+from models.storage import ArtifactStore
+from models.validation import peek_format
 
 
 def _check_file(session: Session, organization_id: str, file_id: str, param: str) -> None:
@@ -31,8 +34,9 @@ def _check_file(session: Session, organization_id: str, file_id: str, param: str
         )
 
 
-def _method(body: JobCreate) -> dict[str, object]:
-    """The method as stored: `method` wins; the legacy top-level hyperparameters mean supervised."""
+def _method(body: JobCreate) -> tuple[str, SupervisedHyperparameters, str]:
+    """The method type, its hyperparameters and where they were given: `method` wins; the legacy
+    top-level hyperparameters mean supervised."""
     if body.method is not None and body.hyperparameters is not None:
         raise APIError(
             "Give hyperparameters in method.supervised.hyperparameters or in the deprecated top-level "
@@ -40,12 +44,21 @@ def _method(body: JobCreate) -> dict[str, object]:
             param="hyperparameters",
         )
     if body.method is None:
-        supervised, where = SupervisedMethod(hyperparameters=body.hyperparameters or {}), "hyperparameters"
-    elif body.method.type != "supervised":
-        raise APIError(f"Method {body.method.type!r} is not supported yet.", param="method.type")
-    else:
-        supervised, where = body.method.supervised or SupervisedMethod(), "method.supervised.hyperparameters"
-    hyperparameters = supervised.hyperparameters
+        return "supervised", body.hyperparameters or SupervisedHyperparameters(), "hyperparameters"
+    method_type = body.method.type
+    if method_type == "reinforcement":
+        raise APIError("Method 'reinforcement' is not supported yet.", param="method.type")
+    given = getattr(body.method, method_type)
+    hyperparameters = given.hyperparameters if given else HYPERPARAMETERS[method_type]()
+    return method_type, hyperparameters, f"method.{method_type}.hyperparameters"
+
+
+def _check_method(
+    session: Session, store: ArtifactStore, organization_id: str, body: JobCreate
+) -> dict[str, object]:
+    """The method as stored, once it fits its training type, base model and training file (a 400 for
+    what cannot train; a file that does not parse is left to the job's own validation)."""
+    method_type, hyperparameters, where = _method(body)
     if key := inapplicable_key(hyperparameters):
         applies_to = ", ".join(sorted(APPLIES_TO[key]))
         training_type = hyperparameters.training_type
@@ -53,10 +66,33 @@ def _method(body: JobCreate) -> dict[str, object]:
             f"`{key}` does not apply to training_type {training_type!r} (only to {applies_to}).",
             param=f"{where}.{key}",
         )
-    return {"type": "supervised", "supervised": supervised.model_dump()}
+    file = FileRepository(session).get(organization_id, body.training_file)
+    model = ModelRegistry(session).get(body.model)
+    assert file is not None and model is not None  # checked by the caller
+    with store.open(file.storage_key) as stream:
+        data_format = peek_format(stream)
+    if data_format is not None:
+        objective = objective_for(method_type, data_format)
+        mismatch = (
+            objective
+            if isinstance(objective, Mismatch)
+            else check(
+                objective,
+                training_type=hyperparameters.training_type,
+                generative_base=is_generative(model),
+                given=hyperparameters.given(),
+                metric=hyperparameters.metric_for_best_checkpoint,
+                where=where,
+            )
+        )
+        if mismatch:
+            raise APIError(mismatch.message, param=mismatch.param)
+    return {"type": method_type, method_type: {"hyperparameters": hyperparameters.model_dump()}}
 
 
-def create(session: Session, dispatcher: Dispatcher, organization_id: str, body: JobCreate) -> Job:
+def create(
+    session: Session, store: ArtifactStore, dispatcher: Dispatcher, organization_id: str, body: JobCreate
+) -> Job:
     if ModelRegistry(session).get(body.model) is None:
         raise APIError(
             f"Model {body.model!r} is not available; "
@@ -78,7 +114,7 @@ def create(session: Session, dispatcher: Dispatcher, organization_id: str, body:
             training_file=body.training_file,
             validation_file=body.validation_file,
             status=JobStatus.VALIDATING_FILES.value,
-            method=_method(body),
+            method=_check_method(session, store, organization_id, body),
             suffix=body.suffix,
             seed=body.seed if body.seed is not None else random.randint(0, 2147483647),
             metadata_=body.metadata,
