@@ -214,6 +214,6 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
             position_ids[row, length:] = torch.arange(width - length)
     if examples[0].position_ids is not None:
         # transformers builds a block-diagonal causal mask from restarting positions, but only when no
-        # attention mask is given.
+        # attention mask is given and no cache is used (the objectives call the model with use_cache=False).
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
