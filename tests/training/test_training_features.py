@@ -16,6 +16,7 @@ from tests.training.test_sft_resume import Recorder, run_here
 from tests.training.test_sft_run import make_spec, write_jsonl
 from worker.training.batching import epoch_batches, pack
 from worker.training.data import IGNORE_INDEX, collate, load_dataset, pack_examples
+from worker.training.device import DeviceConfig, select_device
 from worker.training.loading import load_tokenizer
 from worker.training.recipe import Recipe
 
@@ -142,3 +143,16 @@ def test_early_stopping_ends_training_after_patience_evaluations(
     # What it trained is published: the results file has the header, the baseline and each step trained.
     rows = (Path(spec.output_dir) / "step_metrics.csv").read_text().splitlines()
     assert len(rows) == len(evaluations) + 2
+
+
+def test_mixed_precision_runs_matmuls_in_the_compute_dtype_only_when_set() -> None:
+    cpu = select_device()
+    assert (cpu.dtype, cpu.compute_dtype, cpu.needs_grad_scaling) == (torch.float32, None, False)
+    x = torch.ones(2, 2)
+    with cpu.autocast():
+        assert (x @ x).dtype == torch.float32
+    # What a CUDA device gives a method that trains base weights, tried on the CPU's autocast.
+    mixed = DeviceConfig(torch.device("cpu"), torch.float32, torch.bfloat16)
+    with mixed.autocast():
+        assert (x @ x).dtype == torch.bfloat16
+    assert DeviceConfig(torch.device("cpu"), torch.float32, torch.float16).needs_grad_scaling

@@ -1,5 +1,6 @@
 """Where training runs and in which dtype: the one place that looks at the hardware."""
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -10,18 +11,32 @@ from transformers import BitsAndBytesConfig
 class DeviceConfig:
     device: torch.device
     dtype: torch.dtype
+    """What the base weights load in."""
+    compute_dtype: torch.dtype | None = None
+    """Mixed precision: the dtype matmuls run in under autocast (None: the weights' own)."""
 
     @property
     def needs_grad_scaling(self) -> bool:
         # fp16 gradients underflow without loss scaling; bf16 and fp32 have the range to go without.
-        return self.dtype == torch.float16
+        return torch.float16 in (self.dtype, self.compute_dtype)
+
+    def autocast(self) -> AbstractContextManager[object]:
+        if self.compute_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
 
-def select_device() -> DeviceConfig:
-    """CUDA in bf16 where the GPU does it natively (fp16 on older GPUs), else CPU in float32."""
+def select_device(trains_base_weights: bool = False) -> DeviceConfig:
+    """CUDA in bf16 where the GPU does it natively (fp16 on older GPUs), else CPU in float32.
+
+    On CUDA a frozen base loads in the half dtype (adapters train in float32 beside it, as PEFT keeps
+    them); a base whose own weights train (`trains_base_weights`) keeps float32 master weights and runs
+    under autocast, since AdamW updates are lost in bf16 weights."""
     if torch.cuda.is_available():
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        return DeviceConfig(torch.device("cuda"), torch.bfloat16 if native_bf16 else torch.float16)
+        half = torch.bfloat16 if native_bf16 else torch.float16
+        cuda = torch.device("cuda")
+        return DeviceConfig(cuda, torch.float32, half) if trains_base_weights else DeviceConfig(cuda, half)
     return DeviceConfig(torch.device("cpu"), torch.float32)
 
 
@@ -31,5 +46,5 @@ def bnb_4bit_config(device: DeviceConfig) -> BitsAndBytesConfig:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=device.dtype,
+        bnb_4bit_compute_dtype=device.compute_dtype or device.dtype,
     )

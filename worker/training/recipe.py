@@ -40,6 +40,8 @@ from worker.training.loading import count_parameters, load_tokenizer
 from worker.training.methods import get_method, untouched
 from worker.training.objectives import Example, get_objective
 
+BASE_TRAINING_TYPES = frozenset({"full", "freeze", "bitfit"})
+"""Methods that update the base model's own weights (so they need float32 master weights)."""
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 CSV_HEADER = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 """OpenAI's results-file columns; the objective's other metrics follow in columns of their own names."""
@@ -57,7 +59,7 @@ class Recipe:
     def setup(self) -> None:
         set_seed(self.spec.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.device = select_device()
+        self.device = select_device(trains_base_weights=self.hp.training_type in BASE_TRAINING_TYPES)
         self.tokenizer = load_tokenizer(self.spec.base_model_path)
         self.objective = get_objective(self.spec.objective)(
             self.spec, self.tokenizer, self.device, self.events
@@ -228,7 +230,8 @@ class Recipe:
         units = sum(example.units for batch in batches for example in batch)
         loss_total, correct = 0.0, 0
         for batch in batches:
-            stats = self.objective.batch_stats(self.model, batch)
+            with self.device.autocast():
+                stats = self.objective.batch_stats(self.model, batch)
             loss = stats.loss_sum / units
             self.scaler.scale(loss).backward()
             loss_total += loss.item()
@@ -251,7 +254,7 @@ class Recipe:
         batch = [examples[(cursor + k) % len(examples)] for k in range(size)]
         self.progress.valid_cursor = (cursor + size) % len(examples)
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.device.autocast():
             stats = self.objective.batch_stats(self.model, batch)
         self.model.train()
         units = sum(example.units for example in batch)
@@ -264,7 +267,7 @@ class Recipe:
         """The objective's full evaluation of `model` (the model being trained unless given), without
         dropout or grad."""
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.device.autocast():
             metrics, details = self.objective.evaluate(model or self.model, self.valid_examples)
         self.model.train()
         return {f"full_valid_{name}": value for name, value in metrics.items()}, details
