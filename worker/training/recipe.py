@@ -161,7 +161,8 @@ class Recipe:
             ]
             # A resumed epoch goes on after the batches its checkpoint had already trained.
             done = first_batch if epoch == first_epoch else 0
-            for index in range(done // hp.gradient_accumulation_steps, len(steps)):
+            # `done` ends on a step: a multiple of the accumulation, or the epoch's last (shorter) step.
+            for index in range(math.ceil(done / hp.gradient_accumulation_steps), len(steps)):
                 if (request := self._stop_request()) is not None:
                     if request == "pause":
                         self._checkpoint()
