@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from models.spec import CompletedMessage, EvaluationMessage, LogMessage, MetricsMessage, TrainingSpec
+from models.spec import (
+    CheckpointMessage,
+    CompletedMessage,
+    EvaluationMessage,
+    LogMessage,
+    MetricsMessage,
+    TrainingSpec,
+)
 from tests.training.test_sft_resume import Recorder, run_here
 from tests.training.test_sft_run import make_spec, write_jsonl
 from worker.training.batching import epoch_batches, pack
@@ -156,3 +163,18 @@ def test_mixed_precision_runs_matmuls_in_the_compute_dtype_only_when_set() -> No
     with mixed.autocast():
         assert (x @ x).dtype == torch.bfloat16
     assert DeviceConfig(torch.device("cpu"), torch.float32, torch.float16).needs_grad_scaling
+
+
+def test_resuming_after_an_epoch_with_a_short_last_step_repeats_nothing(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # 10 examples in batches of 2, two per step: steps of 2, 2 and 1 batches, checkpointed at step 3.
+    fields = {"n_train": 10, "batch_size": 2, "gradient_accumulation_steps": 2, "n_epochs": 2}
+    whole = run_here(spec_with(tmp_path, "whole", tiny_model_dir, **fields))
+    checkpoint = Path(whole.of_type(CheckpointMessage)[0].path)
+    assert checkpoint.name == "step-3"
+    resumed_spec = spec_with(tmp_path, "resumed", tiny_model_dir, **fields)
+    resumed = run_here(resumed_spec.model_copy(update={"resume_from": str(checkpoint)}))
+    assert [m.step for m in resumed.of_type(MetricsMessage)] == [4, 5, 6]
+    for name, weight in adapter_weights(whole).items():
+        torch.testing.assert_close(adapter_weights(resumed)[name], weight, rtol=1e-5, atol=1e-6, msg=name)
