@@ -64,7 +64,14 @@ def check_outputs(client: openai.OpenAI, job: FineTuningJob, model: str) -> None
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-6"
     assert checkpoints[0].metrics.full_valid_loss is not None
     csv = client.files.content(job.result_files[0]).text.splitlines()
-    assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(csv) == 7
+    assert csv[0].startswith("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy,")
+    assert len(csv) == 8  # the header, the baseline (step 0) and 6 steps
+    # The evaluation extension rides on the job object as an extra field.
+    evaluation = job.model_extra["evaluation"]  # type: ignore[index]
+    assert evaluation["best_checkpoint"]["fine_tuned_model_checkpoint"] in {
+        c.fine_tuned_model_checkpoint for c in checkpoints
+    }
+    assert evaluation["baseline"]["step"] == 0 and evaluation["tuned"]["step"] == 6
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"test": "e2e"})] == [job.id]
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
