@@ -188,12 +188,15 @@ def jobs_create(
     validation_file: str | None = None,
     suffix: str | None = None,
     seed: int | None = None,
+    method: Annotated[
+        str, typer.Option(help="supervised, dpo or reward_model; the file's format picks the objective.")
+    ] = "supervised",
     hyperparameter: Annotated[
         list[str] | None, typer.Option("--hyperparameter", "-p", help="KEY=VALUE (JSON value), repeatable.")
     ] = None,
     base_url: BaseUrl = DEFAULT_BASE_URL,
 ) -> None:
-    """Create a supervised fine-tuning job."""
+    """Create a fine-tuning job (docs/api.md lists the hyperparameters, e.g. -p training_type=qlora)."""
     hyperparameters = {}
     for item in hyperparameter or []:
         key, _, raw = item.partition("=")
@@ -207,7 +210,7 @@ def jobs_create(
         validation_file=validation_file,
         suffix=suffix,
         seed=seed,
-        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},  # type: ignore[typeddict-item]
+        method={"type": method, method: {"hyperparameters": hyperparameters}},  # type: ignore[misc]
     )
     _print(job)
 

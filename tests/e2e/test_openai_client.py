@@ -133,12 +133,17 @@ def test_embedded_server_with_openai_client(embedded, tmp_path: Path, tiny_model
             "tiny-llama",
             "--training-file",
             uploaded["id"],
+            "--method",
+            "supervised",
             "-p",
             "n_epochs=1",
+            "-p",
+            "training_type=dora",
             env=env,
         ).stdout
     )
     assert created["method"]["supervised"]["hyperparameters"]["n_epochs"] == 1
+    assert created["method"]["supervised"]["hyperparameters"]["training_type"] == "dora"
     assert json.loads(cli("jobs", "pause", created["id"], env=env).stdout)["status"] == "paused"
     assert json.loads(cli("jobs", "resume", created["id"], env=env).stdout)["status"] == "queued"
     assert json.loads(cli("jobs", "cancel", created["id"], env=env).stdout)["status"] == "cancelled"
