@@ -82,7 +82,7 @@ class Recipe:
             StartedMessage(
                 total_steps=self.total_steps,
                 n_train_examples=len(self.train_examples),
-                truncated_examples=getattr(self.objective, "truncated", 0),
+                truncated_examples=self.objective.truncated,
             )
         )
 

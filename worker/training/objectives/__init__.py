@@ -48,6 +48,8 @@ class BatchStats:
 class Objective(ABC):
     accuracy: str = "mean_token_accuracy"
     """What `correct / units` is called in step metrics: train_{accuracy}, valid_{accuracy}."""
+    truncated: int = 0
+    """Training examples cut at max_seq_length, counted by `load_examples` (and warned about)."""
 
     def __init__(
         self,

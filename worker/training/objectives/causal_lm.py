@@ -45,8 +45,6 @@ def token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 @register("sft", "pretrain")
 class CausalLM(Objective):
-    truncated = 0
-
     def load_model(self, **options: Any) -> PreTrainedModel:
         return load_model(self.spec.base_model_path, self.device, **options)
 

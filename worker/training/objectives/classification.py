@@ -111,7 +111,6 @@ def log_truncated(objective: Objective, count: int, split: str) -> None:
 @register("classification")
 class Classification(Objective):
     accuracy = "accuracy"
-    truncated = 0
     pad_left = False
     """Decoders read their last position, so their rows are padded on the left to end in a real token (also
     when a prompt method feeds embeddings, where the pad id cannot be found); encoders read the first, so

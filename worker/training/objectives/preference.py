@@ -103,7 +103,6 @@ class PairObjective(Objective):
     """Loading, batching and evaluation shared by DPO and reward modelling; each gives the rewards."""
 
     accuracy = "reward_accuracy"
-    truncated = 0
 
     @abstractmethod
     def rewards(self, model: nn.Module, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,7 +78,6 @@ def tokenize_words(
 @register("token_classification")
 class TokenClassification(Objective):
     accuracy = "accuracy"
-    truncated = 0
 
     def load_model(self, **options: Any) -> PreTrainedModel:
         return load_classifier(
