@@ -1,5 +1,8 @@
 """The FastAPI application: OpenAI-compatible files and fine-tuning routes under /v1."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from sqlalchemy import text
 
@@ -15,10 +18,19 @@ from models.storage import LocalArtifactStore
 
 def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> FastAPI:
     """Build the app; the caller owns migrations and picks the dispatcher (Celery unless embedded)."""
-    app = FastAPI(
-        title="ftjobs", version="0.1.0", description="Self-hosted, OpenAI-compatible fine-tuning jobs."
-    )
     engine = make_engine(settings.resolved_database_url())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()  # close pooled connections at shutdown rather than whenever the engine is collected
+
+    app = FastAPI(
+        title="ftjobs",
+        version="0.1.0",
+        description="Self-hosted, OpenAI-compatible fine-tuning jobs.",
+        lifespan=lifespan,
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
