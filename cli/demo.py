@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import typer
@@ -101,6 +102,9 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
         typer.echo(f"Trained tokens:   {job.trained_tokens}")
         metrics = checkpoint.metrics.model_dump(exclude={"step"}, exclude_none=True)
         typer.echo("Final metrics:    " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        evaluation = (job.model_extra or {}).get("evaluation") or {}
+        if "baseline" in evaluation and "tuned" in evaluation:
+            typer.echo("Base → tuned:     " + _comparison(evaluation["baseline"], evaluation["tuned"]))
         typer.echo(f"Results file:     {job.result_files[0]} (client.files.content(...) gives the CSV)")
         typer.echo(f"Adapter:          {adapter}")
         typer.echo(f"Wall time:        {time.monotonic() - started:.0f} s")
@@ -108,3 +112,13 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _comparison(baseline: dict[str, Any], tuned: dict[str, Any]) -> str:
+    """The validation metrics before and after tuning, e.g. `exact_match 0.00 → 0.93`."""
+    before, after = baseline["metrics"], tuned["metrics"]
+    return ", ".join(
+        f"{name.removeprefix('full_valid_')} {before[name]:.4f} → {value:.4f}"
+        for name, value in after.items()
+        if name in before
+    )
