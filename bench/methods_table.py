@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -534,11 +535,10 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    """Register the model, serve, run every method's job and print the report."""
     started = time.monotonic()
     print(f"Machine: {machine_facts()}", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="ftjobs-methods-"))
     data_dir = tmp / "data"
     register_model({"FTJOBS_DATA_DIR": str(data_dir)}, args.model_dir)
     model_dir = args.model_dir or Settings(data_dir=data_dir).models_root / MODEL
@@ -571,10 +571,20 @@ def main() -> None:
     print_table(rows)
     print_notes(rows, count_lines(train), count_lines(valid))
     print(line)
-    if args.keep:
-        print(f"kept {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    args = parse_args()
+    # A SIGTERM still runs the finally blocks that stop the server (and with it the training child).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    tmp = Path(tempfile.mkdtemp(prefix="ftjobs-methods-"))
+    try:
+        run(args, tmp)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 
 from bench._common import (  # noqa: E402
     DATA,
-    ChildRun,
     base_model,
     machine_facts,
     read_jsonl,
@@ -59,21 +58,25 @@ CONFIGS = [
 
 
 def proc_status_kib(pid: int) -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (resident at most so far) of a running process, in KiB."""
+    """A running process's resident set now (VmRSS), its most so far (VmHWM) and the part of it that maps
+    files (RssFile: libraries, and a checkpoint read through mmap), in KiB."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
+        if name in ("VmRSS", "VmHWM", "RssFile"):
             fields[name] = int(value.split()[0])
     return fields
 
 
+@dataclass
 class Probe:
-    """Reads the child's memory at two events: `started` (runtime only) and its trainable-parameters log
-    line (model loaded and prepared)."""
+    """The child's memory read at its events: `started` (runtime only), the trainable-parameters log line
+    (model loaded and prepared) and each step's metrics (the last one's is kept)."""
 
-    def __init__(self) -> None:
-        self.runtime = self.loaded = self.load_peak = 0
+    runtime: int = 0
+    loaded: int = 0
+    load_peak: int = 0
+    file_backed: int = 0
 
     def __call__(self, message: ChildMessage, pid: int) -> None:
         if isinstance(message, StartedMessage):
@@ -81,25 +84,25 @@ class Probe:
         elif isinstance(message, LogMessage) and message.message.endswith("parameters trainable"):
             status = proc_status_kib(pid)
             self.loaded, self.load_peak = status["VmRSS"], status["VmHWM"]
+        elif isinstance(message, MetricsMessage):
+            self.file_backed = proc_status_kib(pid)["RssFile"]
 
 
 @dataclass
 class Measured:
     config: Config
-    runtime: int
-    loaded: int
-    load_peak: int
+    probe: Probe
     peak: int
     seconds_per_step: float
 
     @property
     def model(self) -> int:
         """Peak minus runtime: what training this model costs above the constant Python + torch runtime."""
-        return self.peak - self.runtime
+        return self.peak - self.probe.runtime
 
 
 def measure(config: Config, tmp: Path, model_dir: Path, train: Path, args: argparse.Namespace) -> Measured:
-    workdir = tmp / config.name.split()[0].lower() / ("gc" if config.gradient_checkpointing else "plain")
+    workdir = tmp / f"{config.training_type}-{'gc' if config.gradient_checkpointing else 'default'}"
     spec = sft_spec(
         workdir,
         model_dir,
@@ -111,30 +114,31 @@ def measure(config: Config, tmp: Path, model_dir: Path, train: Path, args: argpa
         packing=args.packing,
     )
     probe = Probe()
-    run: ChildRun = run_child(spec, workdir, probe)
+    run = run_child(spec, workdir, probe)
     last = run.of_type(MetricsMessage)[-1]
-    return Measured(
-        config,
-        probe.runtime,
-        probe.loaded,
-        probe.load_peak,
-        run.usage.ru_maxrss,
-        last.elapsed_seconds / last.step,
-    )
+    return Measured(config, probe, run.usage.ru_maxrss, last.elapsed_seconds / last.step)
 
 
 def report(facts: str, data: str, results: list[Measured]) -> None:
     line = "=" * 110
     print(f"\n{line}\nMachine: {facts}\nData: {data}\n")
     print(
-        f"{'MiB':<28}{'runtime':>9}{'loaded':>9}{'load peak':>11}{'peak RSS':>10}{'model-attributable':>20}"
-        f"{'s/step':>8}"
+        f"{'MiB':<28}{'runtime':>9}{'loaded':>9}{'load peak':>11}{'file-backed':>13}{'peak RSS':>10}"
+        f"{'model-attributable':>20}{'s/step':>8}"
     )
     for r in results:
+        p = r.probe
         print(
-            f"{r.config.name:<28}{r.runtime / MIB:>9.0f}{r.loaded / MIB:>9.0f}{r.load_peak / MIB:>11.0f}"
-            f"{r.peak / MIB:>10.0f}{r.model / MIB:>20.0f}{r.seconds_per_step:>8.1f}"
+            f"{r.config.name:<28}{p.runtime / MIB:>9.0f}{p.loaded / MIB:>9.0f}{p.load_peak / MIB:>11.0f}"
+            f"{p.file_backed / MIB:>13.0f}{r.peak / MIB:>10.0f}{r.model / MIB:>20.0f}"
+            f"{r.seconds_per_step:>8.1f}"
         )
+    print(
+        "(loaded: LoRA's weights are mapped from the checkpoint and only become resident when first used; "
+        "file-backed: the\n resident mapped-file pages at the last step, libraries and checkpoint pages "
+        "included, which peak RSS counts too.\n s/step: wall time, so it depends on what else the machine "
+        "runs.)"
+    )
     lora, lora_gc, qlora = results
     judged = qlora.model / lora_gc.model
     print(

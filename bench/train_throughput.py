@@ -57,6 +57,7 @@ from bench._common import (  # noqa: E402
     REPO,
     TrainingChild,
     base_model,
+    die_with_parent,
     log_tail,
     machine_facts,
     read_jsonl,
@@ -250,6 +251,7 @@ class PlainChild:
                 stdout=log,
                 stderr=log,
                 cwd=REPO,
+                preexec_fn=die_with_parent,
             )
         self.pid = self.process.pid
         self.usage: Any = None
