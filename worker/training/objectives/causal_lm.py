@@ -6,7 +6,8 @@ exact-match rate of greedy generations against the final answers of a bounded sa
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,24 +24,43 @@ MAX_ANSWER_TOKENS = 256
 """Exact-match generation stops here: a longer answer cannot match anyway once it runs past this."""
 
 
-def next_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits at each position but the last, and the labels they predict (the next tokens')."""
+@contextmanager
+def _logits_only_where(model: nn.Module, trained: torch.Tensor) -> Iterator[None]:
+    """Make the output layer score only the positions whose next token is trained, flattened into one row.
+    The vocabulary projection is the costliest layer of a small model and its logits the largest
+    activation, and prompts and padding would pay for both to be thrown away."""
+
+    def select(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        hidden = args[0]
+        # Prompt tuning and p-tuning put virtual tokens ahead of the input; the last position predicts none.
+        at = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        at[:, hidden.shape[1] - trained.shape[1] - 1 : -1] = trained
+        return (hidden[at].unsqueeze(0),)
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def trained_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits predicting each trained token (tokens, vocabulary), those tokens, and the row of each."""
     inputs = {name: tensor for name, tensor in batch.items() if name != "labels"}
-    output = model(**inputs, use_cache=False)
-    # Prompt tuning and p-tuning return logits for their virtual tokens too, ahead of the input's.
-    n_positions = batch["input_ids"].shape[1]
-    return output.logits[:, -n_positions:-1], batch["labels"][:, 1:]
+    labels = batch["labels"][:, 1:]
+    trained = labels != IGNORE_INDEX
+    with _logits_only_where(model, trained):
+        logits = model(**inputs, use_cache=False).logits[0]
+    return logits, labels[trained], trained.nonzero()[:, 0]
 
 
 def token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy, correct argmax predictions and count over the trained tokens."""
-    logits, labels = next_token_logits(model, batch)
-    trained = labels != IGNORE_INDEX
-    loss_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    correct = int(((logits.argmax(dim=-1) == labels) & trained).sum())
-    return loss_sum, correct, int(trained.sum())
+    logits, targets, _ = trained_logits(model, batch)
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss_sum, int((logits.argmax(dim=-1) == targets).sum()), len(targets)
 
 
 @register("sft", "pretrain")

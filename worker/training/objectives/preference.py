@@ -26,7 +26,7 @@ from worker.training.data import IGNORE_INDEX, Example, collate, read_jsonl, tem
 from worker.training.loading import load_model
 from worker.training.methods import untouched
 from worker.training.objectives import BatchStats, Objective, register
-from worker.training.objectives.causal_lm import next_token_logits
+from worker.training.objectives.causal_lm import trained_logits
 
 REWARD_MODEL_FILE = "reward_model.json"
 
@@ -155,11 +155,9 @@ class PairObjective(Objective):
 
 def answer_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log-probability of each row's labelled (answer) tokens."""
-    logits, labels = next_token_logits(model, batch)
-    token_losses = F.cross_entropy(
-        logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return -token_losses.sum(dim=1)
+    logits, targets, rows = trained_logits(model, batch)
+    token_log_probs = -F.cross_entropy(logits.float(), targets, reduction="none")
+    return token_log_probs.new_zeros(len(batch["labels"])).index_add(0, rows, token_log_probs)
 
 
 @register("dpo")
