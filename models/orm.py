@@ -2,7 +2,18 @@
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.db import Base, JSONType
@@ -22,6 +33,8 @@ class RegisteredModel(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     architecture: Mapped[str | None] = mapped_column(String(128))
     """From its config.json (`LlamaForCausalLM`, `BertModel`): says which objectives it can train."""
+    content_hash: Mapped[str | None] = mapped_column(String(80))
+    """`models.registry.content_hash` at registration: what a job's lineage records."""
 
 
 class File(Base):
@@ -46,6 +59,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_fine_tuning_job_org_seq", "organization_id", "seq"),
         Index("ix_fine_tuning_job_status", "status"),
+        Index("ix_fine_tuning_job_fine_tuned_model", "fine_tuned_model"),
     )
 
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
@@ -72,6 +86,10 @@ class Job(Base):
     started_at: Mapped[int | None] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)
     adapter_key: Mapped[str | None] = mapped_column(String(256))
+    """The published artifact; None again once its model is deleted (the name stays, as OpenAI keeps it)."""
+    export_merged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Extension: also publish the adapter merged into its base, verified (see docs/models.md)."""
+    merged_key: Mapped[str | None] = mapped_column(String(256))
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     """Baseline vs tuned metrics and the best checkpoint (see docs/evaluation.md), kept up to date."""
     # Reliability: each run is an attempt; a worker holds the job through a renewed lease.
@@ -99,7 +117,10 @@ class JobEvent(Base):
 
 class JobCheckpoint(Base):
     __tablename__ = "fine_tuning_job_checkpoint"
-    __table_args__ = (Index("ix_fine_tuning_job_checkpoint_job_seq", "job_id", "seq"),)
+    __table_args__ = (
+        Index("ix_fine_tuning_job_checkpoint_job_seq", "job_id", "seq"),
+        Index("ix_fine_tuning_job_checkpoint_model", "fine_tuned_model_checkpoint"),
+    )
 
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
