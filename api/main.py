@@ -8,8 +8,11 @@ from sqlalchemy import text
 
 from api import errors
 from api.files.router import router as files_router
+from api.inference.router import inference_client
+from api.inference.router import router as inference_router
 from api.jobs.router import router as jobs_router
 from api.middleware import BodySizeLimit, RequestId
+from api.registry.router import router as models_router
 from models.db import make_engine, make_session_factory
 from models.queue import CeleryDispatcher, Dispatcher
 from models.settings import Settings
@@ -23,6 +26,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        app.state.inference.close()
         engine.dispose()  # close pooled connections at shutdown rather than whenever the engine is collected
 
     app = FastAPI(
@@ -36,12 +40,15 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.state.session_factory = make_session_factory(engine)
     app.state.store = LocalArtifactStore(settings.artifacts_root)
     app.state.dispatcher = dispatcher or CeleryDispatcher(settings)
+    app.state.inference = inference_client(settings.inference_url)
 
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestId)
     app.include_router(files_router)
     app.include_router(jobs_router)
+    app.include_router(models_router)
+    app.include_router(inference_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -1,13 +1,11 @@
 """Shared by the training benches (train_throughput.py, qlora_memory.py): the base model, the real data and
 the real training child (`python -m worker.training`) with its events. Not a test."""
 
-import ctypes
 import json
 import math
 import os
 import platform
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from models.settings import Settings
 from models.spec import ChildMessage, CompletedMessage, MetricsMessage, TrainingSpec
+from worker.child import die_with_parent
 from worker.training.data import Example, load_dataset, pack_examples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +42,6 @@ LORA_HYPERPARAMETERS: dict[str, Any] = {
 """What both benches train: the service's LoRA defaults, one epoch of a file sized to the steps wanted."""
 
 _MESSAGES = TypeAdapter(ChildMessage)
-_PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
 
 
@@ -56,12 +54,6 @@ def base_model(model_dir: Path | None) -> Path:
         print(f"{path} is missing: ftjobs models pull {MODEL} ...", flush=True)
         subprocess.run([sys.executable, "-m", "cli", "models", "pull", MODEL], check=True)
     return path
-
-
-def die_with_parent() -> None:
-    """Linux (the benches read /proc anyway): the kernel kills a child when the bench dies, even one the
-    bench had stopped, so no trainer is left behind."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

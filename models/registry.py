@@ -1,5 +1,6 @@
 """The base-model registry: which names a job may fine-tune, and where each lives on disk."""
 
+import hashlib
 import json
 import re
 import time
@@ -31,6 +32,17 @@ def read_architecture(directory: Path) -> str | None:
     return str(architectures[0])[:128] if isinstance(architectures, list) and architectures else None
 
 
+def content_hash(directory: Path) -> str:
+    """`sha256:` of a model directory's config and weights (safetensors), in name order: what an adapter
+    trained on it records in its lineage, and what serving checks before putting the adapter on a base."""
+    digest = hashlib.sha256()
+    for path in sorted([directory / "config.json", *directory.glob("*.safetensors")]):
+        digest.update(f"{path.name}\0".encode())
+        with open(path, "rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
+    return f"sha256:{digest.hexdigest()}"
+
+
 def is_generative(model: RegisteredModel) -> bool | None:
     """Whether the model has a language-model head (None: its architecture is unknown)."""
     return model.architecture.endswith(GENERATIVE_SUFFIXES) if model.architecture else None
@@ -53,6 +65,7 @@ class ModelRegistry:
         entry = self.get(name) or RegisteredModel(name=name)
         entry.path, entry.source, entry.created_at = path, source, int(time.time())
         entry.architecture = read_architecture(Path(path))
+        entry.content_hash = content_hash(Path(path))
         self.session.add(entry)
         self.session.flush()
         return entry

@@ -58,6 +58,14 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="Grace before a cancelled trainer is killed."
     )
 
+    inference_url: str = Field(
+        default="http://127.0.0.1:8001",
+        description="Where the API forwards inference requests (`ftjobs serve`; `ftjobs up` starts one).",
+    )
+    inference_adapter_cache: int = Field(
+        default=8, ge=1, description="Adapters an inference process keeps loaded (least recently used go)."
+    )
+
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'ftjobs.db').resolve()}"
 

@@ -98,6 +98,8 @@ class TrainingSpec(BaseModel):
     """Also checkpoint every N optimizer steps (0: only at the end of each epoch)."""
     resume_from: str | None = None
     """A complete checkpoint directory of an earlier attempt to continue from (same spec otherwise)."""
+    export_merged: bool = False
+    """Also save the adapter merged into the base, verified against it (lora family)."""
 
 
 Metrics = dict[str, float]
@@ -152,6 +154,8 @@ class CompletedMessage(BaseModel):
     type: Literal["completed"] = "completed"
     step: int
     adapter_path: str
+    merged_path: str | None = None
+    """With export_merged: the verified merged model's directory."""
     results_csv: str
     trained_tokens: int
     metrics: Metrics

@@ -22,8 +22,9 @@ _messages = TypeAdapter(ChildMessage)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills the trainer when its supervising thread dies, so no orphan keeps the GPU."""
+def die_with_parent() -> None:
+    """Linux: the kernel kills a child (a trainer, an inference server) when the thread that started it
+    dies, so no orphan keeps the GPU or the port."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -51,7 +52,7 @@ class TrainingProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         os.close(write_fd)
         self._fd = read_fd

@@ -26,6 +26,7 @@ from models.db import session_scope
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
 from models.jobs import JobRepository
+from models.lineage import write_lineage
 from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint
 from models.registry import ModelRegistry, is_generative
@@ -306,6 +307,7 @@ class Attempt:
                 hyperparameters=job.hyperparameters,  # type: ignore[arg-type]
                 checkpoint_every_steps=self.settings.checkpoint_every_steps,
                 resume_from=str(self.store.local_path(latest.storage_key)) if latest else None,
+                export_merged=job.export_merged,
             )
 
     def _supervise(self, child: TrainingProcess) -> ChildMessage | None:
@@ -440,10 +442,11 @@ class Attempt:
         """Store and list a checkpoint, and name it the best if its metric beats the best so far; return
         the storage keys of those now beyond retention (never the best)."""
         key = f"{self.prefix}/checkpoints/step-{message.step}"
-        self.store.put_dir(key, Path(message.path))
         repo = JobRepository(session)
         job = repo.get(self.job_id)
         assert job is not None and job.hyperparameters is not None
+        write_lineage(session, job, self.data.objective, message.step, message.metrics, Path(message.path))
+        self.store.put_dir(key, Path(message.path))
         name = f"{fine_tuned_model_name(job, self.settings.organization_name)}:ckpt-step-{message.step}"
         checkpoint = repo.add_checkpoint(
             JobCheckpoint(
@@ -470,7 +473,17 @@ class Attempt:
     def _publish(self, done: CompletedMessage) -> None:
         """Store the adapter and results, then succeed in one CAS; a lost race discards them."""
         adapter_key = f"{self.prefix}/adapter"
-        self.store.put_dir(adapter_key, Path(done.adapter_path))
+        merged_key = f"{self.prefix}/merged" if done.merged_path else None
+        published = {adapter_key: done.adapter_path}
+        if merged_key and done.merged_path:
+            published[merged_key] = done.merged_path
+        with session_scope(self.runner.session_factory) as session:
+            job = JobRepository(session).get(self.job_id)
+            assert job is not None
+            for path in published.values():
+                write_lineage(session, job, self.data.objective, done.step, done.metrics, Path(path))
+        for key, path in published.items():
+            self.store.put_dir(key, Path(path))
         results_key = None
         with session_scope(self.runner.session_factory) as session:
             job = JobRepository(session).get(self.job_id)
@@ -496,6 +509,7 @@ class Attempt:
                     "trained_tokens": done.trained_tokens,
                     "result_files": [results.id],
                     "adapter_key": adapter_key,
+                    "merged_key": merged_key,
                     "finished_at": int(time.time()),
                     "estimated_finish": None,
                 },
@@ -511,7 +525,8 @@ class Attempt:
             ours = now is not None and (now.status, now.attempt) == (JobStatus.SUCCEEDED, self.attempt)
         self.store.delete(results_key)
         if not ours:
-            self.store.delete(adapter_key)
+            for key in published:
+                self.store.delete(key)
 
 
 def _improves(metric: str, value: float, best: float) -> bool:

@@ -56,6 +56,9 @@ class JobCreate(BaseModel):
     seed: Annotated[int, Field(strict=True, ge=0, le=2147483647)] | None = None
     integrations: Annotated[list[Integration], Field(max_length=5)] | None = None
     metadata: dict[str, str] | None = None
+    export_merged: bool = False
+    """Extension: also publish the adapter merged into its base as a whole model, verified against the
+    adapter (lora, dora and qlora; docs/models.md)."""
 
     @field_validator("suffix")
     @classmethod
@@ -107,7 +110,8 @@ class FineTuningJob(BaseModel):
     integrations: list[dict[str, Any]] | None
     metadata: dict[str, str] | None
     user_provided_suffix: str | None
-    # Extension.
+    # Extensions.
+    export_merged: bool
     evaluation: dict[str, Any] | None
     """Baseline vs tuned metrics and the best checkpoint, once the job has a validation file and has
     started (docs/evaluation.md)."""
@@ -141,6 +145,7 @@ class FineTuningJob(BaseModel):
             integrations=job.integrations,
             metadata=job.metadata_,
             user_provided_suffix=job.suffix,
+            export_merged=job.export_merged,
             evaluation=job.evaluation,
         )
 

@@ -17,6 +17,7 @@ from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint, JobEvent
 from models.queue import Dispatcher
 from models.registry import ModelRegistry, is_generative
+from models.spec import LORA_FAMILY
 from models.states import ACTIVE, JobStatus, transition
 from models.storage import ArtifactStore
 from models.validation import peek_format
@@ -87,6 +88,12 @@ def _check_method(
         )
         if mismatch:
             raise APIError(mismatch.message, param=mismatch.param)
+    if body.export_merged and hyperparameters.training_type not in LORA_FAMILY:
+        raise APIError(
+            f"export_merged applies to lora, dora and qlora; a {hyperparameters.training_type} job's "
+            "artifact is not an adapter to merge.",
+            param="export_merged",
+        )
     return {"type": method_type, method_type: {"hyperparameters": hyperparameters.model_dump()}}
 
 
@@ -118,6 +125,7 @@ def create(
             suffix=body.suffix,
             seed=body.seed if body.seed is not None else random.randint(0, 2147483647),
             metadata_=body.metadata,
+            export_merged=body.export_merged,
             integrations=None,
             result_files=[],
             created_at=int(time.time()),

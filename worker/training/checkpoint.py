@@ -3,7 +3,9 @@ attempt of the same job needs to continue exactly where this one was.
 
 `output_dir/checkpoints/step-{N}/`:
     <the method's artifact>          what `method.save` writes: a PEFT adapter, the whole model (full) or
-                                     the trained tensors (freeze, bitfit)
+                                     the trained tensors (freeze, bitfit), with the tokenizer (its chat
+                                     template) and the objective's extras (labels.json), written by the
+                                     recipe; the runner adds lineage.json when it stores the checkpoint
     trainer/trainable.safetensors    every parameter with requires_grad, by name; exact for every method
                                      (p-tuning's adapter holds its encoder's output, not the encoder)
     trainer/optimizer.safetensors    the optimizer's per-parameter state, as "{parameter index}.{name}"

@@ -291,6 +291,7 @@ class Recipe:
             progress=self.progress,
             fingerprint=self.fingerprint,
         )
+        self.tokenizer.save_pretrained(path)  # every checkpoint is servable with its chat template
         self.objective.save_extras(path)
         self.last_checkpoint_step = step
         self.events.emit(CheckpointMessage(step=step, path=str(path), metrics=self.progress.history[-1][1]))

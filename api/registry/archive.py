@@ -1,0 +1,80 @@
+"""Stream an artifact directory as a gzipped tar without holding it in memory or on disk: a thread writes
+the archive into a bounded queue that the response reads from."""
+
+import queue
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+_CHUNKS_AHEAD = 16
+_DONE = b""
+
+SKIPPED = {"trainer", "COMPLETE"}
+"""Checkpoints' trainer state (optimizer, RNG) and completion marker: for resuming, not for using."""
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+"""Pickle-based weight formats: never served, whatever put them there (artifacts hold safetensors only)."""
+
+
+class _Abandoned(Exception):
+    """The client went away: stop writing."""
+
+
+class _QueueWriter:
+    def __init__(self, chunks: "queue.Queue[bytes]", abandoned: threading.Event) -> None:
+        self.chunks, self.abandoned = chunks, abandoned
+
+    def write(self, data: bytes) -> int:
+        while data and not self.abandoned.is_set():
+            try:
+                self.chunks.put(bytes(data), timeout=1.0)
+                return len(data)
+            except queue.Full:
+                continue
+        if self.abandoned.is_set():
+            raise _Abandoned
+        return len(data)
+
+
+def archive_members(directory: Path) -> list[Path]:
+    """The files an archive of `directory` holds, in a stable order."""
+    return sorted(
+        path
+        for path in directory.rglob("*")
+        if path.is_file()
+        and not SKIPPED & set(path.relative_to(directory).parts)
+        and not path.name.endswith(WEIGHT_SUFFIXES)
+    )
+
+
+def stream_tar_gz(directory: Path, root: str) -> Iterator[bytes]:
+    """The archive's bytes; its members sit under `root/`."""
+    chunks: queue.Queue[bytes] = queue.Queue(maxsize=_CHUNKS_AHEAD)
+    abandoned = threading.Event()
+
+    failed = threading.Event()
+
+    def write() -> None:
+        try:
+            writer = _QueueWriter(chunks, abandoned)
+            with tarfile.open(fileobj=writer, mode="w|gz") as archive:  # type: ignore[call-overload]
+                for path in archive_members(directory):
+                    archive.add(path, arcname=f"{root}/{path.relative_to(directory)}", recursive=False)
+        except _Abandoned:
+            return
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            if not abandoned.is_set():
+                chunks.put(_DONE)
+
+    threading.Thread(target=write, daemon=True).start()
+    try:
+        while chunk := chunks.get():
+            yield chunk
+    finally:
+        abandoned.set()
+    if failed.is_set():
+        # Break the response off, so the client sees a failed download rather than a short archive.
+        raise OSError(f"could not archive {directory}")

@@ -1,0 +1,116 @@
+"""Lineage: where a model version came from. Written as `lineage.json` into every published artifact (the
+final adapter and each checkpoint), so an artifact describes itself wherever it is copied, and kept on the
+job for the models API.
+
+Serving reads `base_model.content_hash` and refuses to put the artifact on a base whose hash differs."""
+
+import hashlib
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from models.files import FileRepository
+from models.orm import Job
+from models.registry import ModelRegistry, content_hash
+from models.spec import Metrics, Objective
+from models.storage import ArtifactStore
+
+LINEAGE_FILE = "lineage.json"
+
+
+class BaseModelRef(BaseModel):
+    name: str
+    content_hash: str
+    """`models.registry.content_hash` of the base's directory when the job ran."""
+
+
+class FileRef(BaseModel):
+    id: str
+    sha256: str
+
+
+class Lineage(BaseModel):
+    job_id: str
+    base_model: BaseModelRef
+    tokenizer_hash: str
+    """sha256 over the artifact's tokenizer files, chat template included: what inference renders with."""
+    training_file: FileRef
+    validation_file: FileRef | None
+    method: dict[str, object]
+    """The job's method as requested."""
+    objective: Objective
+    training_type: str
+    hyperparameters: dict[str, object]
+    """As resolved when the job started."""
+    libraries: dict[str, str]
+    step: int
+    metrics: Metrics
+
+
+LIBRARIES = ("ftjobs", "torch", "transformers", "peft", "bitsandbytes", "trl", "safetensors")
+_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges")
+
+
+def tokenizer_hash(directory: Path) -> str:
+    """sha256 over the tokenizer files an artifact carries (`tokenizer.save_pretrained`'s), in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name.startswith(_TOKENIZER_FILES)):
+        digest.update(f"{path.name}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions, read from package metadata: the job runner never imports torch."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_lineage(
+    session: Session, job: Job, objective: Objective, step: int, metrics: Metrics, directory: Path
+) -> Lineage:
+    """Compose the lineage of the artifact in `directory` from the job's records and write it there."""
+    model = ModelRegistry(session).get(job.model)
+    assert model is not None and job.hyperparameters is not None
+    if model.content_hash is None:  # registered before hashes were kept
+        model.content_hash = content_hash(Path(model.path))
+    files = FileRepository(session)
+
+    def file_ref(file_id: str | None) -> FileRef | None:
+        record = files.get(job.organization_id, file_id) if file_id else None
+        return FileRef(id=record.id, sha256=record.sha256) if record else None
+
+    training_file = file_ref(job.training_file)
+    assert training_file is not None
+    lineage = Lineage(
+        job_id=job.id,
+        base_model=BaseModelRef(name=model.name, content_hash=model.content_hash),
+        tokenizer_hash=tokenizer_hash(directory),
+        training_file=training_file,
+        validation_file=file_ref(job.validation_file),
+        method=job.method,
+        objective=objective,
+        training_type=job.hyperparameters["training_type"],
+        hyperparameters=job.hyperparameters,
+        libraries=library_versions(),
+        step=step,
+        metrics=metrics,
+    )
+    (directory / LINEAGE_FILE).write_text(lineage.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return lineage
+
+
+def read_lineage(store: ArtifactStore, artifact_key: str) -> Lineage | None:
+    """The lineage stored with an artifact (None for one published before lineage was kept)."""
+    try:
+        with store.open(f"{artifact_key}/{LINEAGE_FILE}") as file:
+            return Lineage.model_validate_json(file.read())
+    except FileNotFoundError:
+        return None

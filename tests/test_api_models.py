@@ -1,0 +1,127 @@
+"""/v1/models through the official openai client: base models, a real job's fine-tuned model and its
+checkpoints with their lineage, artifact downloads, deletion; and the inference routes' own checks."""
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from models.lineage import tokenizer_hash
+from models.registry import content_hash
+from models.settings import Settings
+from tests.jobs_helpers import chat_lines
+from tests.test_runner import create_job, runner  # noqa: F401 (fixture)
+from worker.runner import JobRunner
+
+
+def openai_client(client: TestClient) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+def members(client: TestClient, model: str, fmt: str = "adapter") -> dict[str, bytes]:
+    response = client.get(f"/v1/models/{model}/content", params={"format": fmt})
+    assert response.status_code == 200, response.text
+    with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+
+def test_models_list_retrieve_download_and_delete(
+    client: TestClient,
+    runner: JobRunner,  # noqa: F811
+    registered_model: str,
+    settings: Settings,
+    tiny_model_dir: Path,
+) -> None:
+    train = chat_lines(12)
+    job_id = create_job(client, registered_model, train, chat_lines(4, "validation"), n_epochs=2)
+    runner.run(job_id)
+    api = openai_client(client)
+    job = api.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "succeeded" and job.fine_tuned_model
+    tuned, step_3 = job.fine_tuned_model, f"{job.fine_tuned_model}:ckpt-step-3"
+
+    listed = {model.id: model for model in api.models.list()}
+    assert listed[registered_model].owned_by == "system"
+    assert listed[tuned].owned_by == job.organization_id == "org-local"
+    assert listed[tuned].model_extra["kind"] == "fine-tuned"  # type: ignore[index]
+    assert {f"{tuned}:ckpt-step-6", step_3} <= set(listed)
+
+    model = api.models.retrieve(tuned)
+    extra = model.model_extra or {}
+    assert extra["base_model"] == registered_model and extra["fine_tuning_job"] == job_id
+    lineage = extra["lineage"]
+    assert lineage["base_model"] == {"name": registered_model, "content_hash": content_hash(tiny_model_dir)}
+    assert lineage["training_file"] == {"id": job.training_file, "sha256": hashlib.sha256(train).hexdigest()}
+    assert lineage["validation_file"]["id"] == job.validation_file
+    assert lineage["training_type"] == "lora" and lineage["objective"] == "sft"
+    assert lineage["hyperparameters"]["n_epochs"] == 2 and lineage["step"] == 6
+    assert lineage["metrics"]["full_valid_loss"] > 0
+    assert {"torch", "transformers", "peft"} <= set(lineage["libraries"])
+    adapter_dir = settings.artifacts_root / "jobs" / job_id / "attempt-1" / "adapter"
+    assert lineage["tokenizer_hash"] == tokenizer_hash(adapter_dir)
+    checkpoint = api.models.retrieve(step_3).model_extra or {}
+    assert checkpoint["kind"] == "checkpoint" and checkpoint["step"] == 3
+    assert checkpoint["lineage"]["step"] == 3 and checkpoint["lineage"]["base_model"] == lineage["base_model"]
+
+    # Downloads: safetensors, tokenizer (its chat template) and lineage; never a checkpoint's trainer state.
+    root = tuned.replace(":", "_")
+    files = members(client, tuned)
+    assert {
+        f"{root}/adapter_model.safetensors",
+        f"{root}/adapter_config.json",
+        f"{root}/lineage.json",
+    } <= set(files)
+    assert (
+        files[f"{root}/adapter_model.safetensors"] == (adapter_dir / "adapter_model.safetensors").read_bytes()
+    )
+    assert any(name.startswith(f"{root}/tokenizer") for name in files)
+    checkpoint_files = members(client, step_3)
+    assert any(name.endswith("adapter_model.safetensors") for name in checkpoint_files)
+    assert not [name for name in checkpoint_files if "/trainer/" in name or name.endswith("COMPLETE")]
+    merged = client.get(f"/v1/models/{tuned}/content", params={"format": "merged"})
+    assert merged.status_code == 404 and merged.json()["error"]["param"] == "format"
+
+    with pytest.raises(openai.PermissionDeniedError):
+        api.models.delete(registered_model)
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("ft:tiny-llama:local::nothere")
+
+    assert api.models.delete(step_3).deleted
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve(step_3)
+    assert api.models.delete(tuned).deleted
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve(tuned)
+    assert not adapter_dir.exists()
+    assert tuned not in {model.id for model in api.models.list()}
+    assert f"{tuned}:ckpt-step-6" in {model.id for model in api.models.list()}  # its own version
+    assert api.fine_tuning.jobs.retrieve(job_id).fine_tuned_model == tuned  # the job keeps its record
+
+
+def test_inference_routes_check_the_request_and_the_model(
+    tmp_path: Path, database_url: str, registered_model: str
+) -> None:
+    from api.main import create_app
+    from tests.conftest import RecordingDispatcher
+
+    # Nothing listens on the inference URL: a valid request for a known model is a 503, not a 500.
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=database_url, inference_url="http://127.0.0.1:9"
+    )
+    with TestClient(create_app(settings, RecordingDispatcher()), raise_server_exceptions=False) as client:
+        api = openai_client(client)
+        messages = [{"role": "user", "content": "hi"}]
+        with pytest.raises(openai.BadRequestError) as bad:
+            api.chat.completions.create(model=registered_model, messages=messages, temperature=3)  # type: ignore[arg-type]
+        assert bad.value.body["param"] == "temperature"  # type: ignore[index]
+        with pytest.raises(openai.NotFoundError) as missing:
+            api.chat.completions.create(model="ft:tiny-llama:local::nothere", messages=messages)  # type: ignore[arg-type]
+        assert missing.value.body["param"] == "model"  # type: ignore[index]
+        with pytest.raises(openai.InternalServerError) as down:
+            api.chat.completions.create(model=registered_model, messages=messages)  # type: ignore[arg-type]
+        assert down.value.status_code == 503 and down.value.body["code"] == "inference_unavailable"  # type: ignore[index]
+        assert down.value.response.headers["retry-after"]
