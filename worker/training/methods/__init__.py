@@ -1,8 +1,9 @@
 """Training methods: how a base model is loaded, made trainable and saved.
 
 Each method lives in `methods/<name>.py` and registers its `prepare` function with `@register("<name>")`,
-naming any loading or saving it does differently. `get_method` imports that module on first use, so a
-method's own dependencies (bitsandbytes, ...) load only when chosen.
+naming any loading or saving it does differently, and how serving rebuilds the model from its artifact
+(`load`). `get_method` imports that module on first use, so a method's own dependencies (bitsandbytes, ...)
+load only when chosen.
 
 The base arrives with its objective's head: a pretrained LM head (causal LM objectives) or a new, randomly
 initialised classifier head (classification, token classification, reward). `task_type` and `new_head` are
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from peft import PeftModel, TaskType
 from torch import nn
@@ -34,6 +35,17 @@ SaveFn = Callable[[nn.Module, Path], None]
 """Writes a checkpoint or the final artifact of the prepared model into a directory (safetensors only)."""
 LoadOptionsFn = Callable[[DeviceConfig], dict[str, Any]]
 """Extra `from_pretrained` arguments for the base model on the given device."""
+
+
+class BaseLoader(Protocol):
+    def __call__(self, path: Path | None = None) -> PreTrainedModel:
+        """A fresh copy of the base (with the head and on the device serving wants); given a path, that
+        model directory loaded the same way (a fully fine-tuned model is a whole model of its kind)."""
+
+
+LoadFn = Callable[[BaseLoader, Path], nn.Module]
+"""Serving: the ready model of an artifact directory, built from the loader. Called only for a dedicated
+model, so it may change the base it loads."""
 
 
 def task_type(model: PreTrainedModel) -> TaskType:
@@ -89,24 +101,43 @@ def no_load_options(device: DeviceConfig) -> dict[str, Any]:
     return {}
 
 
+def load_peft(load_base: BaseLoader, directory: Path) -> nn.Module:
+    """PEFT adapters (every PEFT method) restore themselves onto a fresh base."""
+    return PeftModel.from_pretrained(load_base(), directory)
+
+
+def on_fresh_base(apply: Callable[[PreTrainedModel, Path], nn.Module]) -> LoadFn:
+    """A load hook from a function that applies an artifact onto a freshly loaded base (freeze, bitfit)."""
+
+    def load(load_base: BaseLoader, directory: Path) -> nn.Module:
+        return apply(load_base(), directory)
+
+    return load
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     prepare: PrepareFn
     save: SaveFn
     load_options: LoadOptionsFn
+    load: LoadFn = load_peft
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
 def register(
-    name: str, *, save: SaveFn = save_pretrained, load_options: LoadOptionsFn = no_load_options
+    name: str,
+    *,
+    save: SaveFn = save_pretrained,
+    load_options: LoadOptionsFn = no_load_options,
+    load: LoadFn = load_peft,
 ) -> Callable[[PrepareFn], PrepareFn]:
     def decorator(prepare: PrepareFn) -> PrepareFn:
         if name in _REGISTRY:
             raise ValueError(f"training method {name!r} is registered twice")
-        _REGISTRY[name] = Method(name, prepare, save, load_options)
+        _REGISTRY[name] = Method(name, prepare, save, load_options, load)
         return prepare
 
     return decorator

@@ -17,25 +17,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from models.spec import ResolvedHyperparameters
-from worker.training.methods import new_head, register
+from worker.training.methods import new_head, on_fresh_base, register
 from worker.training.methods._tensors import copy_into, read_trained_tensors, save_trained_tensors
 
 
 def add_zero_bias(linear: nn.Linear) -> None:
     weight = linear.weight
     linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device))
-
-
-@register("bitfit", save=partial(save_trained_tensors, "bitfit"))
-def train_biases(model: PreTrainedModel, hp: ResolvedHyperparameters) -> PreTrainedModel:
-    lm_head, heads = model.get_output_embeddings(), set(new_head(model))
-    for name, module in model.named_modules():
-        in_head = name.split(".", 1)[0] in heads
-        if isinstance(module, nn.Linear) and module.bias is None and module is not lm_head and not in_head:
-            add_zero_bias(module)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.rsplit(".", 1)[-1] == "bias" or name.split(".", 1)[0] in heads)
-    return model
 
 
 def load_bitfit(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
@@ -47,4 +35,16 @@ def load_bitfit(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
         if kind == "bias" and isinstance(module, nn.Linear) and module.bias is None:
             add_zero_bias(module)
     copy_into(model, tensors)
+    return model
+
+
+@register("bitfit", save=partial(save_trained_tensors, "bitfit"), load=on_fresh_base(load_bitfit))
+def train_biases(model: PreTrainedModel, hp: ResolvedHyperparameters) -> PreTrainedModel:
+    lm_head, heads = model.get_output_embeddings(), set(new_head(model))
+    for name, module in model.named_modules():
+        in_head = name.split(".", 1)[0] in heads
+        if isinstance(module, nn.Linear) and module.bias is None and module is not lm_head and not in_head:
+            add_zero_bias(module)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.rsplit(".", 1)[-1] == "bias" or name.split(".", 1)[0] in heads)
     return model

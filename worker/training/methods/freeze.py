@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from models.spec import ResolvedHyperparameters
-from worker.training.methods import new_head, register
+from worker.training.methods import new_head, on_fresh_base, register
 from worker.training.methods._tensors import copy_into, read_trained_tensors, save_trained_tensors
 
 
@@ -44,7 +44,13 @@ def find_blocks(model: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList]:
     return found[0]
 
 
-@register("freeze", save=partial(save_trained_tensors, "freeze"))
+def load_freeze(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
+    """Apply a freeze artifact onto a freshly loaded copy of its base model."""
+    copy_into(model, read_trained_tensors("freeze", directory))
+    return model
+
+
+@register("freeze", save=partial(save_trained_tensors, "freeze"), load=on_fresh_base(load_freeze))
 def freeze_all_but_last_layers(model: PreTrainedModel, hp: ResolvedHyperparameters) -> PreTrainedModel:
     parent, blocks = find_blocks(model)
     if hp.trainable_layers > len(blocks):
@@ -60,10 +66,4 @@ def freeze_all_but_last_layers(model: PreTrainedModel, hp: ResolvedHyperparamete
     model.requires_grad_(False)
     for module in [*blocks[len(blocks) - hp.trainable_layers :], *final_norms, *head]:
         module.requires_grad_(True)
-    return model
-
-
-def load_freeze(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
-    """Apply a freeze artifact onto a freshly loaded copy of its base model."""
-    copy_into(model, read_trained_tensors("freeze", directory))
     return model
