@@ -2,6 +2,9 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +17,7 @@ from models.migrate import open_database
 from models.queue import CeleryDispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
+from worker.child import die_with_parent
 from worker.reconciler import Reconciler
 
 app = typer.Typer(help="Self-hosted, OpenAI-compatible fine-tuning jobs.", no_args_is_help=True)
@@ -47,25 +51,35 @@ def _print(obj: object) -> None:
 def up(
     host: str = "127.0.0.1",
     port: int = 8000,
+    inference_port: Annotated[int, typer.Option(help="The inference server's port (0: any free one).")] = 0,
     data_dir: DataDir = None,
 ) -> None:
-    """Run everything in one process: API + in-process dispatcher, SQLite, local artifacts."""
+    """Run everything on one machine: API + in-process dispatcher, SQLite, local artifacts, and an inference
+    server in a child process."""
     import uvicorn
 
     from api.main import create_app
     from worker.embedded import EmbeddedDispatcher
     from worker.runtime import make_runner
 
-    settings = _settings(data_dir)
+    inference_port = inference_port or _free_port()
+    settings = _settings(data_dir, inference_url=f"http://127.0.0.1:{inference_port}")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     runner = make_runner(settings)
     dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
     dispatcher.start()
     Reconciler(settings, runner.session_factory, dispatcher).start()
+    # Models load in their own process, so a long generation never stalls the API's event loop.
+    inference = subprocess.Popen(
+        [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(inference_port)],
+        env={**os.environ, "FTJOBS_DATA_DIR": str(settings.data_dir)},
+        preexec_fn=die_with_parent,
+    )
     typer.echo(f"ftjobs (embedded) on http://{host}:{port}/v1, data in {settings.data_dir.resolve()}")
     try:
         uvicorn.run(create_app(settings, dispatcher), host=host, port=port, log_level="warning")
     finally:
+        inference.terminate()
         dispatcher.stop()
 
 
@@ -77,6 +91,22 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
     settings = _settings()
     _start_reconciler(settings)
     uvicorn.run("api.asgi:app", host=host, port=port, workers=workers, log_level="info")
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8001, data_dir: DataDir = None) -> None:
+    """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
+    fine-tuned adapters attach per request."""
+    from inference.app import serve as serve_models
+
+    serve_models(_settings(data_dir), host=host, port=port)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @app.command()

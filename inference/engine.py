@@ -1,0 +1,276 @@
+"""The inference engine: OpenAI's chat completions and completions, and the classifications extension,
+on the models `ModelStore` keeps in memory. Requests run synchronously in the caller's thread; streaming
+ones generate in a thread of their own and hand their chunks over through a queue."""
+
+import threading
+from collections.abc import Callable
+from queue import Queue
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from api.errors import APIError
+from inference import shapes
+from inference.generation import FinishReason, OnEvent, Output, Sampling, generate
+from inference.store import ModelStore, Served
+from models.inference import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ClassificationRequest,
+    CompletionRequest,
+    ModelKind,
+    Target,
+)
+from models.settings import Settings
+from worker.training.data import template_message
+from worker.training.device import DeviceConfig
+from worker.training.objectives.classification import encode
+
+DEFAULT_MAX_TOKENS = 256
+"""Completion tokens when the request names no max_tokens (always also capped by the model's context)."""
+Chunk = dict[str, Any]
+
+
+class Engine:
+    def __init__(self, settings: Settings, device: DeviceConfig | None = None) -> None:
+        self.models = ModelStore(settings, device)
+
+    # Public surface: OpenAI's chat completions, completions, and the classifications extension.
+
+    def chat(self, target: Target, request: ChatCompletionRequest) -> Chunk:
+        prompt_lengths, outputs = self._generate(target, request, chat_prompts(request.messages))
+        return shapes.chat_completion(target.model, outputs, prompt_lengths)
+
+    def complete(self, target: Target, request: CompletionRequest) -> Chunk:
+        prompt_lengths, outputs = self._generate(target, request, text_prompts(request.prompts()))
+        return shapes.text_completion(target.model, outputs, prompt_lengths)
+
+    def stream_chat(self, target: Target, request: ChatCompletionRequest) -> "Stream":
+        """The streamed answer's chunks; a request that cannot run raises here, before any chunk."""
+        chunks = shapes.ChatChunks(target.model, include_usage(request))
+        return self._stream(target, request, chat_prompts(request.messages), chunks)
+
+    def stream_complete(self, target: Target, request: CompletionRequest) -> "Stream":
+        chunks = shapes.TextChunks(target.model, include_usage(request))
+        return self._stream(target, request, text_prompts(request.prompts()), chunks)
+
+    def classify(self, target: Target, request: ClassificationRequest) -> Chunk:
+        expect_kind(target, "classification")
+        texts = request.texts()
+        with self.models.serving(target) as served:
+            assert served.labels is not None
+            probabilities = classifier_probabilities(served, texts)
+        return shapes.classifications(target.model, served.labels, probabilities)
+
+    # Generation.
+
+    def _generate(
+        self,
+        target: Target,
+        request: ChatCompletionRequest | CompletionRequest,
+        prompts_of: Callable[[PreTrainedTokenizerBase], list[list[int]]],
+        on_ready: Callable[[int], None] | None = None,
+        on_event: OnEvent | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> tuple[list[int], list[Output]]:
+        """Every prompt's `n` outputs (choice index = prompt index * n + row), and the prompts' lengths."""
+        expect_kind(target, "causal_lm")
+        n = request.n or 1
+        generator = torch.Generator()
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        limit = (
+            request.token_limit(DEFAULT_MAX_TOKENS)
+            if isinstance(request, ChatCompletionRequest)
+            else request.max_tokens or DEFAULT_MAX_TOKENS
+        )
+        with self.models.serving(target) as served:
+            prompts = prompts_of(served.tokenizer)
+            room = context_length(served.model)
+            for prompt in prompts:
+                if room is not None and len(prompt) >= room:
+                    raise APIError(
+                        f"This model's maximum context length is {room} tokens; the prompt has "
+                        f"{len(prompt)} tokens, which leaves no room for a completion.",
+                        param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+                        code="context_length_exceeded",
+                    )
+            if on_ready is not None:
+                on_ready(n * len(prompts))
+            outputs: list[Output] = []
+            for index, prompt in enumerate(prompts):
+                sampling = Sampling(
+                    max_new_tokens=min(limit, room - len(prompt)) if room is not None else limit,
+                    temperature=1.0 if request.temperature is None else request.temperature,
+                    top_p=1.0 if request.top_p is None else request.top_p,
+                    stop=request.stop_sequences(),
+                    n=n,
+                )
+                offset = index * n
+
+                def shifted(row: int, delta: str, finish: FinishReason | None, offset: int = offset) -> None:
+                    assert on_event is not None
+                    on_event(offset + row, delta, finish)
+
+                outputs += generate(
+                    served.model,
+                    served.tokenizer,
+                    prompt,
+                    sampling,
+                    generator,
+                    shifted if on_event is not None else None,
+                    cancelled,
+                )
+        return [len(prompt) for prompt in prompts], outputs
+
+    def _stream(
+        self,
+        target: Target,
+        request: ChatCompletionRequest | CompletionRequest,
+        prompts_of: Callable[[PreTrainedTokenizerBase], list[list[int]]],
+        chunks: shapes.ChunkMaker,
+    ) -> "Stream":
+        """Generation in its own thread, its chunks through a queue: the reader never blocks the model's
+        thread, and the model's errors before the first token still reach the caller as exceptions."""
+        queue: Queue[_Item] = Queue()
+        cancelled = threading.Event()
+
+        def ready(choices: int) -> None:
+            queue.put(_READY)
+            for index in range(choices):
+                for chunk in chunks.opening(index):
+                    queue.put(chunk)
+
+        def run() -> None:
+            try:
+                lengths, outputs = self._generate(
+                    target,
+                    request,
+                    prompts_of,
+                    on_ready=ready,
+                    on_event=lambda index, text, finish: queue.put(chunks.delta(index, text, finish)),
+                    cancelled=cancelled,
+                )
+                if include_usage(request):
+                    queue.put(chunks.usage(shapes.usage(outputs, lengths)))
+            except BaseException as exc:  # raised by the reader
+                queue.put(exc)
+            finally:
+                queue.put(_END)
+
+        threading.Thread(target=run, name="inference-stream", daemon=True).start()
+        first = queue.get()
+        if isinstance(first, BaseException):
+            raise first
+        return Stream(queue, cancelled)
+
+
+class _Marker:
+    pass
+
+
+_READY, _END = _Marker(), _Marker()
+_Item = Chunk | BaseException | _Marker
+
+
+class Stream:
+    """The chunks of one streamed response; `cancel()` stops its generation early (the client left)."""
+
+    def __init__(self, queue: "Queue[_Item]", cancelled: threading.Event) -> None:
+        self._queue, self._cancelled, self._done = queue, cancelled, False
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if isinstance(item, _Marker):
+            self._done = True
+            raise StopIteration
+        return item
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+def include_usage(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool((request.stream_options or {}).get("include_usage"))
+
+
+def expect_kind(target: Target, kind: ModelKind) -> None:
+    if target.kind != kind:
+        usage = "/v1/classifications" if target.kind == "classification" else "/v1/chat/completions"
+        raise APIError(
+            f"Model {target.model!r} is a {target.kind.replace('_', ' ')} model; use {usage} with it.",
+            param="model",
+            code="model_not_supported",
+        )
+
+
+def chat_prompts(messages: list[ChatMessage]) -> Callable[[PreTrainedTokenizerBase], list[list[int]]]:
+    def render(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+        return [chat_prompt_ids(tokenizer, messages)]
+
+    return render
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage]) -> list[int]:
+    """The prompt as training renders a conversation before an assistant turn (`tokenize_chat`): the
+    chat template's text with the generation prompt, tokenized without added special tokens."""
+    if not tokenizer.chat_template:
+        raise APIError(
+            "This model's tokenizer has no chat template; use /v1/completions with it.",
+            param="model",
+            code="model_not_supported",
+        )
+    conversation = [template_message({"role": m.role, "content": m.text()}) for m in messages]
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def text_prompts(prompts: list[str]) -> Callable[[PreTrainedTokenizerBase], list[list[int]]]:
+    def encode_all(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+        # As prompt/completion training encodes its prompts; an empty prompt starts from bos (or eos).
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [tokenizer(p, add_special_tokens=True)["input_ids"] or [start] for p in prompts]
+
+    return encode_all
+
+
+def context_length(model: nn.Module) -> int | None:
+    """Positions left for prompt and completion: the model's maximum, less a prompt method's virtual
+    tokens."""
+    config = getattr(model, "config", None)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config else None
+    if limit is not None and isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        limit -= model.active_peft_config.num_virtual_tokens
+    return limit
+
+
+@torch.no_grad()
+def classifier_probabilities(served: Served, texts: list[str]) -> np.ndarray:
+    """Class probabilities per text: one text per forward pass, so no padding convention (left for
+    decoders, right for encoders) can differ from training's."""
+    if hasattr(served.model, "predict_proba"):  # feature extraction: embeddings + logistic regression
+        probabilities: np.ndarray = served.model.predict_proba(texts)
+        return probabilities
+    limit = served.max_seq_length or served.tokenizer.model_max_length
+    rows = []
+    for text in texts:
+        input_ids = encode(served.tokenizer, text, limit)[0]["input_ids"]
+        ids = torch.tensor([input_ids], device=next(served.model.parameters()).device)
+        logits = served.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        rows.append(logits.float().softmax(dim=-1)[0].cpu().numpy())
+    return np.stack(rows)

@@ -1,0 +1,314 @@
+"""Models in memory: every base model loaded once per process, the artifacts trained on it on top.
+
+- LoRA-family adapters (lora, dora, qlora; a qlora adapter runs on the unquantised base) of causal LMs are
+  hot-swapped on their shared base: one PeftModel per base, `load_adapter` on first use, `set_adapter` per
+  request, `disable_adapter` for the base itself.
+- Every other artifact (ia3, prompt methods, full, freeze, bitfit, every classifier, feature_extraction)
+  is a dedicated model: a fresh load of the base plus the training method's `load` hook.
+- Both kinds share one LRU of `settings.inference_adapter_cache` entries.
+- The active adapter is state of its base, so a request holds its base's lock for its whole generation;
+  requests on different bases run concurrently.
+- An artifact goes on a base only if its `lineage.json` names that base's content hash.
+"""
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from pydantic import BaseModel, ValidationError
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from api.errors import APIError
+from models.inference import Target
+from models.lineage import LINEAGE_FILE, BaseModelRef
+from models.registry import content_hash
+from models.settings import Settings
+from models.storage import LocalArtifactStore
+from worker.training.device import DeviceConfig, select_device
+from worker.training.loading import load_model, load_tokenizer
+from worker.training.methods import get_method
+from worker.training.objectives.classification import LABELS_FILE
+
+HOT_SWAPPED = {"lora", "dora", "qlora"}
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+class ServingLineage(BaseModel):
+    """What serving reads of `lineage.json` (`models.lineage.Lineage`); the other fields describe the job,
+    and lineage files that have more or fewer of those still serve."""
+
+    base_model: BaseModelRef
+    training_type: str
+    hyperparameters: dict[str, object] = {}
+
+
+@dataclass
+class Served:
+    """A model ready for one request."""
+
+    model: Any
+    """An `nn.Module`, or a feature-extraction classifier."""
+    tokenizer: PreTrainedTokenizerBase
+    labels: list[str] | None = None
+    max_seq_length: int | None = None
+    """Where classifier inputs are cut, as in training."""
+
+
+@dataclass
+class Base:
+    """A base model shared by the adapters hot-swapped on it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    content_hash: str
+    peft: PeftModel | None = None
+    """The one PeftModel wrapping `model` while any adapter is loaded."""
+    pending: list[str] = field(default_factory=list)
+    """Adapters evicted while another request held this base: deleted by its next request."""
+
+    def delete_adapter(self, name: str) -> None:
+        assert self.peft is not None
+        self.peft.delete_adapter(name)
+        if not self.peft.peft_config:
+            # PeftModel cannot run without an adapter: give the plain base back.
+            self.model, self.peft = self.peft.unload(), None
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    base_path: str
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class DedicatedEntry:
+    served: Served
+
+
+class ModelStore:
+    def __init__(self, settings: Settings, device: DeviceConfig | None = None) -> None:
+        self.artifacts = LocalArtifactStore(settings.artifacts_root)
+        self.capacity = settings.inference_adapter_cache
+        self.device = device or select_device()
+        self.bases: dict[str, Base] = {}
+        self.cache: OrderedDict[tuple[str, str], AdapterEntry | DedicatedEntry] = OrderedDict()
+        self._hashes: dict[str, str] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._mutex = threading.Lock()
+        """Guards the dictionaries above (never held while computing)."""
+        self._names = 0
+
+    @contextmanager
+    def serving(self, target: Target) -> Iterator[Served]:
+        """The target's model for the duration of one request, with its base's lock held."""
+        with self.lock(target.base_path):
+            self._delete_pending(target.base_path)
+            if target.artifact_key is None:
+                if target.kind == "classification":
+                    raise APIError(
+                        f"Model {target.model!r} is a base model without a classifier head.",
+                        param="model",
+                        code="model_not_supported",
+                    )
+                base = self._base(target.base_path)
+                context = base.peft.disable_adapter() if base.peft is not None else nullcontext()
+                with context:
+                    yield Served(base.peft or base.model, base.tokenizer)
+                return
+            key = (target.base_path, target.artifact_key)
+            entry = self._cached(key)
+            if entry is None:
+                entry = self._load(target)
+                self._remember(key, entry, target.base_path)
+            if isinstance(entry, DedicatedEntry):
+                yield entry.served
+                return
+            base = self.bases[target.base_path]
+            assert base.peft is not None
+            base.peft.set_adapter(entry.name)
+            yield Served(base.peft, entry.tokenizer)
+
+    def _load(self, target: Target) -> AdapterEntry | DedicatedEntry:
+        assert target.artifact_key is not None
+        directory = self.artifacts.local_path(target.artifact_key)
+        if not directory.is_dir():
+            raise APIError(
+                f"The artifact of model {target.model!r} is missing from the artifact store.",
+                status_code=404,
+                param="model",
+                code="model_not_found",
+            )
+        lineage = read_lineage(directory, target.model)
+        expected = self.content_hash(target.base_path)
+        if lineage.base_model.content_hash != expected:
+            raise APIError(
+                f"Model {target.model!r} was trained on base {lineage.base_model.name!r} with content hash "
+                f"{lineage.base_model.content_hash}, but the base at this name now has content hash "
+                f"{expected}; refusing to serve it on a different base.",
+                param="model",
+                code="model_mismatch",
+            )
+        method = target.method or lineage.training_type
+        tokenizer_dir = directory if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
+        if method in HOT_SWAPPED and target.kind == "causal_lm":
+            base = self._base(target.base_path)
+            tokenizer = load_tokenizer(str(tokenizer_dir)) if tokenizer_dir else base.tokenizer
+            with self._mutex:
+                self._names += 1
+                name = f"adapter{self._names}"
+            if base.peft is None:
+                base.peft = PeftModel.from_pretrained(base.model, directory, adapter_name=name).eval()
+            else:
+                base.peft.load_adapter(directory, adapter_name=name)
+            return AdapterEntry(target.base_path, name, tokenizer)
+        tokenizer = load_tokenizer(str(tokenizer_dir or target.base_path))
+        return DedicatedEntry(self._dedicated(target, directory, method, tokenizer, lineage))
+
+    def _dedicated(
+        self,
+        target: Target,
+        directory: Path,
+        method: str,
+        tokenizer: PreTrainedTokenizerBase,
+        lineage: ServingLineage,
+    ) -> Served:
+        if method == "feature_extraction":
+            if target.kind != "classification":
+                raise APIError(
+                    f"Model {target.model!r} is a classifier.", param="model", code="model_not_supported"
+                )
+            # Imported here: scikit-learn loads only in a server that serves such a model.
+            from worker.training.feature_extraction import load_feature_extraction
+
+            classifier = load_feature_extraction(directory, target.base_path, self.device)
+            return Served(classifier, classifier.tokenizer, classifier.labels)
+        try:
+            load = get_method(method).load
+        except ValueError as exc:
+            raise APIError(str(exc), param="model", code="model_not_supported") from exc
+        auto_class: Any = AutoModelForCausalLM
+        options: dict[str, Any] = {}
+        labels: list[str] | None = None
+        if target.kind == "classification":
+            labels = read_labels(directory, target.model)
+            # The head as training built it (see load_classifier): one output per label, named.
+            auto_class = AutoModelForSequenceClassification
+            options = {
+                "num_labels": len(labels),
+                "id2label": dict(enumerate(labels)),
+                "label2id": {label: index for index, label in enumerate(labels)},
+                "pad_token_id": tokenizer.pad_token_id,
+            }
+
+        def load_base(path: Path | None = None) -> PreTrainedModel:
+            return load_model(str(path or target.base_path), self.device, auto_class=auto_class, **options)
+
+        model = load(load_base, directory).eval()
+        max_seq_length = lineage.hyperparameters.get("max_seq_length")
+        return Served(model, tokenizer, labels, max_seq_length if isinstance(max_seq_length, int) else None)
+
+    def _base(self, path: str) -> Base:
+        """The shared base at `path`, loaded on first use (the caller holds its lock)."""
+        base = self.bases.get(path)
+        if base is None:
+            model = load_model(path, self.device).eval()
+            base = Base(model, load_tokenizer(path), self.content_hash(path))
+            self.bases[path] = base
+        return base
+
+    def content_hash(self, path: str) -> str:
+        with self._mutex:
+            known = self._hashes.get(path)
+        if known is None:
+            known = content_hash(Path(path))
+            with self._mutex:
+                self._hashes[path] = known
+        return known
+
+    def lock(self, base_path: str) -> threading.Lock:
+        with self._mutex:
+            return self._locks.setdefault(base_path, threading.Lock())
+
+    def _cached(self, key: tuple[str, str]) -> AdapterEntry | DedicatedEntry | None:
+        with self._mutex:
+            entry = self.cache.get(key)
+            if entry is not None:
+                self.cache.move_to_end(key)
+            return entry
+
+    def _remember(self, key: tuple[str, str], entry: AdapterEntry | DedicatedEntry, holding: str) -> None:
+        """Add an entry; evict the least recently used beyond capacity. `holding`: the base whose lock the
+        caller has."""
+        with self._mutex:
+            self.cache[key] = entry
+            evicted = []
+            while len(self.cache) > self.capacity:
+                evicted.append(self.cache.popitem(last=False)[1])
+        for old in evicted:
+            if isinstance(old, DedicatedEntry):
+                continue  # dropped with its last reference (a request still using it keeps it alive)
+            base = self.bases[old.base_path]
+            if old.base_path == holding:
+                base.delete_adapter(old.name)
+                continue
+            lock = self.lock(old.base_path)
+            if lock.acquire(blocking=False):
+                try:
+                    base.delete_adapter(old.name)
+                finally:
+                    lock.release()
+            else:  # that base is generating, maybe with this very adapter: its next request deletes it
+                with self._mutex:
+                    base.pending.append(old.name)
+
+    def _delete_pending(self, base_path: str) -> None:
+        base = self.bases.get(base_path)
+        if base is None:
+            return
+        with self._mutex:
+            names, base.pending = base.pending, []
+        for name in names:
+            base.delete_adapter(name)
+
+
+def read_lineage(directory: Path, model: str) -> ServingLineage:
+    path = directory / LINEAGE_FILE
+    if not path.is_file():
+        raise APIError(
+            f"Model {model!r} has no {LINEAGE_FILE}, so the base it was trained on cannot be checked; "
+            "refusing to serve it.",
+            param="model",
+            code="missing_lineage",
+        )
+    try:
+        return ServingLineage.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(map(str, error["loc"]))
+        raise APIError(
+            f"Model {model!r} has an invalid {LINEAGE_FILE}: {where}: {error['msg']}",
+            param="model",
+            code="missing_lineage",
+        ) from exc
+
+
+def read_labels(directory: Path, model: str) -> list[str]:
+    path = directory / LABELS_FILE
+    if not path.is_file():
+        raise APIError(
+            f"Classifier {model!r} has no {LABELS_FILE}.", param="model", code="model_not_supported"
+        )
+    labels: list[str] = json.loads(path.read_text(encoding="utf-8"))["labels"]
+    return labels
