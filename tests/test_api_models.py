@@ -3,18 +3,22 @@ checkpoints with their lineage, artifact downloads, deletion; and the inference 
 
 import hashlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import openai
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from models.lineage import tokenizer_hash
 from models.registry import content_hash
 from models.settings import Settings
 from tests.jobs_helpers import chat_lines
-from tests.test_runner import create_job, runner  # noqa: F401 (fixture)
+from tests.test_runner import create_job, runner, upload  # noqa: F401 (runner: a fixture)
 from worker.runner import JobRunner
 
 
@@ -125,3 +129,50 @@ def test_inference_routes_check_the_request_and_the_model(
             api.chat.completions.create(model=registered_model, messages=messages)  # type: ignore[arg-type]
         assert down.value.status_code == 503 and down.value.body["code"] == "inference_unavailable"  # type: ignore[index]
         assert down.value.response.headers["retry-after"]
+
+
+def test_a_merged_export_is_published_verified_and_downloadable(
+    client: TestClient,
+    runner: JobRunner,  # noqa: F811
+    registered_model: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    body = {
+        "model": registered_model,
+        "training_file": upload(client, chat_lines(12)),
+        "validation_file": upload(client, chat_lines(4, "validation")),
+        "export_merged": True,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+    }
+    ia3 = {"type": "supervised", "supervised": {"hyperparameters": {"training_type": "ia3"}}}
+    refused = client.post("/v1/fine_tuning/jobs", json={**body, "method": ia3})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "export_merged"
+    created = client.post("/v1/fine_tuning/jobs", json=body)
+    assert created.status_code == 200, created.text
+    runner.run(created.json()["id"])
+    api = openai_client(client)
+    job = api.fine_tuning.jobs.retrieve(created.json()["id"])
+    assert job.status == "succeeded", job.error
+    assert job.model_extra and job.model_extra["export_merged"] is True
+    tuned = job.fine_tuned_model
+    assert tuned and (api.models.retrieve(tuned).model_extra or {})["formats"] == ["adapter", "merged"]
+    events = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert any(message.startswith("Merged export verified") for message in events)
+
+    # The downloaded merged model is a plain transformers model computing what the adapter on its base does.
+    for fmt in ("adapter", "merged"):
+        (tmp_path / fmt).mkdir()
+        for name, content in members(client, tuned, fmt).items():
+            (tmp_path / fmt / Path(name).name).write_bytes(content)
+    assert json.loads((tmp_path / "merged" / "lineage.json").read_text())["job_id"] == job.id
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", use_safetensors=True)
+    assert getattr(merged.config, "quantization_config", None) is None
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted_logits = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
+        merged_logits = merged(ids).logits
+    torch.testing.assert_close(merged_logits, adapted_logits, rtol=0, atol=1e-4)
+    assert not torch.allclose(merged_logits, base_logits)

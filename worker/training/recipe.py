@@ -36,12 +36,15 @@ from worker.training.checkpoint import (
 )
 from worker.training.device import select_device
 from worker.training.events import EventWriter
+from worker.training.export import export_merged
 from worker.training.loading import count_parameters, load_tokenizer
 from worker.training.methods import get_method, untouched
 from worker.training.objectives import Example, get_objective
 
 BASE_TRAINING_TYPES = frozenset({"full", "freeze", "bitfit"})
 """Methods that update the base model's own weights (so they need float32 master weights)."""
+EXPORT_PROMPTS = 8
+"""Rows a merged export is verified on: enough to cover varied inputs, few enough to cost seconds."""
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 CSV_HEADER = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 """OpenAI's results-file columns; the objective's other metrics follow in columns of their own names."""
@@ -304,6 +307,7 @@ class Recipe:
         self.method.save(self.model, adapter_dir)
         self.tokenizer.save_pretrained(adapter_dir)
         self.objective.save_extras(adapter_dir)
+        merged_dir = self._export_merged() if self.spec.export_merged else None
         results_csv = self.output_dir / "step_metrics.csv"
         write_results_csv(results_csv, self.progress.history, self.objective.accuracy)
 
@@ -312,11 +316,30 @@ class Recipe:
             CompletedMessage(
                 step=last_step,
                 adapter_path=str(adapter_dir),
+                merged_path=str(merged_dir) if merged_dir else None,
                 results_csv=str(results_csv),
                 trained_tokens=self.progress.trained_tokens,
                 metrics={**self.progress.last_full_valid, **last_metrics},
             )
         )
+
+    def _export_merged(self) -> Path:
+        """The adapter merged into a fresh copy of the base, verified on up to EXPORT_PROMPTS held-out rows
+        (training rows without a validation file); a mismatch raises and fails the job."""
+        rows = (self.valid_examples or self.train_examples)[:EXPORT_PROMPTS]
+        # A preference pair stands for its preferred row.
+        prompts = [getattr(row, "chosen", row).input_ids for row in rows]
+        report = export_merged(
+            self.model,
+            self.hp.training_type,
+            self.objective.load_model,
+            self.tokenizer,
+            prompts,
+            self.output_dir / "merged",
+            extras=self.objective.save_extras,
+        )
+        self.events.log(report.summary())
+        return report.directory
 
 
 def write_results_csv(path: Path, history: Sequence[tuple[int, Metrics]], accuracy: str) -> None:
