@@ -75,7 +75,10 @@ def up(
         env={**os.environ, "FTJOBS_DATA_DIR": str(settings.data_dir)},
         preexec_fn=die_with_parent,
     )
-    typer.echo(f"ftjobs (embedded) on http://{host}:{port}/v1, data in {settings.data_dir.resolve()}")
+    typer.echo(
+        f"ftjobs (embedded) on http://{host}:{port}/v1, inference server on {settings.inference_url}, "
+        f"data in {settings.data_dir.resolve()}"
+    )
     try:
         uvicorn.run(create_app(settings, dispatcher), host=host, port=port, log_level="warning")
     finally:
