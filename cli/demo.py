@@ -1,9 +1,11 @@
 """`ftjobs demo`: the whole loop on real data, through the official openai client.
 
 Starts an embedded server, makes sure SmolLM2-135M-Instruct is registered, uploads the movie-review
-sentiment chat set, LoRA-tunes it for one epoch while showing progress, and prints what came out.
+sentiment chat set, LoRA-tunes it for one epoch while showing progress, prints what came out, and asks the
+tuned model a few validation reviews through /v1/chat/completions.
 """
 
+import json
 import subprocess
 import sys
 import time
@@ -107,11 +109,26 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
             typer.echo("Base → tuned:     " + _comparison(evaluation["baseline"], evaluation["tuned"]))
         typer.echo(f"Results file:     {job.result_files[0]} (client.files.content(...) gives the CSV)")
         typer.echo(f"Adapter:          {adapter}")
+        _ask(client, job.fine_tuned_model, dataset / "validation.jsonl")  # type: ignore[arg-type]
         typer.echo(f"Wall time:        {time.monotonic() - started:.0f} s")
         return 0
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _ask(client: OpenAI, model: str, validation: Path, n: int = 3) -> None:
+    """The tuned model answers a few validation reviews through /v1/chat/completions, as any client would."""
+    typer.echo(f"\nAsking {model}:")
+    with open(validation, encoding="utf-8") as lines:
+        for line in list(lines)[:n]:
+            *prompt, expected = json.loads(line)["messages"]
+            answer = client.chat.completions.create(model=model, messages=prompt, temperature=0, max_tokens=8)
+            review = prompt[-1]["content"]
+            typer.echo(
+                f"  {review[:70]}{'…' if len(review) > 70 else ''}\n"
+                f"    → {answer.choices[0].message.content!r} (labelled {expected['content']!r})"
+            )
 
 
 def _comparison(baseline: dict[str, Any], tuned: dict[str, Any]) -> str:

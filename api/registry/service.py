@@ -85,7 +85,7 @@ def target(store: ArtifactStore, version: ModelVersion) -> Target:
         raise APIError(
             f"Model {version.id!r} was published without lineage and cannot be served.",
             param="model",
-            code="model_not_servable",
+            code="model_not_supported",
         )
     return Target(
         model=version.id,
@@ -103,7 +103,7 @@ def _base_kind(version: ModelVersion) -> ModelKind:
             f"{version.id!r} is an encoder without a language-model head: fine-tune a classifier on it, then "
             "use /v1/classifications with that model.",
             param="model",
-            code="model_not_servable",
+            code="model_not_supported",
         )
     return "causal_lm"
 
@@ -117,5 +117,5 @@ def _tuned_kind(model_id: str, lineage: Lineage) -> ModelKind:
         f"Model {model_id!r} is a {lineage.objective} model; serving covers language models and text "
         "classifiers.",
         param="model",
-        code="model_not_servable",
+        code="model_not_supported",
     )
