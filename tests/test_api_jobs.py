@@ -19,7 +19,7 @@ JOB_FIELDS = {
     "id", "object", "created_at", "model", "status", "training_file", "validation_file", "fine_tuned_model",
     "finished_at", "trained_tokens", "result_files", "hyperparameters", "method", "organization_id", "seed",
     "error", "estimated_finish", "integrations", "metadata", "user_provided_suffix",
-    "evaluation",  # extension
+    "evaluation", "export_merged",  # extensions
 }  # fmt: skip
 
 
