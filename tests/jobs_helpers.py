@@ -5,6 +5,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import openai
+from openai.types.fine_tuning import FineTuningJob
+
 from tests.conftest import SHARED_DATA
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -35,3 +38,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def succeeded(client: openai.OpenAI, job: FineTuningJob, timeout: float = 300) -> FineTuningJob:
+    """Poll a job through the openai client until it ends; it must have succeeded."""
+    deadline = time.monotonic() + timeout
+    while job.status not in TERMINAL:
+        assert time.monotonic() < deadline, f"job stuck in {job.status}"
+        time.sleep(0.5)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    return job

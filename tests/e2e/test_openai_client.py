@@ -17,7 +17,7 @@ from models.queue import RUN_JOB, make_celery
 from models.settings import Settings
 from tests.conftest import fresh_postgres_database
 from tests.e2e.servers import cli, distributed_env, free_port, process
-from tests.jobs_helpers import TERMINAL, write_chat
+from tests.jobs_helpers import succeeded, write_chat
 
 pytestmark = pytest.mark.e2e
 
@@ -43,13 +43,7 @@ def run_job(client: openai.OpenAI, tmp_path: Path, model: str) -> FineTuningJob:
         },
     )
     assert job.status == "validating_files" and job.hyperparameters.n_epochs == 2
-    deadline = time.monotonic() + 300
-    while job.status not in TERMINAL:
-        assert time.monotonic() < deadline, f"job stuck in {job.status}"
-        time.sleep(0.5)
-        job = client.fine_tuning.jobs.retrieve(job.id)
-    assert job.status == "succeeded", job.error
-    return job
+    return succeeded(client, job)
 
 
 def check_outputs(client: openai.OpenAI, job: FineTuningJob, model: str) -> None:

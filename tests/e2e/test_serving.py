@@ -3,7 +3,6 @@ adapters fine-tuned by real jobs, alternated request by request on one base (str
 answering as it does when loaded alone; a checkpoint as a model; a deleted model gone; a base whose
 content changed refused."""
 
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.e2e.servers import cli, free_port, process
-from tests.jobs_helpers import TERMINAL, chat_lines, wait_for
+from tests.jobs_helpers import chat_lines, succeeded, wait_for
 from tests.tiny_model import build_tiny_llama
 
 pytestmark = pytest.mark.e2e
@@ -43,16 +42,6 @@ def start_job(client: openai.OpenAI, tmp_path: Path, split: str, seed: int) -> F
             },
         },
     )
-
-
-def finished(client: openai.OpenAI, job: FineTuningJob) -> FineTuningJob:
-    deadline = time.monotonic() + 300
-    while job.status not in TERMINAL:
-        assert time.monotonic() < deadline, f"job stuck in {job.status}"
-        time.sleep(0.5)
-        job = client.fine_tuning.jobs.retrieve(job.id)
-    assert job.status == "succeeded", job.error
-    return job
 
 
 def answers(url: str) -> bool:
@@ -108,7 +97,7 @@ def test_adapters_are_hot_swapped_on_one_base_through_the_openai_client(
     with process(up, env, tmp_path / "up.log", f"http://127.0.0.1:{port}/healthz"):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         started = [start_job(client, tmp_path, "train", 1), start_job(client, tmp_path, "validation", 2)]
-        jobs = [finished(client, job) for job in started]
+        jobs = [succeeded(client, job) for job in started]
         # `ftjobs up` starts the inference server beside the API; it imports torch, so it can lag behind.
         health_url = f"http://127.0.0.1:{inference_port}/healthz"
         wait_for(lambda: answers(health_url), 120, "the inference server")

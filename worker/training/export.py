@@ -45,6 +45,8 @@ from transformers import (
 )
 
 from models.spec import LORA_FAMILY
+from worker.training.device import DeviceConfig
+from worker.training.loading import load_model
 from worker.training.methods import task_type
 
 DEFAULT_ATOL = 1e-3
@@ -270,13 +272,7 @@ def export_merged(
             if extras is not None:
                 extras(staging)
             del merged, reference, base  # the reload below is a second whole model
-            reloaded = auto_class.from_pretrained(
-                staging,
-                dtype=torch.float32,
-                use_safetensors=True,
-                trust_remote_code=False,
-                local_files_only=True,
-            ).to(device)
+            reloaded = load_model(str(staging), DeviceConfig(device, torch.float32), auto_class)
             reload = compare(
                 merged_logits, prompt_logits(reloaded, prompts), atol, "the saved and the merged model"
             )
