@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from inference.app import create_app as create_inference_app
 from models.db import session_scope
 from models.objectives import EVAL_METRICS
 from models.registry import ModelRegistry
@@ -142,3 +143,31 @@ def test_every_objective_trains_through_the_api_and_reports_its_metrics(
             ["animal", "fruit"] if objective == "classification" else ["B-ANI", "B-FRU", "I-ANI", "O"]
         )
     assert not [p for p in adapter.rglob("*") if p.suffix in {".bin", ".pt", ".pkl", ".joblib"}]
+
+    # The tuned model serves through the API's inference routes (here with the inference app in-process).
+    client.app.state.inference = TestClient(create_inference_app(settings))  # type: ignore[attr-defined]
+    model_id = job["fine_tuned_model"]
+    if objective == "classification":
+        answer = client.post(
+            "/v1/classifications", json={"model": model_id, "input": [r["text"] for r in valid]}
+        )
+        assert answer.status_code == 200, answer.text
+        data = answer.json()["data"]
+        assert all(
+            abs(sum(d["scores"].values()) - 1) < 1e-5 and d["score"] == max(d["scores"].values())
+            for d in data
+        )
+        # Served predictions are the ones the job's own evaluation scored.
+        accuracy = sum(d["label"] == r["label"] for d, r in zip(data, valid, strict=True)) / len(valid)
+        assert accuracy == pytest.approx(tuned["full_valid_accuracy"])
+    elif objective in ("pretrain", "dpo"):
+        answer = client.post(
+            "/v1/completions", json={"model": model_id, "prompt": "Numbers: 3 4", "max_tokens": 4}
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] > 0
+    else:  # NER and reward models are not served
+        refused = client.post(
+            "/v1/chat/completions", json={"model": model_id, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_supported"
