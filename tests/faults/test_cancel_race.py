@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
 from models.db import make_engine, make_session_factory, session_scope
+from models.hyperparameters import SupervisedHyperparameters, resolve
 from models.migrate import upgrade
 from models.orm import File
 from models.registry import ModelRegistry
@@ -27,9 +28,10 @@ from models.settings import Settings
 from models.spec import CompletedMessage
 from models.states import JobStatus, transition
 from models.storage import LocalArtifactStore
+from models.validation import FileSummary
 from tests.conftest import RecordingDispatcher, fresh_postgres_database
 from tests.jobs_helpers import prompt_completion_lines
-from worker.runner import Attempt, JobRunner
+from worker.runner import Attempt, JobData, JobRunner
 
 pytestmark = pytest.mark.e2e
 
@@ -47,6 +49,10 @@ def race_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[st
     else:
         with fresh_postgres_database() as url:
             yield url
+
+
+TRAINED = JobData(FileSummary("prompt_completion", 10), "sft", SupervisedHyperparameters())
+"""What validation learnt of the jobs these tests publish (their files are never read)."""
 
 
 def trainer_output(root: Path) -> CompletedMessage:
@@ -75,7 +81,13 @@ def running_job(client: TestClient, factory: sessionmaker[Session], training_fil
     now = time.time()
     with session_scope(factory) as session:
         assert transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED)
-        claimed = {"attempt": 1, "started_at": int(now), "heartbeat_at": now, "lease_expires_at": now + 600}
+        claimed = {
+            "attempt": 1,
+            "hyperparameters": resolve(TRAINED.requested, TRAINED.summary.n_examples, "sft").model_dump(),
+            "started_at": int(now),
+            "heartbeat_at": now,
+            "lease_expires_at": now + 600,
+        }
         assert transition(
             session, job_id, from_=JobStatus.QUEUED, to=JobStatus.RUNNING, attempt=0, values=claimed
         )
@@ -102,7 +114,7 @@ def race(attempt: Attempt, done: CompletedMessage, client: TestClient, pool: Thr
 
 
 def test_cancel_racing_completion_has_one_winner_and_leaves_nothing_behind(
-    race_database: str, tmp_path: Path
+    race_database: str, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     settings = Settings(data_dir=tmp_path / "data", database_url=race_database)
     engine = make_engine(race_database)
@@ -111,7 +123,8 @@ def test_cancel_racing_completion_has_one_winner_and_leaves_nothing_behind(
     runner = JobRunner(settings, factory, store)
     done = trainer_output(tmp_path / "trainer")
     with session_scope(factory) as session:
-        ModelRegistry(session).register("tiny-llama", str(tmp_path), "local")  # never loaded: no training
+        # Never loaded: nothing trains here.
+        ModelRegistry(session).register("tiny-llama", str(tiny_model_dir), "local")
 
     def result_rows() -> int:
         with session_scope(factory) as session:
@@ -126,7 +139,7 @@ def test_cancel_racing_completion_has_one_winner_and_leaves_nothing_behind(
             training_file = client.post("/v1/files", files=upload, data={"purpose": "fine-tune"}).json()["id"]
             for _ in range(ITERATIONS):
                 job_id = running_job(client, factory, training_file)
-                cancel_status = race(Attempt(runner, job_id, 1, "prompt_completion"), done, client, pool)
+                cancel_status = race(Attempt(runner, job_id, 1, TRAINED), done, client, pool)
 
                 job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
                 adapter = settings.artifacts_root / "jobs" / job_id / "attempt-1" / "adapter"
@@ -151,7 +164,7 @@ def test_cancel_racing_completion_has_one_winner_and_leaves_nothing_behind(
             # cancelled job (a late publish of a succeeded one: see the next test).
             for job_id, final in finals.items():
                 if final["status"] == "cancelled":
-                    Attempt(runner, job_id, 1, "prompt_completion")._publish(done)
+                    Attempt(runner, job_id, 1, TRAINED)._publish(done)
                 assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 400
                 assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json() == final
                 adapter = settings.artifacts_root / "jobs" / job_id / "attempt-1" / "adapter"
@@ -167,7 +180,7 @@ def test_cancel_racing_completion_has_one_winner_and_leaves_nothing_behind(
     print(f"{race_database.split(':')[0]}: {dict(outcomes)}")
 
 
-def test_a_retried_publish_keeps_the_published_adapter(tmp_path: Path) -> None:
+def test_a_retried_publish_keeps_the_published_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ftjobs.db'}"
     upgrade(url)
     settings = Settings(data_dir=tmp_path / "data", database_url=url)
@@ -176,14 +189,14 @@ def test_a_retried_publish_keeps_the_published_adapter(tmp_path: Path) -> None:
     runner = JobRunner(settings, factory, LocalArtifactStore(settings.artifacts_root))
     done = trainer_output(tmp_path / "trainer")
     with session_scope(factory) as session:
-        ModelRegistry(session).register("tiny-llama", str(tmp_path), "local")
+        ModelRegistry(session).register("tiny-llama", str(tiny_model_dir), "local")
     app = create_app(settings, RecordingDispatcher())
     try:
         with TestClient(app) as client:
             upload = {"file": ("train.jsonl", prompt_completion_lines(10))}
             training_file = client.post("/v1/files", files=upload, data={"purpose": "fine-tune"}).json()["id"]
             job_id = running_job(client, factory, training_file)
-            attempt = Attempt(runner, job_id, 1, "prompt_completion")
+            attempt = Attempt(runner, job_id, 1, TRAINED)
             attempt._publish(done)
             # The COMMIT went through but the connection died before its reply: `_db` runs it again.
             attempt._publish(done)
