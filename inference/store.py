@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import BaseModel, ValidationError
 from transformers import (
     AutoModelForCausalLM,
@@ -31,7 +32,7 @@ from transformers import (
 
 from api.errors import APIError
 from models.inference import Target
-from models.lineage import LINEAGE_FILE, BaseModelRef
+from models.lineage import LINEAGE_FILE, BaseModelRef, tokenizer_hash
 from models.registry import content_hash
 from models.settings import Settings
 from models.storage import LocalArtifactStore
@@ -76,6 +77,22 @@ class Base:
     """The one PeftModel wrapping `model` while any adapter is loaded."""
     pending: list[str] = field(default_factory=list)
     """Adapters evicted while another request held this base: deleted by its next request."""
+    layers: list[BaseTunerLayer] = field(default_factory=list)
+    """The adapter layers in `peft`, so a swap visits them alone (peft's set_adapter walks every module)."""
+
+    def refresh_layers(self) -> None:
+        self.layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)] if self.peft else []
+
+    def activate(self, name: str) -> None:
+        """`PeftModel.set_adapter(name, inference_mode=True)` on the cached layers, and nothing when `name` is
+        already active."""
+        assert self.peft is not None
+        if self.peft.active_adapter == name:
+            return
+        for layer in self.layers:
+            layer.set_adapter(name, inference_mode=True)
+        self.peft.base_model.active_adapter = name
+        self.peft.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
         assert self.peft is not None
@@ -83,6 +100,7 @@ class Base:
         if not self.peft.peft_config:
             # PeftModel cannot run without an adapter: give the plain base back.
             self.model, self.peft = self.peft.unload(), None
+        self.refresh_layers()
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,8 @@ class ModelStore:
         self.bases: dict[str, Base] = {}
         self.cache: OrderedDict[tuple[str, str], AdapterEntry | DedicatedEntry] = OrderedDict()
         self._hashes: dict[str, str] = {}
+        self._tokenizers: dict[tuple[str, str], PreTrainedTokenizerBase] = {}
+        """By base and tokenizer_hash: the adapters trained on one base share its tokenizer's files."""
         self._locks: dict[str, threading.Lock] = {}
         self._mutex = threading.Lock()
         """Guards the dictionaries above (never held while computing)."""
@@ -137,7 +157,7 @@ class ModelStore:
                 return
             base = self.bases[target.base_path]
             assert base.peft is not None
-            base.peft.set_adapter(entry.name)
+            base.activate(entry.name)
             yield Served(base.peft, entry.tokenizer)
 
     def _load(self, target: Target) -> AdapterEntry | DedicatedEntry:
@@ -164,7 +184,7 @@ class ModelStore:
         tokenizer_dir = directory if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
         if method in HOT_SWAPPED and target.kind == "causal_lm":
             base = self._base(target.base_path)
-            tokenizer = load_tokenizer(str(tokenizer_dir)) if tokenizer_dir else base.tokenizer
+            tokenizer = self._tokenizer(target.base_path, tokenizer_dir) if tokenizer_dir else base.tokenizer
             with self._mutex:
                 self._names += 1
                 name = f"adapter{self._names}"
@@ -172,6 +192,7 @@ class ModelStore:
                 base.peft = PeftModel.from_pretrained(base.model, directory, adapter_name=name).eval()
             else:
                 base.peft.load_adapter(directory, adapter_name=name)
+            base.refresh_layers()
             return AdapterEntry(target.base_path, name, tokenizer)
         tokenizer = load_tokenizer(str(tokenizer_dir or target.base_path))
         return DedicatedEntry(self._dedicated(target, directory, method, tokenizer, lineage))
@@ -227,6 +248,18 @@ class ModelStore:
             base = Base(model, load_tokenizer(path), self.content_hash(path))
             self.bases[path] = base
         return base
+
+    def _tokenizer(self, base_path: str, directory: Path) -> PreTrainedTokenizerBase:
+        """The tokenizer an adapter carries, loaded once per distinct set of files (the caller holds the
+        base's lock, so one object is never used by two requests at once)."""
+        key = (base_path, tokenizer_hash(directory))
+        with self._mutex:
+            known = self._tokenizers.get(key)
+        if known is None:
+            known = load_tokenizer(str(directory))
+            with self._mutex:
+                self._tokenizers[key] = known
+        return known
 
     def content_hash(self, path: str) -> str:
         with self._mutex:
