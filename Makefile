@@ -29,17 +29,13 @@ bench-api: install-dev
 bench-methods: install-dev
 	$(PYTHON) bench/methods_table.py
 
-.PHONY: bench-train bench-qlora
-# Both take the model from FTJOBS_DATA_DIR (pulled there if missing) unless given ARGS="--model-dir DIR".
-bench-train: install-dev
+.PHONY: bench-throughput bench-qlora bench-serving
+# These take the model from FTJOBS_DATA_DIR (pulled there if missing) unless given ARGS="--model-dir DIR".
+bench-throughput: install-dev
 	$(PYTHON) bench/train_throughput.py $(ARGS)
 
 bench-qlora: install-dev
 	$(PYTHON) bench/qlora_memory.py $(ARGS)
 
-.PHONY: bench-throughput bench-qlora
-bench-throughput: install-dev
-	$(PYTHON) bench/train_throughput.py
-
-bench-qlora: install-dev
-	$(PYTHON) bench/qlora_memory.py
+bench-serving: install-dev
+	$(PYTHON) bench/adapter_serving.py $(ARGS)
