@@ -71,7 +71,7 @@ def up(
     Reconciler(settings, runner.session_factory, dispatcher).start()
     # Models load in their own process, so a long generation never stalls the API's event loop.
     inference = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(inference_port)],
+        [sys.executable, "-m", "cli", "serve", "--port", str(inference_port), "--log-level", "warning"],
         env={**os.environ, "FTJOBS_DATA_DIR": str(settings.data_dir)},
         preexec_fn=die_with_parent,
     )
@@ -97,12 +97,14 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
 
 
 @app.command()
-def serve(host: str = "127.0.0.1", port: int = 8001, data_dir: DataDir = None) -> None:
+def serve(
+    host: str = "127.0.0.1", port: int = 8001, log_level: str = "info", data_dir: DataDir = None
+) -> None:
     """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
     fine-tuned adapters attach per request."""
     from inference.app import serve as serve_models
 
-    serve_models(_settings(data_dir), host=host, port=port)
+    serve_models(_settings(data_dir), host=host, port=port, log_level=log_level)
 
 
 def _free_port() -> int:

@@ -89,7 +89,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     return app
 
 
-def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+def serve(
+    settings: Settings, host: str | None = None, port: int | None = None, log_level: str = "info"
+) -> None:
     """Run the inference server (`ftjobs serve`) in this process, by default where `inference_url` says."""
     import uvicorn
 
@@ -98,5 +100,5 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         create_app(settings),
         host=host or url.hostname or "127.0.0.1",
         port=port or url.port or DEFAULT_PORT,
-        log_level="info",
+        log_level=log_level,
     )
