@@ -1,8 +1,14 @@
 """Models in memory: every base model loaded once per process, the artifacts trained on it on top.
 
 - LoRA-family adapters (lora, dora, qlora; a qlora adapter runs on the unquantised base) of causal LMs are
-  hot-swapped on their shared base: one PeftModel per base, `load_adapter` on first use, `set_adapter` per
-  request, `disable_adapter` for the base itself.
+  hot-swapped on their shared base: one PeftModel per base, the active adapter set per request,
+  `disable_adapter` for the base itself.
+- A new adapter's weights are copied into a spare slot (peft's `hotswap_adapter`, ~50 ms) rather than
+  injected (`load_adapter`, 200-600 ms, growing with the adapters loaded). An evicted adapter's slot becomes
+  the spare; otherwise a background thread injects one, shaped like the last adapter, after each first use.
+  A base thus holds at most one slot more than its cached adapters. Ranks, alphas and dropouts may differ
+  between an adapter and its slot; one the slot can't take (DoRA against LoRA, a module the slot lacks) is
+  injected as before, and the misfit spare dropped.
 - Every other artifact (ia3, prompt methods, full, freeze, bitfit, every classifier, feature_extraction)
   is a dedicated model: a fresh load of the base plus the training method's `load` hook.
 - Both kinds share one LRU of `settings.inference_adapter_cache` entries.
@@ -11,17 +17,22 @@
 - An artifact goes on a base only if its `lineage.json` names that base's content hash.
 """
 
+import copy
 import json
+import logging
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.hotswap import hotswap_adapter
 from pydantic import BaseModel, ValidationError
 from transformers import (
     AutoModelForCausalLM,
@@ -42,6 +53,7 @@ from worker.training.methods import get_method
 from worker.training.objectives.classification import LABELS_FILE
 
 HOT_SWAPPED = {"lora", "dora", "qlora"}
+log = logging.getLogger("ftjobs.inference")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
@@ -76,7 +88,11 @@ class Base:
     peft: PeftModel | None = None
     """The one PeftModel wrapping `model` while any adapter is loaded."""
     pending: list[str] = field(default_factory=list)
-    """Adapters evicted while another request held this base: deleted by its next request."""
+    """Adapters evicted while another request held this base: released by its next request."""
+    spare: str | None = None
+    """A slot in `peft` no cached adapter uses, its weights stale: the next new adapter is copied into it."""
+    shape: LoraConfig | None = None
+    """The config of the last adapter put on this base: the shape of the next spare injected."""
     layers: list[BaseTunerLayer] = field(default_factory=list)
     """The adapter layers in `peft`, so a swap visits them alone (peft's set_adapter walks every module)."""
 
@@ -96,6 +112,37 @@ class Base:
             layer._active_adapter = [name]
         self.peft.base_model.active_adapter = name
         self.peft.active_adapter = name
+
+    def swap_into_spare(self, directory: Path, device: str) -> str | None:
+        """Copy the adapter in `directory` into the spare slot and return the slot's name. None if there is
+        no spare, or if the adapter doesn't fit it: then the spare is dropped, so the next one injected has
+        the shape of the adapters now coming."""
+        name = self.spare
+        if name is None or self.peft is None:
+            return None
+        config = LoraConfig.from_pretrained(str(directory))
+        self.spare = None
+        try:
+            if config.use_dora != self.peft.peft_config[name].use_dora:
+                # The layers differ, and a LoRA put in a DoRA slot would keep a zero magnitude.
+                raise ValueError("DoRA and LoRA slots differ")
+            # peft checks the new config against the active adapter's. What it compares can differ here:
+            # the swap recomputes the scaling (rslora, alpha and rank patterns) from the new config, and
+            # dropout is off at inference. So the spare takes the new config and becomes the active one.
+            self.peft.peft_config[name] = config
+            self.activate(name)
+            hotswap_adapter(self.peft, str(directory), adapter_name=name, torch_device=device)
+        except (ValueError, RuntimeError):  # DoRA against LoRA, or a module the slot lacks
+            self.delete_adapter(name)
+            return None
+        return name
+
+    def release(self, name: str) -> None:
+        """An evicted adapter's slot: kept as the spare if there is none, else deleted."""
+        if self.spare is None:
+            self.spare = name
+        else:
+            self.delete_adapter(name)
 
     def delete_adapter(self, name: str) -> None:
         assert self.peft is not None
@@ -132,6 +179,8 @@ class ModelStore:
         self._mutex = threading.Lock()
         """Guards the dictionaries above (never held while computing)."""
         self._names = 0
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="inference-spare")
+        """Injects spare adapter slots, one base at a time, off the requests' path."""
 
     @contextmanager
     def serving(self, target: Target) -> Iterator[Served]:
@@ -188,14 +237,17 @@ class ModelStore:
         if method in HOT_SWAPPED and target.kind == "causal_lm":
             base = self._base(target.base_path)
             tokenizer = self._tokenizer(target.base_path, tokenizer_dir) if tokenizer_dir else base.tokenizer
-            with self._mutex:
-                self._names += 1
-                name = f"adapter{self._names}"
-            if base.peft is None:
-                base.peft = PeftModel.from_pretrained(base.model, directory, adapter_name=name).eval()
-            else:
-                base.peft.load_adapter(directory, adapter_name=name)
-            base.refresh_layers()
+            name = base.swap_into_spare(directory, str(self.device.device))
+            if name is None:
+                name = self._new_name()
+                if base.peft is None:
+                    base.peft = PeftModel.from_pretrained(base.model, directory, adapter_name=name).eval()
+                else:
+                    base.peft.load_adapter(directory, adapter_name=name)
+                base.refresh_layers()
+            assert base.peft is not None
+            base.shape = base.peft.peft_config[name]
+            self.background.submit(self._inject_spare, target.base_path)
             return AdapterEntry(target.base_path, name, tokenizer)
         tokenizer = load_tokenizer(str(tokenizer_dir or target.base_path))
         return DedicatedEntry(self._dedicated(target, directory, method, tokenizer, lineage))
@@ -243,12 +295,48 @@ class ModelStore:
         max_seq_length = lineage.hyperparameters.get("max_seq_length")
         return Served(model, tokenizer, labels, max_seq_length if isinstance(max_seq_length, int) else None)
 
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait until the spare slots being injected are in (each waits for its base's lock)."""
+        self.background.submit(lambda: None).result(timeout)
+
+    def _new_name(self) -> str:
+        # The trailing "_": peft's hotswap finds a slot's tensors by substring, and "adapter1" is in
+        # "adapter12".
+        with self._mutex:
+            self._names += 1
+            return f"adapter{self._names}_"
+
+    def _inject_spare(self, base_path: str) -> None:
+        """Give the base a spare slot shaped like its last adapter, unless it has one or no adapters."""
+        with self.lock(base_path):
+            base = self.bases[base_path]
+            if base.spare is not None or base.peft is None or base.shape is None:
+                return
+            name = self._new_name()
+            try:
+                base.peft.add_adapter(name, copy.deepcopy(base.shape))
+            except Exception:  # in a thread no one waits on: a new adapter will be injected instead
+                log.exception("could not add a spare adapter slot to %s", base_path)
+                return
+            # add_adapter leaves the new modules in training mode: its dropout would run at inference.
+            base.peft.eval().requires_grad_(False)
+            base.refresh_layers()
+            base.spare = name
+
     def _base(self, path: str) -> Base:
         """The shared base at `path`, loaded on first use (the caller holds its lock)."""
         base = self.bases.get(path)
         if base is None:
             model = load_model(path, self.device).eval()
-            base = Base(model, load_tokenizer(path), self.content_hash(path))
+            tokenizer = load_tokenizer(path)
+            with tempfile.TemporaryDirectory() as saved:
+                # Artifacts carry the tokenizer as training saved it, not byte for byte the base's files:
+                # hashed alike, the adapters that kept it share this one instead of loading their own.
+                tokenizer.save_pretrained(saved)
+                key = (path, tokenizer_hash(Path(saved)))
+            with self._mutex:
+                self._tokenizers.setdefault(key, tokenizer)
+            base = Base(model, tokenizer, self.content_hash(path))
             self.bases[path] = base
         return base
 
@@ -297,15 +385,15 @@ class ModelStore:
                 continue  # dropped with its last reference (a request still using it keeps it alive)
             base = self.bases[old.base_path]
             if old.base_path == holding:
-                base.delete_adapter(old.name)
+                base.release(old.name)
                 continue
             lock = self.lock(old.base_path)
             if lock.acquire(blocking=False):
                 try:
-                    base.delete_adapter(old.name)
+                    base.release(old.name)
                 finally:
                     lock.release()
-            else:  # that base is generating, maybe with this very adapter: its next request deletes it
+            else:  # that base is generating, maybe with this very adapter: its next request releases it
                 with self._mutex:
                     base.pending.append(old.name)
 
@@ -316,7 +404,7 @@ class ModelStore:
         with self._mutex:
             names, base.pending = base.pending, []
         for name in names:
-            base.delete_adapter(name)
+            base.release(name)
 
 
 def read_lineage(directory: Path, model: str) -> ServingLineage:

@@ -148,6 +148,19 @@ def artifacts_root(tmp_path_factory: pytest.TempPathFactory, base_dir: Path, ber
     randomize(bitfit, ".bias", 12, std=0.3)
     publish(bitfit, root / "bitfit", base_dir, "bitfit")
 
+    # Other shapes, to be copied into slots other adapters left: a larger rank, fewer target modules, DoRA.
+    # All with the service's default dropout: a slot left in training mode would apply it at inference.
+    shapes = {
+        "lora-r8": LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.05),
+        "lora-qv": LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.05),
+        "lora-d": LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.05),
+        "dora": LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.05, use_dora=True),
+    }
+    for seed, (key, config) in enumerate(shapes.items(), start=13):
+        model = get_peft_model(fresh_llama(base_dir), config)
+        randomize(model, "lora_B", seed)
+        publish(model, root / key, base_dir, "dora" if config.use_dora else "lora")
+
     # Trained on another base (its hash differs), and an artifact published without lineage.
     mismatch = root / "mismatch"
     publish(get_peft_model(fresh_llama(base_dir), LoraConfig(r=4)), mismatch, base_dir, "lora")

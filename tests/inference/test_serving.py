@@ -11,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from inference.app import create_app
 from inference.engine import Engine
 from inference.store import AdapterEntry, DedicatedEntry
 from models.inference import ChatCompletionRequest, ClassificationRequest
@@ -35,7 +36,7 @@ from worker.training.methods.bitfit import load_bitfit
 from worker.training.methods.freeze import load_freeze
 
 MAX_TOKENS = 12
-PEFT_KEYS = ("lora-a", "lora-b", "lora-c", "ia3", "prompt_tuning")
+PEFT_KEYS = ("lora-a", "lora-b", "lora-c", "lora-r8", "lora-qv", "lora-d", "dora", "ia3", "prompt_tuning")
 DEDICATED = ("ia3", "prompt_tuning", "freeze", "bitfit", "full")
 
 
@@ -58,7 +59,7 @@ def expected(base_dir: Path, artifacts_root: Path) -> dict[str | None, tuple[lis
 
 
 def method_of(key: str | None) -> str | None:
-    return key if key in DEDICATED else "lora"
+    return key if key in DEDICATED or key == "dora" else "lora"
 
 
 def ask(client: TestClient, base_dir: Path, key: str | None, stream: bool = False) -> tuple[str, str, int]:
@@ -92,13 +93,17 @@ def test_adapters_alternate_on_one_base_and_answer_as_alone(
         assert_answers_like_alone(ask(client, base_dir, key), expected[key], key)
         assert_answers_like_alone(ask(client, base_dir, key, stream=True), expected[key], key)
 
-    # One base, loaded once, wrapped in one PeftModel holding both adapters.
+    # One base, loaded once, wrapped in one PeftModel holding both adapters and a spare slot.
+    engine.models.settle(60)
     assert list(engine.models.bases) == [str(base_dir)]
     base = engine.models.bases[str(base_dir)]
     assert isinstance(base.peft, PeftModel) and base.peft.get_base_model() is base.model
     entries = list(engine.models.cache.values())
     assert all(isinstance(entry, AdapterEntry) for entry in entries) and len(entries) == 2
-    assert set(base.peft.peft_config) == {entry.name for entry in entries}
+    assert base.spare is not None
+    assert set(base.peft.peft_config) == {entry.name for entry in entries} | {base.spare}
+    # They carry the tokenizer as training saves the base's: the base's own object serves them.
+    assert all(entry.tokenizer is base.tokenizer for entry in entries)
 
 
 def test_concurrent_requests_on_one_base_each_get_their_adapter(
@@ -124,24 +129,25 @@ def test_lru_evicts_adapters_and_an_evicted_one_answers_the_same_again(
     artifacts_root: Path, base_dir: Path, expected: dict
 ) -> None:
     engine = Engine(settings_for(artifacts_root, cache=2))
-    from inference.app import create_app
-
     with TestClient(create_app(settings_for(artifacts_root), engine)) as client:
         for key in ["lora-a", "lora-b", "lora-c"]:
             assert_answers_like_alone(ask(client, base_dir, key), expected[key], key)
+            engine.models.settle(60)
         base = engine.models.bases[str(base_dir)]
         assert [key for _, key in engine.models.cache] == ["lora-b", "lora-c"]
-        assert base.peft is not None and len(base.peft.peft_config) == 2  # lora-a's weights are gone
+        # lora-a's slot is the spare now, and it was the only one: the cached adapters and one spare.
+        assert base.peft is not None and len(base.peft.peft_config) == 3
 
         assert_answers_like_alone(ask(client, base_dir, "lora-a", stream=True), expected["lora-a"], "lora-a")
         assert [key for _, key in engine.models.cache] == ["lora-c", "lora-a"]
-        assert len(base.peft.peft_config) == 2
+        engine.models.settle(60)
+        assert len(base.peft.peft_config) == 3
 
-        # Dedicated models share the LRU: two of them evict every adapter, and the base is plain again.
+        # Dedicated models share the LRU: two of them evict every adapter, and the base keeps one slot.
         for key in ["ia3", "freeze"]:
             assert_answers_like_alone(ask(client, base_dir, key), expected[key], key)
         assert all(isinstance(entry, DedicatedEntry) for entry in engine.models.cache.values())
-        assert base.peft is None
+        assert list(base.peft.peft_config) == [base.spare]
         assert_answers_like_alone(ask(client, base_dir, None), expected[None], None)
         assert_answers_like_alone(ask(client, base_dir, "lora-b"), expected["lora-b"], "lora-b")
         assert list(engine.models.bases) == [str(base_dir)]
@@ -157,15 +163,53 @@ def test_an_adapter_evicted_while_its_base_is_busy_is_deleted_by_that_base_next_
         {"model": "m", "messages": MESSAGES, "temperature": 0, "max_tokens": MAX_TOKENS}
     )
     engine.chat(target(other_base, adapter), request)
+    engine.models.settle(60)
     other = engine.models.bases[str(other_base)]
-    assert other.peft is not None
+    assert other.peft is not None and other.spare is not None
+    (name,) = set(other.peft.peft_config) - {other.spare}
 
     with engine.models.lock(str(other_base)):  # that base is busy generating when its adapter is evicted
         engine.chat(target(base_dir, "lora-a"), request)
-    assert other.pending and other.peft is not None
+    assert other.pending == [name] and name in other.peft.peft_config
     engine.chat(target(other_base), request)  # its next request, for the base itself, deletes it
-    assert other.pending == [] and other.peft is None
+    assert other.pending == [] and list(other.peft.peft_config) == [other.spare]
     assert len(engine.models.bases) == 2
+
+
+def test_a_new_adapter_is_copied_into_a_free_slot_whatever_its_rank_and_target_modules(
+    artifacts_root: Path, base_dir: Path, expected: dict
+) -> None:
+    """One adapter cached: each new one goes into the slot the last one left (larger and smaller ranks,
+    fewer target modules, other scalings and dropouts). A DoRA adapter can't go into a LoRA slot, nor a LoRA
+    into a DoRA one: they are injected, and the misfit spare is dropped."""
+    engine = Engine(settings_for(artifacts_root, cache=1))
+    with TestClient(create_app(settings_for(artifacts_root), engine)) as client:
+        base_path = str(base_dir)
+        copied = []
+        sequence = [
+            "lora-r8",
+            "lora-qv",
+            "lora-d",
+            "dora",
+            "lora-r8",
+            "lora-a",
+            "lora-b",
+            "lora-c",
+            "lora-qv",
+        ]
+        for key in sequence:
+            base = engine.models.bases.get(base_path)
+            spare = base.spare if base else None
+            assert_answers_like_alone(ask(client, base_dir, key, stream=key == "lora-b"), expected[key], key)
+            entry = engine.models.cache[(base_path, key)]
+            assert isinstance(entry, AdapterEntry)
+            copied.append(entry.name == spare)
+            engine.models.settle(60)
+            base = engine.models.bases[base_path]
+            assert base.peft is not None and set(base.peft.peft_config) == {entry.name, base.spare}
+            assert not any(module.training for module in base.peft.modules())  # no dropout at inference
+        # Injected: the first, DoRA after LoRA, and LoRA after DoRA. (lora-a, b and c have dropout 0.0.)
+        assert copied == [False, True, True, False, True, False, True, True, True]
 
 
 def get_lora_on(base: Path, directory: Path) -> str:
@@ -183,8 +227,9 @@ def test_dedicated_models_do_not_touch_the_shared_base(
     for key in ["ia3", "lora-a", "freeze", None, "prompt_tuning", "bitfit", "full", "ia3"]:
         assert_answers_like_alone(ask(client, base_dir, key), expected[key], key)
         assert_answers_like_alone(ask(client, base_dir, key, stream=True), expected[key], key)
+    engine.models.settle(60)
     base = engine.models.bases[str(base_dir)]
-    assert base.peft is not None and len(base.peft.peft_config) == 1  # lora-a alone
+    assert base.peft is not None and len(base.peft.peft_config) == 2  # lora-a and a spare slot
     dedicated = [entry for entry in engine.models.cache.values() if isinstance(entry, DedicatedEntry)]
     assert len(dedicated) == len(DEDICATED)
     assert all(entry.served.model is not base.model for entry in dedicated)
