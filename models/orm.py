@@ -37,6 +37,37 @@ class RegisteredModel(Base):
     """`models.registry.content_hash` at registration: what a job's lineage records."""
 
 
+class Organization(Base):
+    """A tenant: every file, job and model belongs to one, and only its keys see them."""
+
+    __tablename__ = "organization"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    """The organisation segment of its fine-tuned model names (`ft:{base}:{name}:{suffix}:{id}`)."""
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    """An API key, stored as a hash: the secret itself is shown once, when the key is created."""
+
+    __tablename__ = "api_key"
+    __table_args__ = (Index("ix_api_key_organization_id", "organization_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    """Public, and part of the key (`sk-ftj-{id}-{secret}`): how a presented key finds its row."""
+    organization_id: Mapped[str | None] = mapped_column(ForeignKey("organization.id"))
+    """None for an admin key."""
+    name: Mapped[str] = mapped_column(String(128))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    """sha256 of the whole key, hex."""
+    redacted: Mapped[str] = mapped_column(String(32))
+    """What listings show: the key's first and last characters."""
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
 class File(Base):
     __tablename__ = "file"
     __table_args__ = (Index("ix_file_org_seq", "organization_id", "seq"),)
