@@ -108,7 +108,8 @@ class Job(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONType)
     integrations: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
-    fine_tuned_model: Mapped[str | None] = mapped_column(String(256))
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(300))
+    """`ft:{base ≤128}:{org ≤64}:{suffix ≤64}:{8}`: up to 270 characters."""
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     result_files: Mapped[list[str]] = mapped_column(JSONType)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
