@@ -1,4 +1,5 @@
-"""Request dependencies: one database session per request, committed before the response is sent."""
+"""Request dependencies: one database session per request, committed before the response is sent; who is
+calling (`api.auth`)."""
 
 from collections.abc import Callable, Iterator
 from typing import Annotated
@@ -6,6 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from api.auth import admin, organization_id
+from models.auth import Principal
 from models.db import session_scope
 from models.queue import Dispatcher
 from models.settings import Settings
@@ -37,13 +40,11 @@ def get_session(request: Request) -> Iterator[Session]:
         action()
 
 
-def organization_id(settings: Annotated[Settings, Depends(get_settings)]) -> str:
-    return settings.organization_id
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 # scope="function": the commit runs before the response is sent, so a 200 means the job is stored.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 OrgDep = Annotated[str, Depends(organization_id)]
+"""The calling key's organisation: every object a route touches is looked up within it."""
+AdminDep = Annotated[Principal, Depends(admin)]

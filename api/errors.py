@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from pydantic import BaseModel
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ftjobs.api")
@@ -43,8 +44,33 @@ def not_found(what: str, object_id: str, param: str) -> APIError:
     return APIError(f"No such {what}: {object_id!r}", status_code=404, param=param, code="not_found")
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope."""
+
+    error: ErrorDetail
+
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {
+        "model": ErrorResponse,
+        "description": "Invalid request (400: `param` names the field), no or a wrong API key (401), not "
+        "permitted (403), no such object or route (404, 405), body too large (413), rate limited (429).",
+    },
+    503: {"model": ErrorResponse, "description": "The database or the inference server is unavailable."},
+}
+"""What every route may answer besides its success, as the OpenAPI schema declares it. A "4XX" entry also
+keeps FastAPI from declaring the 422 it would otherwise add: validation errors are 400s here."""
+
+
 def envelope(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -66,10 +92,14 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(envelope(message, type="invalid_request_error", param=param), status_code=400)
 
 
-def _api_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, APIError)
+def error_response(exc: APIError) -> JSONResponse:
     body = envelope(exc.message, type=exc.type, param=exc.param, code=exc.code)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return error_response(exc)
 
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -80,15 +110,30 @@ def _http_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+def database_unavailable(method: str, path: str, exc: Exception) -> JSONResponse:
     # Connection refused, server restarting, SQLite locked: transient, so 503 and the SDK retries.
-    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-    body = envelope(
-        "The service's database is unavailable; retry shortly.",
-        type="server_error",
-        code="service_unavailable",
+    log.warning("database unavailable on %s %s: %s", method, path, exc)
+    return error_response(
+        APIError(
+            "The service's database is unavailable; retry shortly.",
+            status_code=503,
+            type="server_error",
+            code="service_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     )
-    return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return database_unavailable(request.method, request.url.path, exc)
+
+
+def _unstorable(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused a value the request carried (Postgres keeps no NUL character in text, where
+    # SQLite does): the input is at fault, so a 400 like any invalid value, not a 500.
+    log.info("database refused a value on %s %s: %s", request.method, request.url.path, exc)
+    message = "The request holds text the database cannot take: strings must not contain NUL (\\u0000)."
+    return JSONResponse(envelope(message, type="invalid_request_error"), status_code=400)
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -98,8 +143,11 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
+    # Before any route is added: a router's responses apply to the routes added to it afterwards.
+    app.router.responses.update(RESPONSES)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(DataError, _unstorable)
     app.add_exception_handler(Exception, _unexpected)

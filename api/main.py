@@ -7,11 +7,14 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from api import errors
+from api.admin.router import router as admin_router
+from api.auth import Authenticate
 from api.files.router import router as files_router
 from api.inference.router import inference_client
 from api.inference.router import router as inference_router
 from api.jobs.router import router as jobs_router
 from api.middleware import BodySizeLimit, RequestId
+from api.ratelimit import RateLimiter
 from api.registry.router import router as models_router
 from models.db import make_engine, make_session_factory
 from models.queue import CeleryDispatcher, Dispatcher
@@ -40,11 +43,15 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.state.session_factory = make_session_factory(engine)
     app.state.store = LocalArtifactStore(settings.artifacts_root)
     app.state.dispatcher = dispatcher or CeleryDispatcher(settings)
-    app.state.inference = inference_client(settings.inference_url)
+    app.state.inference = inference_client(settings)
+    app.state.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_storage)
 
     errors.install(app)
+    # Added first, so innermost: request ids and the body limit apply to its refusals too.
+    app.add_middleware(Authenticate)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestId)
+    app.include_router(admin_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(models_router)

@@ -39,8 +39,12 @@ import redis
 import uvicorn
 from fastapi import FastAPI
 
+from models.auth import ApiKeys, Organizations
+from models.db import make_engine, make_session_factory, session_scope
 from models.hyperparameters import SupervisedHyperparameters, resolve
 from models.migrate import upgrade
+from models.orm import Job, Organization
+from models.settings import Settings
 
 # Run as a script, this file's folder comes first on sys.path and `import api` would import this file
 # instead of the api package: swap the folder for the repository root (which also holds `tests`).
@@ -53,6 +57,7 @@ ORG = "org-local"
 MODEL = "tiny-llama"
 JOBS = "/v1/fine_tuning/jobs"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+Headers = dict[str, str]
 # Small, fixed hyperparameters so a sample's training child is cheap to start and to cancel.
 HYPERPARAMETERS = {"n_epochs": 1, "batch_size": 4, "lora_r": 4, "max_seq_length": 256}
 
@@ -64,8 +69,6 @@ def build_app() -> FastAPI:
     """The production app from env settings, plus the floor route (bench only)."""
     from api.deps import SessionDep
     from api.main import create_app
-    from models.orm import Job
-    from models.settings import Settings
 
     app = create_app(Settings())  # Celery dispatcher: FTJOBS_WORKER_QUEUE names a queue nobody consumes
 
@@ -92,9 +95,23 @@ def free_port() -> int:
 
 
 def child_env(settings: dict[str, str]) -> dict[str, str]:
-    """Children get exactly the bench's FTJOBS_* knobs; an inherited database URL must not leak in."""
+    """Children get exactly the bench's FTJOBS_* knobs; an inherited database URL must not leak in. No
+    rate limit: the load runs one key far past any sensible one (the key is still checked per request)."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("FTJOBS_")}
-    return {**inherited, **settings}
+    return {**inherited, "FTJOBS_RATE_LIMIT_PER_MINUTE": "0", **settings}
+
+
+def authorize(database_url: str) -> Headers:
+    """Headers with a new API key of ORG, the organisation the bulk-loaded jobs belong to."""
+    engine = make_engine(database_url)
+    with session_scope(make_session_factory(engine)) as session:
+        organization = Organizations(session).get(ORG)
+        if organization is None:
+            organization = Organization(id=ORG, name="local", created_at=int(time.time()))
+            session.add(organization)
+        _, key = ApiKeys(session).create(organization, "bench")
+    engine.dispose()
+    return {"Authorization": f"Bearer {key}"}
 
 
 @contextmanager
@@ -269,13 +286,16 @@ class Load:
 
 
 async def _load(
-    base_url: str, name: str, send: Send, concurrency: int, seconds: float, warmup: float
+    base_url: str, headers: Headers, name: str, send: Send, concurrency: int, seconds: float, warmup: float
 ) -> Load:
     """`concurrency` closed-loop clients, one connection each; the warm-up opens them and is discarded."""
     # One single-connection client per loop: a shared httpx pool of 32 connections costs the client
     # about twice the CPU per request, and the client shares the cores with the server.
     single = httpx.Limits(max_connections=1)
-    clients = [httpx.AsyncClient(base_url=base_url, limits=single, timeout=60) for _ in range(concurrency)]
+    clients = [
+        httpx.AsyncClient(base_url=base_url, headers=headers, limits=single, timeout=60)
+        for _ in range(concurrency)
+    ]
     result = Load(name)
 
     async def loop(client: httpx.AsyncClient, until: float, record: bool) -> None:
@@ -295,8 +315,10 @@ async def _load(
     return result
 
 
-def load(base_url: str, name: str, send: Send, concurrency: int, seconds: float, warmup: float) -> Load:
-    result = asyncio.run(_load(base_url, name, send, concurrency, seconds, warmup))
+def load(
+    base_url: str, headers: Headers, name: str, send: Send, concurrency: int, seconds: float, warmup: float
+) -> Load:
+    result = asyncio.run(_load(base_url, headers, name, send, concurrency, seconds, warmup))
     print(f"  {name:<34} {result.rps:7.0f} req/s  p50 {result.percentile(50):6.1f} ms", flush=True)
     return result
 
@@ -345,7 +367,7 @@ def wait_idle(client: httpx.Client, job_id: str, runner_pid: int, data_dir: Path
 
 
 def queue_to_running(
-    base_url: str, runner_pid: int, data_dir: Path, file_id: str, samples: int
+    base_url: str, headers: Headers, runner_pid: int, data_dir: Path, file_id: str, samples: int
 ) -> list[float]:
     """Seconds from POST returning to GET showing `running`; the first (cold runner) sample comes first."""
     body = {
@@ -354,7 +376,7 @@ def queue_to_running(
         "method": {"type": "supervised", "supervised": {"hyperparameters": HYPERPARAMETERS}},
     }
     results = []
-    with httpx.Client(base_url=base_url, timeout=30) as client:
+    with httpx.Client(base_url=base_url, headers=headers, timeout=30) as client:
         for _ in range(samples + 1):
             response = client.post(JOBS, json=body)
             returned = time.perf_counter()
@@ -384,6 +406,7 @@ def distributed_latency(args: argparse.Namespace, tmp: Path, model_dir: Path, tr
             "FTJOBS_CANCEL_GRACE_SECONDS": "1",
         }
         cli(["models", "add", MODEL, str(model_dir)], env)
+        headers = authorize(sqlalchemy_url(url))
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         worker_log, api_log = tmp / "worker.log", tmp / "api.log"
@@ -397,10 +420,10 @@ def distributed_latency(args: argparse.Namespace, tmp: Path, model_dir: Path, tr
                     lambda: " ready." in worker_log.read_text(errors="replace"), worker, worker_log, "worker"
                 )
                 wait_until(healthy(base_url), api, api_log, "cli api")
-                with httpx.Client(base_url=base_url) as client:
+                with httpx.Client(base_url=base_url, headers=headers) as client:
                     file_id = upload(client, train)
                 return queue_to_running(
-                    base_url, worker.pid, Path(env["FTJOBS_DATA_DIR"]), file_id, args.samples
+                    base_url, headers, worker.pid, Path(env["FTJOBS_DATA_DIR"]), file_id, args.samples
                 )
         finally:
             delete_queue(args.redis, queue)
@@ -414,14 +437,17 @@ def embedded_latency(args: argparse.Namespace, tmp: Path, model_dir: Path, train
         "FTJOBS_CANCEL_GRACE_SECONDS": "1",
     }
     cli(["models", "add", MODEL, str(model_dir)], env)
+    headers = authorize(Settings(data_dir=Path(env["FTJOBS_DATA_DIR"])).resolved_database_url())
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log = tmp / "up.log"
     with process([sys.executable, "-m", "cli", "up", "--port", str(port)], env, log) as up:
         wait_until(healthy(base_url), up, log, "cli up")
-        with httpx.Client(base_url=base_url) as client:
+        with httpx.Client(base_url=base_url, headers=headers) as client:
             file_id = upload(client, train)
-        return queue_to_running(base_url, up.pid, Path(env["FTJOBS_DATA_DIR"]), file_id, args.samples)
+        return queue_to_running(
+            base_url, headers, up.pid, Path(env["FTJOBS_DATA_DIR"]), file_id, args.samples
+        )
 
 
 # --- Throughput and list scaling -----------------------------------------------------------------------
@@ -500,9 +526,10 @@ def list_scaling(
             bench_server(args, tmp, "large", server_env(tmp, "large", large_url, args, queue)) as large_base,
         ):
             totals = [Load(f"list, {count_jobs(url):,} jobs, 1 client") for url in urls]
+            keys = [authorize(sqlalchemy_url(url)) for url in urls]
             for _ in range(args.rounds):
-                for total, base_url in zip(totals, (small_base, large_base), strict=True):
-                    total.add(load(base_url, total.name, get(f"{JOBS}?limit=20"), 1, 2, 0.5))
+                for total, base_url, headers in zip(totals, (small_base, large_base), keys, strict=True):
+                    total.add(load(base_url, headers, total.name, get(f"{JOBS}?limit=20"), 1, 2, 0.5))
         small, large = (
             ListScale(count_jobs(url), total, *list_plan(url))
             for url, total in zip(urls, totals, strict=True)
@@ -510,14 +537,16 @@ def list_scaling(
     return small, large
 
 
-def measure(base_url: str, endpoints: dict[str, Send], args: argparse.Namespace) -> dict[str, Load]:
+def measure(
+    base_url: str, headers: Headers, endpoints: dict[str, Send], args: argparse.Namespace
+) -> dict[str, Load]:
     """Each endpoint in `--rounds` short interleaved rounds, so background noise spreads over all of them.
     Rounds after the first only need to reopen connections, so their warm-up is short."""
     totals = {name: Load(name) for name in endpoints}
     for round_ in range(args.rounds):
         warmup = args.warmup if round_ == 0 else min(args.warmup, 0.5)
         for name, send in endpoints.items():
-            totals[name].add(load(base_url, name, send, args.concurrency, args.seconds, warmup))
+            totals[name].add(load(base_url, headers, name, send, args.concurrency, args.seconds, warmup))
     return totals
 
 
@@ -528,8 +557,9 @@ def api_figures(args: argparse.Namespace, tmp: Path, model_dir: Path, train: Pat
             env = server_env(tmp, "api", url, args, queue)
             cli(["models", "add", MODEL, str(model_dir)], env)
             bulk_insert_jobs(url, args.small_jobs, seed=1)
+            headers = authorize(sqlalchemy_url(url))
             with bench_server(args, tmp, "api", env) as base_url:
-                with httpx.Client(base_url=base_url) as client:
+                with httpx.Client(base_url=base_url, headers=headers) as client:
                     body = {
                         "model": MODEL,
                         "training_file": upload(client, train),
@@ -547,8 +577,8 @@ def api_figures(args: argparse.Namespace, tmp: Path, model_dir: Path, train: Pat
                     RETRIEVE: get(f"{JOBS}/{job_id}"),
                     LIST: get(f"{JOBS}?limit=20"),
                 }
-                loads = measure(base_url, reads, args)
-                loads |= measure(base_url, {CREATE: post(JOBS, body)}, args)
+                loads = measure(base_url, headers, reads, args)
+                loads |= measure(base_url, headers, {CREATE: post(JOBS, body)}, args)
             bulk_insert_jobs(url, max(0, args.large_jobs - count_jobs(url)), seed=2)
             print("List scaling, one client, alternating databases:", flush=True)
             small, large = list_scaling(args, tmp, queue, url)

@@ -105,8 +105,12 @@ def child_env(settings: dict[str, str]) -> dict[str, str]:
     return {**inherited, **settings}
 
 
-def cli(args: list[str], env: dict[str, str]) -> None:
-    subprocess.run([sys.executable, "-m", "cli", *args], env=child_env(env), cwd=REPO, check=True)
+def cli(args: list[str], env: dict[str, str]) -> str:
+    """Run `ftjobs ARGS`; its stdout (its stderr goes to the terminal)."""
+    command = [sys.executable, "-m", "cli", *args]
+    return subprocess.run(
+        command, env=child_env(env), cwd=REPO, check=True, stdout=subprocess.PIPE, text=True
+    ).stdout
 
 
 def register_model(env: dict[str, str], model_dir: Path | None) -> None:
@@ -541,11 +545,12 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print(f"Machine: {machine_facts()}", flush=True)
     data_dir = tmp / "data"
     register_model({"FTJOBS_DATA_DIR": str(data_dir)}, args.model_dir)
+    api_key = cli(["keys", "create", "--org", "bench"], {"FTJOBS_DATA_DIR": str(data_dir)}).strip()
     model_dir = args.model_dir or Settings(data_dir=data_dir).models_root / MODEL
     train, valid = training_file(tmp, args.train_limit), DATA / "validation.jsonl"
     rows: list[Row] = []
     with OtherLoad() as other, embedded_server(data_dir, tmp / "up.log") as (base_url, _):
-        client = OpenAI(base_url=base_url, api_key="x")
+        client = OpenAI(base_url=base_url, api_key=api_key)
         files = (upload(client, train), upload(client, valid))
         print(f"ftjobs up at {base_url}, data in {data_dir}; files {files[0]}, {files[1]}", flush=True)
         for name in args.methods:

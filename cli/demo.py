@@ -18,6 +18,7 @@ from openai import OpenAI
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli.follow import follow
+from models.auth import ApiKeys, Organizations
 from models.db import session_scope
 from models.jobs import JobRepository
 from models.migrate import open_database
@@ -74,9 +75,11 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     factory = open_database(settings)
     _ensure_model(settings, factory)
+    with session_scope(factory) as session:  # a key of its own, as `ftjobs keys create --org demo` makes
+        _, api_key = ApiKeys(session).create(Organizations(session).named("demo"), "ftjobs demo")
     server = _start_server(settings, port)
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="ftjobs-local")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key)
         with open(dataset / "train.jsonl", "rb") as train, open(dataset / "validation.jsonl", "rb") as valid:
             training_file = client.files.create(file=train, purpose="fine-tune")
             validation_file = client.files.create(file=valid, purpose="fine-tune")

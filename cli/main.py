@@ -2,16 +2,20 @@
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from openai import OpenAI
+from sqlalchemy.orm import Session, sessionmaker
 
 from cli.follow import follow
+from models.auth import ApiKeys, InvalidName, Organizations
 from models.db import session_scope
 from models.migrate import open_database
 from models.queue import CeleryDispatcher
@@ -24,7 +28,11 @@ app = typer.Typer(help="Self-hosted, OpenAI-compatible fine-tuning jobs.", no_ar
 models_app = typer.Typer(help="Base models jobs can fine-tune.", no_args_is_help=True)
 files_app = typer.Typer(help="Training files.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Organisations' API keys (run on the server: it opens the database).", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
 app.add_typer(files_app, name="files")
 app.add_typer(jobs_app, name="jobs")
 
@@ -40,7 +48,13 @@ def _settings(data_dir: Path | None = None, **overrides: object) -> Settings:
 
 
 def _client(base_url: str) -> OpenAI:
-    return OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "ftjobs-local"))
+    """The official client, with the key in OPENAI_API_KEY as it reads it itself."""
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        raise typer.BadParameter(
+            "set OPENAI_API_KEY to an organisation's key (`ftjobs keys create --org NAME` makes one)"
+        )
+    return OpenAI(base_url=base_url, api_key=key)
 
 
 def _print(obj: object) -> None:
@@ -63,16 +77,18 @@ def up(
     from worker.runtime import make_runner
 
     inference_port = inference_port or _free_port()
-    settings = _settings(data_dir, inference_url=f"http://127.0.0.1:{inference_port}")
+    token = secrets.token_urlsafe(32)  # so only this API's requests reach its inference server
+    settings = _settings(data_dir, inference_url=f"http://127.0.0.1:{inference_port}", inference_token=token)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     runner = make_runner(settings)
+    _announce_admin_key(settings, runner.session_factory)
     dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
     dispatcher.start()
     Reconciler(settings, runner.session_factory, dispatcher).start()
     # Models load in their own process, so a long generation never stalls the API's event loop.
     inference = subprocess.Popen(
         [sys.executable, "-m", "cli", "serve", "--port", str(inference_port), "--log-level", "warning"],
-        env={**os.environ, "FTJOBS_DATA_DIR": str(settings.data_dir)},
+        env={**os.environ, "FTJOBS_DATA_DIR": str(settings.data_dir), "FTJOBS_INFERENCE_TOKEN": token},
         preexec_fn=die_with_parent,
     )
     typer.echo(
@@ -92,7 +108,7 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
     import uvicorn
 
     settings = _settings()
-    _start_reconciler(settings)
+    _announce_admin_key(settings, _start_reconciler(settings))
     uvicorn.run("api.asgi:app", host=host, port=port, workers=workers, log_level="info")
 
 
@@ -126,9 +142,11 @@ def worker(loglevel: str = "info") -> None:
     )
 
 
-def _start_reconciler(settings: Settings) -> None:
+def _start_reconciler(settings: Settings) -> sessionmaker[Session]:
     """Migrate, then sweep for lost jobs in the background (distributed mode: every process does)."""
-    Reconciler(settings, open_database(settings), CeleryDispatcher(settings)).start()
+    factory = open_database(settings)
+    Reconciler(settings, factory, CeleryDispatcher(settings)).start()
+    return factory
 
 
 @models_app.command("pull")
@@ -162,6 +180,78 @@ def models_list(data_dir: DataDir = None) -> None:
     with session_scope(open_database(_settings(data_dir))) as session:
         for entry in ModelRegistry(session).list():
             typer.echo(f"{entry.name}\t{entry.path}")
+
+
+@keys_app.command("create")
+def keys_create(
+    org: Annotated[str | None, typer.Option(help="The organisation's name (made if new).")] = None,
+    name: Annotated[str, typer.Option(help="What the key is for.")] = "",
+    admin: Annotated[bool, typer.Option(help="An admin key (manages organisations and keys).")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Make an API key and print it (only stdout: `KEY=$(ftjobs keys create --org acme)`). It is shown
+    this once."""
+    if (org is None) == (not admin):
+        raise typer.BadParameter("give --org NAME, or --admin")
+    settings = _settings(data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with session_scope(open_database(settings)) as session:
+        organization = None
+        if org is not None:
+            try:
+                organization = Organizations(session).named(org)
+            except InvalidName as error:
+                raise typer.BadParameter(str(error), param_hint="--org") from error
+            typer.echo(f"organization {org} ({organization.id})", err=True)
+        row, key = ApiKeys(session).create(organization, name)
+    typer.echo(f"created key {row.id} ({row.redacted}); it is not shown again", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    org: Annotated[str | None, typer.Option(help="Only this organisation's keys.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """List keys (never their values): id, organisation, name, redacted key, created, last used, revoked."""
+    with session_scope(open_database(_settings(data_dir))) as session:
+        organizations = {o.id: o.name for o in Organizations(session).list()}
+        only = next((i for i, n in organizations.items() if n == org), "") if org else None
+        for key in ApiKeys(session).list(only):
+            owner = organizations.get(key.organization_id, "?") if key.organization_id else "(admin)"
+            times = [_time(key.created_at), _time(key.last_used_at), _time(key.revoked_at)]
+            typer.echo("\t".join([key.id, owner, key.name or "-", key.redacted, *times]))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
+    """Revoke a key: its next request gets a 401."""
+    with session_scope(open_database(_settings(data_dir))) as session:
+        keys = ApiKeys(session)
+        key = keys.get(key_id)
+        if key is None:
+            raise typer.BadParameter(f"no key {key_id!r}", param_hint="KEY_ID")
+        keys.revoke(key)
+    typer.echo(f"revoked {key_id}")
+
+
+def _time(seconds: int | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if seconds else "-"
+
+
+def _announce_admin_key(settings: Settings, factory: sessionmaker[Session]) -> None:
+    """First start (no FTJOBS_ADMIN_KEY, no admin key yet): make one and show it, this once."""
+    if settings.admin_key is not None:
+        return
+    with session_scope(factory) as session:
+        key = ApiKeys(session).ensure_admin_key()
+    if key is not None:
+        typer.echo(
+            f"Admin key (manages organisations and keys; shown once, not stored): {key}\n"
+            "Make an organisation's key with `ftjobs keys create --org NAME` or POST "
+            "/v1/admin/organizations/{id}/api_keys.",
+            err=True,
+        )
 
 
 def _register(settings: Settings, name: str, path: Path, *, source: str) -> None:

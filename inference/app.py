@@ -1,13 +1,14 @@
 """The inference server's internal HTTP app: the API forwards validated OpenAI requests here as
 `Forwarded{target, request}` and relays the answer. Errors use OpenAI's envelope (`api.errors`)."""
 
+import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -56,32 +57,49 @@ def event_stream(stream: Stream) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
+def api_token(settings: Settings) -> Callable[[str | None], None]:
+    """A dependency that admits only requests carrying `settings.inference_token`, if one is set."""
+    expected = settings.inference_token
+    wanted = f"Bearer {expected.get_secret_value()}".encode() if expected else b""
+
+    def check(authorization: Annotated[str | None, Header()] = None) -> None:
+        if expected is not None and not hmac.compare_digest((authorization or "").encode(), wanted):
+            raise APIError(
+                "This inference server answers only the ftjobs API (FTJOBS_INFERENCE_TOKEN).",
+                status_code=401,
+                code="invalid_api_key",
+            )
+
+    return check
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The app, with its own `Engine` unless one is given (tests look inside theirs)."""
     engine = engine or Engine(settings)
     app = FastAPI(title="ftjobs inference", docs_url=None, redoc_url=None)
     install(app)
     app.state.engine = engine
+    internal = [Depends(api_token(settings))]
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "bases_loaded": len(engine.models.bases), "cached": len(engine.models.cache)}
 
-    @app.post("/internal/chat/completions", response_model=None)
+    @app.post("/internal/chat/completions", response_model=None, dependencies=internal)
     async def chat(body: Forwarded) -> dict[str, Any] | StreamingResponse:
         request = parse(ChatCompletionRequest, body.request)
         if request.stream:
             return event_stream(await run_in_threadpool(engine.stream_chat, body.target, request))
         return await run_in_threadpool(engine.chat, body.target, request)
 
-    @app.post("/internal/completions", response_model=None)
+    @app.post("/internal/completions", response_model=None, dependencies=internal)
     async def complete(body: Forwarded) -> dict[str, Any] | StreamingResponse:
         request = parse(CompletionRequest, body.request)
         if request.stream:
             return event_stream(await run_in_threadpool(engine.stream_complete, body.target, request))
         return await run_in_threadpool(engine.complete, body.target, request)
 
-    @app.post("/internal/classifications")
+    @app.post("/internal/classifications", dependencies=internal)
     async def classify(body: Forwarded) -> dict[str, Any]:
         request = parse(ClassificationRequest, body.request)
         return await run_in_threadpool(engine.classify, body.target, request)

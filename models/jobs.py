@@ -4,13 +4,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models import ids
 from models.orm import Job, JobCheckpoint, JobEvent
 from models.pagination import page
-from models.states import JobStatus
+from models.states import ACTIVE, JobStatus
 
 
 class JobRepository:
@@ -44,6 +44,13 @@ class JobRepository:
         for key, value in (metadata or {}).items():
             stmt = stmt.where(Job.metadata_[key].as_string() == value)
         return page(self.session, stmt, Job.seq, after_seq=after.seq if after else None, limit=limit)
+
+    def count_active(self, organization_id: str) -> int:
+        """The organisation's jobs that have not finished (paused ones included)."""
+        stmt = select(func.count()).where(
+            Job.organization_id == organization_id, Job.status.in_([status.value for status in ACTIVE])
+        )
+        return self.session.scalar(stmt) or 0
 
     def pending_ids(self, limit: int) -> Sequence[str]:
         """Jobs waiting for a runner, oldest first."""

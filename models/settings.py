@@ -3,7 +3,7 @@
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,15 +29,32 @@ class Settings(BaseSettings):
         default=None, description="Scratch space for running jobs; default DATA_DIR/work."
     )
 
-    organization_id: str = Field(
-        default="org-local", description="Owner of every object until API keys land."
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="The admin key (manages organisations and keys); unset: one is generated and printed "
+        "once at first start.",
     )
-    organization_name: str = Field(
-        default="local", description="Organisation segment of fine_tuned_model names."
+    rate_limit_per_minute: int = Field(
+        default=600, ge=0, description="Requests per API key per minute (0: no limit); 429 above."
     )
-
+    rate_limit_storage: str = Field(
+        default="memory://",
+        description="Where request counts live (`limits` storage URI): memory:// counts per API process; "
+        "redis://host:6379/1 shares them between processes and machines.",
+    )
+    max_active_jobs: int = Field(
+        default=16, ge=1, description="Unfinished jobs (paused included) per organisation; 429 above."
+    )
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, description="Largest accepted upload (413 above)."
+    )
+    max_file_examples: int = Field(
+        default=1_000_000, ge=1, description="Most examples in a training or validation file."
+    )
+    max_file_tokens: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="Most tokens in a training file, counted with the base's tokenizer.",
     )
     embedded_workers: int = Field(default=1, ge=1, description="Concurrent jobs in embedded mode.")
     worker_queue: str = Field(default="ftjobs", description="Celery queue that training workers consume.")
@@ -61,6 +78,11 @@ class Settings(BaseSettings):
     inference_url: str = Field(
         default="http://127.0.0.1:8001",
         description="Where the API forwards inference requests (`ftjobs serve`; `ftjobs up` starts one).",
+    )
+    inference_token: SecretStr | None = Field(
+        default=None,
+        description="Shared secret the API shows the inference server (`ftjobs up` makes one). Unset, the "
+        "inference server serves whoever reaches it: keep it on a private network.",
     )
     inference_adapter_cache: int = Field(
         default=8, ge=1, description="Adapters an inference process keeps loaded (least recently used go)."

@@ -5,6 +5,7 @@ writes one `ChildMessage` per line on an inherited pipe. Training code imports o
 `models/`.
 """
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -31,6 +32,15 @@ TrainingType = Literal[
 ]
 LORA_FAMILY: frozenset[str] = frozenset({"lora", "dora", "qlora"})
 VIRTUAL_TOKEN_METHODS: frozenset[str] = frozenset({"prompt_tuning", "prefix_tuning", "p_tuning"})
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+"""Weight files that are pickles, which can run code when loaded: base models and artifacts hold safetensors
+only, and nothing pulls, loads or serves these."""
+
+
+def pickle_weights(directory: Path) -> list[str]:
+    """The pickle weight files under a model or artifact directory, relative to it."""
+    found = (path for path in directory.rglob("*") if path.name.endswith(PICKLE_SUFFIXES))
+    return sorted(str(path.relative_to(directory)) for path in found)
 
 
 def greater_is_better(metric: str) -> bool:
@@ -80,6 +90,16 @@ class ResolvedHyperparameters(BaseModel):
     """dpo: how far the tuned policy may move from the base (higher: more conservative)."""
 
 
+class DataError(Exception):
+    """A file that cannot be trained on: the job fails with its code, message and param."""
+
+    def __init__(self, code: str, message: str, param: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
 class TrainingSpec(BaseModel):
     job_id: str
     base_model_path: str
@@ -100,6 +120,8 @@ class TrainingSpec(BaseModel):
     """A complete checkpoint directory of an earlier attempt to continue from (same spec otherwise)."""
     export_merged: bool = False
     """Also save the adapter merged into the base, verified against it (lora family)."""
+    max_training_tokens: int | None = None
+    """Refuse a training file that tokenizes to more (`settings.max_file_tokens`)."""
 
 
 Metrics = dict[str, float]
@@ -148,6 +170,9 @@ class LogMessage(BaseModel):
     type: Literal["log"] = "log"
     level: Literal["info", "warn", "error"] = "info"
     message: str
+    code: str | None = None
+    """An error the data caused (`models.validation.DataError`): the job's error code, and its param."""
+    param: str | None = None
 
 
 class CompletedMessage(BaseModel):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
-from models.spec import DataFormat
+from models.spec import DataError, DataFormat
 
 MAX_LINE_BYTES = 16 * 2**20
 MAX_LABELS = 1_000
@@ -74,16 +74,6 @@ _ROLE_ONLY_KEYS = {
 }
 
 
-class DataError(Exception):
-    """A file that cannot be trained on."""
-
-    def __init__(self, code: str, message: str, param: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
-
-
 @dataclass(frozen=True)
 class FileSummary:
     format: DataFormat
@@ -108,12 +98,18 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_literal)
 
 
 def validate_file(
-    path: Path, *, param: str, min_examples: int, require_two_labels: bool = False
+    path: Path,
+    *,
+    param: str,
+    min_examples: int,
+    max_examples: int | None = None,
+    require_two_labels: bool = False,
 ) -> FileSummary:
     """Stream-validate a JSONL fine-tuning file; raise DataError on the first problem.
 
     require_two_labels: a classification file must have at least two distinct labels (for training files).
     """
+    file_name = param.replace("_", " ").capitalize()
     file_format: DataFormat | None = None
     first_line = 0
     n_examples = 0
@@ -133,11 +129,16 @@ def validate_file(
             except _InvalidExample as exc:
                 raise DataError("invalid_example", str(exc), param) from None
             n_examples += 1
+            if max_examples is not None and n_examples > max_examples:
+                raise DataError(
+                    "invalid_n_examples",
+                    f"{file_name} has more than {max_examples} examples, the limit.",
+                    param,
+                )
     if file_format is None:
         raise DataError(
             "invalid_file_format", "File has no examples: it is empty or has only blank lines.", param
         )
-    file_name = param.replace("_", " ").capitalize()
     if n_examples < min_examples:
         raise DataError(
             "invalid_n_examples",

@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import uuid  # noqa: E402
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -16,8 +17,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
+from models.auth import ApiKeys, Organizations
 from models.db import Base, make_engine, make_session_factory, session_scope
 from models.migrate import upgrade
 from models.registry import ModelRegistry
@@ -99,14 +102,14 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 
 @pytest.fixture
-def session_factory(settings: Settings):  # type: ignore[no-untyped-def]
+def session_factory(settings: Settings) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(settings.resolved_database_url())
     yield make_session_factory(engine)
     engine.dispose()
 
 
 @pytest.fixture
-def registered_model(session_factory, tiny_model_dir: Path) -> str:  # type: ignore[no-untyped-def]
+def registered_model(session_factory: sessionmaker[Session], tiny_model_dir: Path) -> str:
     with session_scope(session_factory) as session:
         ModelRegistry(session).register("tiny-llama", str(tiny_model_dir), "local")
     return "tiny-llama"
@@ -127,7 +130,34 @@ def dispatcher() -> RecordingDispatcher:
     return RecordingDispatcher()
 
 
+@dataclass(frozen=True)
+class Tenant:
+    """An organisation and one of its API keys."""
+
+    id: str
+    name: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def make_tenant(factory: sessionmaker[Session], name: str) -> Tenant:
+    with session_scope(factory) as session:
+        organization = Organizations(session).named(name)
+        _, key = ApiKeys(session).create(organization, "tests")
+        return Tenant(organization.id, organization.name, key)
+
+
 @pytest.fixture
-def client(settings: Settings, dispatcher: RecordingDispatcher) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, dispatcher), raise_server_exceptions=False) as test_client:
+def tenant(session_factory: sessionmaker[Session]) -> Tenant:
+    """The organisation `client` calls as."""
+    return make_tenant(session_factory, "local")
+
+
+@pytest.fixture
+def client(settings: Settings, dispatcher: RecordingDispatcher, tenant: Tenant) -> Iterator[TestClient]:
+    app = create_app(settings, dispatcher)
+    with TestClient(app, raise_server_exceptions=False, headers=tenant.headers) as test_client:
         yield test_client

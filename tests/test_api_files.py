@@ -6,6 +6,7 @@ import json
 from fastapi.testclient import TestClient
 
 from models.settings import Settings
+from tests.conftest import Tenant
 
 LINE = json.dumps({"prompt": "2+2=", "completion": "4"}) + "\n"
 
@@ -102,11 +103,11 @@ def test_unknown_ids_are_404(client: TestClient) -> None:
     assert_error(client.get("/v1/files", params={"order": "sideways"}), 400, "order")
 
 
-def test_upload_over_the_limit_is_413(settings: Settings, dispatcher) -> None:  # type: ignore[no-untyped-def]
+def test_upload_over_the_limit_is_413(settings: Settings, dispatcher, tenant: Tenant) -> None:  # type: ignore[no-untyped-def]
     from api.main import create_app
 
     small = settings.model_copy(update={"max_upload_bytes": 1000})
-    with TestClient(create_app(small, dispatcher)) as client:
+    with TestClient(create_app(small, dispatcher), headers=tenant.headers) as client:
         assert_error(upload(client, b"x" * 5000), 413)
 
         # Without Content-Length the limit is enforced while the body streams in.
@@ -127,7 +128,9 @@ def test_database_down_is_503_with_retry_after(tmp_path, dispatcher) -> None:  #
     from api.main import create_app
 
     settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none")
-    with TestClient(create_app(settings, dispatcher), raise_server_exceptions=False) as client:
+    # The key can't be checked without the database either: 503 from the authentication, not 401.
+    key = {"Authorization": "Bearer sk-ftj-somekey-somesecret"}
+    with TestClient(create_app(settings, dispatcher), raise_server_exceptions=False, headers=key) as client:
         for response in (client.get("/v1/fine_tuning/jobs"), client.get("/healthz"), upload(client)):
             error = assert_error(response, 503, code="service_unavailable")
             assert error["type"] == "server_error"

@@ -12,7 +12,7 @@ from models.files import FileRepository
 from models.registry import ModelRegistry
 from models.states import JobStatus, transition
 from models.storage import LocalArtifactStore
-from tests.conftest import RecordingDispatcher
+from tests.conftest import RecordingDispatcher, Tenant
 from tests.test_api_files import assert_error, upload
 
 JOB_FIELDS = {
@@ -33,7 +33,11 @@ def create(client: TestClient, model: str, training_file: str, **body: object): 
 
 
 def test_create_returns_complete_job(
-    client: TestClient, registered_model: str, training_file: str, dispatcher: RecordingDispatcher
+    client: TestClient,
+    registered_model: str,
+    training_file: str,
+    dispatcher: RecordingDispatcher,
+    tenant: Tenant,
 ) -> None:
     hyperparameters = {"n_epochs": 2, "lora_r": 4, "learning_rate": 1e-3}
     response = create(
@@ -58,7 +62,7 @@ def test_create_returns_complete_job(
     )
     assert (job["seed"], job["metadata"], job["user_provided_suffix"]) == (7, {"team": "search"}, "my-model")
     assert job["fine_tuned_model"] is None and job["finished_at"] is None and job["error"] is None
-    assert job["result_files"] == [] and job["organization_id"] == "org-local"
+    assert job["result_files"] == [] and job["organization_id"] == tenant.id
     assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto"}
     echoed = job["method"]["supervised"]["hyperparameters"]
     assert echoed["lora_r"] == 4 and echoed["learning_rate"] == 1e-3 and echoed["n_epochs"] == 2
@@ -162,11 +166,12 @@ def test_results_files_cannot_train(
     registered_model: str,
     session_factory,
     settings,  # type: ignore[no-untyped-def]
+    tenant: Tenant,
 ) -> None:
     with session_scope(session_factory) as session:
         results = FileRepository(session).store(
             LocalArtifactStore(settings.artifacts_root),
-            organization_id="org-local",
+            organization_id=tenant.id,
             source=io.BytesIO(b"step\n"),
             filename="step_metrics.csv",
             purpose="fine-tune-results",

@@ -17,13 +17,16 @@ from transformers import AutoModelForCausalLM
 from models.lineage import tokenizer_hash
 from models.registry import content_hash
 from models.settings import Settings
+from tests.conftest import RecordingDispatcher, Tenant
 from tests.jobs_helpers import chat_lines
 from tests.test_runner import create_job, runner, upload  # noqa: F401 (runner: a fixture)
 from worker.runner import JobRunner
 
 
 def openai_client(client: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+    """The official client over the test client, with the test client's API key."""
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
 
 
 def members(client: TestClient, model: str, fmt: str = "adapter") -> dict[str, bytes]:
@@ -50,7 +53,8 @@ def test_models_list_retrieve_download_and_delete(
 
     listed = {model.id: model for model in api.models.list()}
     assert listed[registered_model].owned_by == "system"
-    assert listed[tuned].owned_by == job.organization_id == "org-local"
+    assert listed[tuned].owned_by == job.organization_id
+    assert tuned.split(":")[2] == "local"  # the organisation's name
     assert listed[tuned].model_extra["kind"] == "fine-tuned"  # type: ignore[index]
     assert {f"{tuned}:ckpt-step-6", step_3} <= set(listed)
 
@@ -107,16 +111,16 @@ def test_models_list_retrieve_download_and_delete(
 
 
 def test_inference_routes_check_the_request_and_the_model(
-    tmp_path: Path, database_url: str, registered_model: str
+    tmp_path: Path, database_url: str, registered_model: str, tenant: Tenant
 ) -> None:
     from api.main import create_app
-    from tests.conftest import RecordingDispatcher
 
     # Nothing listens on the inference URL: a valid request for a known model is a 503, not a 500.
     settings = Settings(
         data_dir=tmp_path / "data", database_url=database_url, inference_url="http://127.0.0.1:9"
     )
-    with TestClient(create_app(settings, RecordingDispatcher()), raise_server_exceptions=False) as client:
+    app = create_app(settings, RecordingDispatcher())
+    with TestClient(app, raise_server_exceptions=False, headers=tenant.headers) as client:
         api = openai_client(client)
         messages = [{"role": "user", "content": "hi"}]
         with pytest.raises(openai.BadRequestError) as bad:

@@ -25,9 +25,10 @@ def runner(settings: Settings, session_factory) -> JobRunner:  # type: ignore[no
     return JobRunner(settings, session_factory, LocalArtifactStore(settings.artifacts_root))
 
 
-def upload(client: TestClient, content: bytes) -> str:
+def upload(client: TestClient, content: bytes, headers: dict[str, str] | None = None) -> str:
+    """A file's id; `headers`: another organisation's key than the client's."""
     files = {"file": ("data.jsonl", io.BytesIO(content))}
-    return client.post("/v1/files", files=files, data={"purpose": "fine-tune"}).json()["id"]
+    return client.post("/v1/files", files=files, data={"purpose": "fine-tune"}, headers=headers).json()["id"]
 
 
 def create_job(

@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import ids
+from models.auth import Organizations
 from models.db import session_scope
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
@@ -55,9 +56,11 @@ MIN_TRAINING_EXAMPLES = 10
 T = TypeVar("T")
 
 
-def fine_tuned_model_name(job: Job, organization_name: str) -> str:
+def fine_tuned_model_name(session: Session, job: Job) -> str:
     """`ft:{base}:{org}:{suffix}:{id}`; the id part comes from the job id, so checkpoints share it."""
-    return f"ft:{job.model}:{organization_name}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[:8]}"
+    organization = Organizations(session).get(job.organization_id)
+    org = organization.name if organization else job.organization_id  # (jobs written without an org row)
+    return f"ft:{job.model}:{org}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[:8]}"
 
 
 class JobFailed(Exception):
@@ -117,7 +120,13 @@ class JobRunner:
         for param, path, minimum in paths:
             try:
                 summaries.append(
-                    validate_file(path, param=param, min_examples=minimum, require_two_labels=not summaries)
+                    validate_file(
+                        path,
+                        param=param,
+                        min_examples=minimum,
+                        max_examples=self.settings.max_file_examples,
+                        require_two_labels=not summaries,
+                    )
                 )
             except DataError as error:
                 raise JobFailed(error.code, error.message, error.param) from error
@@ -235,7 +244,7 @@ class Attempt:
         self.settings, self.store = runner.settings, runner.store
         self.workdir = self.settings.work_root / job_id / f"attempt-{attempt}"
         self.prefix = f"jobs/{job_id}/attempt-{attempt}"
-        self.last_error: str | None = None
+        self.last_error: LogMessage | None = None
         self.lease_deadline = time.monotonic() + self.settings.lease_seconds
 
     def run(self) -> None:
@@ -254,7 +263,12 @@ class Attempt:
                 )
                 return
             if not isinstance(outcome, CompletedMessage | StoppedMessage):
-                detail = self.last_error or child.log_tail(500) or "the trainer exited without a result"
+                error = self.last_error
+                if error is not None and error.code is not None:
+                    raise JobFailed(error.code, error.message, error.param)
+                detail = (
+                    (error and error.message) or child.log_tail(500) or "the trainer exited without a result"
+                )
                 raise JobFailed("training_failed", f"Training failed: {detail}")
             if isinstance(outcome, CompletedMessage):
                 self._db(lambda: self._publish(outcome))
@@ -308,6 +322,7 @@ class Attempt:
                 checkpoint_every_steps=self.settings.checkpoint_every_steps,
                 resume_from=str(self.store.local_path(latest.storage_key)) if latest else None,
                 export_merged=job.export_merged,
+                max_training_tokens=self.settings.max_file_tokens,
             )
 
     def _supervise(self, child: TrainingProcess) -> ChildMessage | None:
@@ -400,7 +415,7 @@ class Attempt:
                 expired = self._save_checkpoint(session, message)
             elif isinstance(message, LogMessage):
                 if message.level == "error":
-                    self.last_error = message.message
+                    self.last_error = message
                 else:
                     repo.add_event(self.job_id, message.message, level=message.level)
         for key in expired:  # only once the rows that named them are gone for good
@@ -447,7 +462,7 @@ class Attempt:
         assert job is not None and job.hyperparameters is not None
         write_lineage(session, job, self.data.objective, message.step, message.metrics, Path(message.path))
         self.store.put_dir(key, Path(message.path))
-        name = f"{fine_tuned_model_name(job, self.settings.organization_name)}:ckpt-step-{message.step}"
+        name = f"{fine_tuned_model_name(session, job)}:ckpt-step-{message.step}"
         checkpoint = repo.add_checkpoint(
             JobCheckpoint(
                 id=ids.checkpoint_id(),
@@ -497,7 +512,7 @@ class Attempt:
                     purpose="fine-tune-results",
                 )
             results_key = results.storage_key
-            name = fine_tuned_model_name(job, self.settings.organization_name)
+            name = fine_tuned_model_name(session, job)
             succeeded = transition(
                 session,
                 self.job_id,

@@ -82,7 +82,13 @@ def delete_file(file_id: str, session: SessionDep, store: StoreDep, org: OrgDep)
     return FileDeleted(id=file_id, deleted=True)
 
 
-@router.get("/{file_id}/content", response_class=StreamingResponse)
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/jsonl": {}, "text/csv": {}}, "description": "The file's bytes."}
+    },
+)
 def download_file(file_id: str, session: SessionDep, store: StoreDep, org: OrgDep) -> StreamingResponse:
     """Download a file's bytes."""
     file = file_service.get(session, org, file_id)

@@ -20,6 +20,7 @@ from models.inference import (
     Forwarded,
     InferenceRequest,
 )
+from models.settings import Settings
 from models.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -30,8 +31,13 @@ READ_SECONDS = 600.0
 non-streamed generation, stays under it."""
 
 
-def inference_client(base_url: str) -> httpx.Client:
-    return httpx.Client(base_url=base_url, timeout=httpx.Timeout(CONNECT_SECONDS, read=READ_SECONDS))
+def inference_client(settings: Settings) -> httpx.Client:
+    token = settings.inference_token
+    return httpx.Client(
+        base_url=settings.inference_url,
+        timeout=httpx.Timeout(CONNECT_SECONDS, read=READ_SECONDS),
+        headers={"Authorization": f"Bearer {token.get_secret_value()}"} if token else None,
+    )
 
 
 def get_client(request: Request) -> httpx.Client:

@@ -3,7 +3,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 
-from api.deps import DispatcherDep, OrgDep, SessionDep, StoreDep
+from api.deps import DispatcherDep, OrgDep, SessionDep, SettingsDep, StoreDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
 from api.jobs import service as job_service
@@ -35,11 +35,14 @@ def create_job(
     dispatcher: DispatcherDep,
     org: OrgDep,
     idempotency: IdempotencyDep,
+    settings: SettingsDep,
 ) -> Any:
     """Create a fine-tuning job; its files are validated by the job itself."""
     return idempotency.run(
         lambda: body.model_dump_json().encode(),
-        lambda: FineTuningJob.of(job_service.create(session, store, dispatcher, org, body)),
+        lambda: FineTuningJob.of(
+            job_service.create(session, store, dispatcher, org, body, settings.max_active_jobs)
+        ),
     )
 
 

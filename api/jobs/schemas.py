@@ -80,6 +80,9 @@ class JobCreate(BaseModel):
                 raise ValueError(f"keys must be 1 to {MAX_METADATA_KEY} characters")
             if len(item) > MAX_METADATA_VALUE:
                 raise ValueError(f"values must be at most {MAX_METADATA_VALUE} characters")
+            if "\0" in key + item:
+                # Postgres cannot store it (SQLite can): refused on both, so metadata means the same on each.
+                raise ValueError("keys and values must not contain NUL characters")
         return value
 
 

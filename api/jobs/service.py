@@ -10,6 +10,7 @@ from api.errors import APIError, not_found
 from api.jobs.schemas import JobCreate
 from api.pagination import cursor
 from models import ids
+from models.auth import Organizations
 from models.files import FileRepository
 from models.hyperparameters import APPLIES_TO, HYPERPARAMETERS, SupervisedHyperparameters, inapplicable_key
 from models.jobs import JobRepository
@@ -21,6 +22,9 @@ from models.spec import LORA_FAMILY
 from models.states import ACTIVE, JobStatus, transition
 from models.storage import ArtifactStore
 from models.validation import peek_format
+
+ACTIVE_JOBS_RETRY_SECONDS = 60
+"""What a 429 for too many unfinished jobs suggests: jobs take minutes, so checking back each minute."""
 
 
 def _check_file(session: Session, organization_id: str, file_id: str, param: str) -> None:
@@ -98,7 +102,12 @@ def _check_method(
 
 
 def create(
-    session: Session, store: ArtifactStore, dispatcher: Dispatcher, organization_id: str, body: JobCreate
+    session: Session,
+    store: ArtifactStore,
+    dispatcher: Dispatcher,
+    organization_id: str,
+    body: JobCreate,
+    max_active: int,
 ) -> Job:
     if ModelRegistry(session).get(body.model) is None:
         raise APIError(
@@ -113,6 +122,15 @@ def create(
     if body.integrations:
         raise APIError("Integrations are not supported yet.", param="integrations")
     repo = JobRepository(session)
+    Organizations(session).lock(organization_id)  # two creates can't both take the last free place
+    if repo.count_active(organization_id) >= max_active:
+        raise APIError(
+            f"Your organization has {max_active} unfinished fine-tuning jobs, the most it may have at once; "
+            "create this one when one of them has finished, or cancel one.",
+            status_code=429,
+            code="too_many_active_jobs",
+            headers={"Retry-After": str(ACTIVE_JOBS_RETRY_SECONDS)},
+        )
     job = repo.add(
         Job(
             id=ids.job_id(),

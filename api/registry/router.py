@@ -19,7 +19,11 @@ def list_models(session: SessionDep, org: OrgDep) -> ModelList:
 
 
 # Before the plain `{model}` routes: model names may hold `/` (`org/name` bases), so `{model:path}` is used.
-@router.get("/{model:path}/content", response_class=StreamingResponse)
+@router.get(
+    "/{model:path}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/gzip": {}}, "description": "The artifact as a .tar.gz."}},
+)
 def download_model(
     model: str,
     session: SessionDep,

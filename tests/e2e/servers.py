@@ -42,6 +42,11 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+def create_key(env: dict[str, str], org: str = "local") -> str:
+    """A new API key of `org` (created if new), made with the CLI as an operator would."""
+    return cli("keys", "create", "--org", org, env=env).stdout.strip()
+
+
 @contextmanager
 def process(
     args: list[str], env: dict[str, str], log: Path, health_url: str | None = None

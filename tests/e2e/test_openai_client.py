@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.queue import RUN_JOB, make_celery
 from models.settings import Settings
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, distributed_env, free_port, process
+from tests.e2e.servers import cli, create_key, distributed_env, free_port, process
 from tests.jobs_helpers import succeeded, write_chat
 
 pytestmark = pytest.mark.e2e
@@ -96,7 +96,10 @@ def embedded(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[openai.Open
     assert "tiny-llama" in cli("models", "list", env=env).stdout
     port = free_port()
     with process(["up", "--port", str(port)], env, tmp_path / "up.log", f"http://127.0.0.1:{port}/healthz"):
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0), data_dir
+        yield (
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=create_key(env), max_retries=0),
+            data_dir,
+        )
 
 
 def test_embedded_server_with_openai_client(embedded, tmp_path: Path, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -105,8 +108,9 @@ def test_embedded_server_with_openai_client(embedded, tmp_path: Path, tiny_model
     check_outputs(client, job, "tiny-llama")
     check_adapter(data_dir / "artifacts" / "jobs" / job.id / "attempt-1" / "adapter", tiny_model_dir)
 
-    # The CLI drives the same API.
-    env = {"FTJOBS_BASE_URL": str(client.base_url).rstrip("/")}
+    # The first start showed an admin key, once; the CLI drives the same API with the organisation's key.
+    assert (tmp_path / "up.log").read_text().count("Admin key") == 1
+    env = {"FTJOBS_BASE_URL": str(client.base_url).rstrip("/"), "OPENAI_API_KEY": client.api_key}
     followed = cli("jobs", "follow", job.id, env=env)
     assert f"{job.id}: succeeded {job.fine_tuned_model}" in followed.stdout
     assert json.loads(cli("jobs", "get", job.id, env=env).stdout)["trained_tokens"] == job.trained_tokens
@@ -156,7 +160,9 @@ def test_distributed_celery_worker_with_openai_client(
             process(["worker"], env, tmp_path / "worker.log"),
             process(["api", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "api.log", health),
         ):
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            client = openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key=create_key(env), max_retries=0
+            )
             job = run_job(client, tmp_path, "tiny-llama")
             check_outputs(client, job, "tiny-llama")
             # A message delivered again after the job finished changes nothing.

@@ -13,7 +13,7 @@ from openai.types.fine_tuning import FineTuningJob
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.e2e.servers import cli, free_port, process
+from tests.e2e.servers import cli, create_key, free_port, process
 from tests.jobs_helpers import chat_lines, succeeded, wait_for
 from tests.tiny_model import build_tiny_llama
 
@@ -95,7 +95,7 @@ def test_adapters_are_hot_swapped_on_one_base_through_the_openai_client(
     port, inference_port = free_port(), free_port()
     up = ["up", "--port", str(port), "--inference-port", str(inference_port)]
     with process(up, env, tmp_path / "up.log", f"http://127.0.0.1:{port}/healthz"):
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=create_key(env), max_retries=0)
         started = [start_job(client, tmp_path, "train", 1), start_job(client, tmp_path, "validation", 2)]
         jobs = [succeeded(client, job) for job in started]
         # `ftjobs up` starts the inference server beside the API; it imports torch, so it can lag behind.

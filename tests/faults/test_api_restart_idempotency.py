@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from models.db import make_engine
 from models.orm import IdempotencyKey
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, distributed_env, free_port, process
+from tests.e2e.servers import cli, create_key, distributed_env, free_port, process
 from tests.faults.jobs_db import job_rows
 from tests.jobs_helpers import prompt_completion_lines
 
@@ -44,8 +44,10 @@ def test_killed_api_loses_and_duplicates_no_idempotent_create(
     tmp_path: Path, tiny_model_dir: Path, redis_url: str
 ) -> None:
     with fresh_postgres_database() as database_url:
-        env = distributed_env(tmp_path / "data", database_url, redis_url)  # no worker: nothing consumes
+        # No worker: nothing consumes, so every job stays unfinished; the quota is not what is tested.
+        env = distributed_env(tmp_path / "data", database_url, redis_url, max_active_jobs=10 * N_REQUESTS)
         cli("models", "add", "tiny-llama", str(tiny_model_dir), env=env)
+        auth = {"Authorization": f"Bearer {create_key(env)}"}
         port = free_port()
         base, args = f"http://127.0.0.1:{port}", ["api", "--host", "127.0.0.1", "--port", str(port)]
         jobs_url = f"{base}/v1/fine_tuning/jobs"
@@ -53,7 +55,7 @@ def test_killed_api_loses_and_duplicates_no_idempotent_create(
 
         def post(key: str) -> httpx.Response:
             body = {"model": "tiny-llama", "training_file": training_file, "metadata": {"key": key}}
-            return httpx.post(jobs_url, json=body, headers={"Idempotency-Key": key}, timeout=30)
+            return httpx.post(jobs_url, json=body, headers={**auth, "Idempotency-Key": key}, timeout=30)
 
         answered: list[str] = []
         enough = threading.Event()
@@ -72,7 +74,7 @@ def test_killed_api_loses_and_duplicates_no_idempotent_create(
         with process(args, env, tmp_path / "api-1.log", f"{base}/healthz") as api:
             upload = {"file": ("train.jsonl", prompt_completion_lines(10))}
             training_file = httpx.post(
-                f"{base}/v1/files", files=upload, data={"purpose": "fine-tune"}
+                f"{base}/v1/files", files=upload, data={"purpose": "fine-tune"}, headers=auth
             ).json()["id"]
             with ThreadPoolExecutor(N_REQUESTS) as pool:
                 futures = {key: pool.submit(first_try, key) for key in keys}

@@ -29,7 +29,7 @@ from models.spec import CompletedMessage
 from models.states import JobStatus, transition
 from models.storage import LocalArtifactStore
 from models.validation import FileSummary
-from tests.conftest import RecordingDispatcher, fresh_postgres_database
+from tests.conftest import RecordingDispatcher, fresh_postgres_database, make_tenant
 from tests.jobs_helpers import prompt_completion_lines
 from worker.runner import Attempt, JobData, JobRunner
 
@@ -116,7 +116,8 @@ def race(attempt: Attempt, done: CompletedMessage, client: TestClient, pool: Thr
 def test_cancel_racing_completion_has_one_winner_and_leaves_nothing_behind(
     race_database: str, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    settings = Settings(data_dir=tmp_path / "data", database_url=race_database)
+    # Hundreds of requests in a minute from one key: not what is tested here.
+    settings = Settings(data_dir=tmp_path / "data", database_url=race_database, rate_limit_per_minute=0)
     engine = make_engine(race_database)
     factory = make_session_factory(engine)
     store = LocalArtifactStore(settings.artifacts_root)
@@ -134,7 +135,11 @@ def test_cancel_racing_completion_has_one_winner_and_leaves_nothing_behind(
     finals: dict[str, dict[str, object]] = {}
     app = create_app(settings, RecordingDispatcher())
     try:
-        with TestClient(app, raise_server_exceptions=False) as client, ThreadPoolExecutor(2) as pool:
+        headers = make_tenant(factory, "local").headers
+        with (
+            TestClient(app, raise_server_exceptions=False, headers=headers) as client,
+            ThreadPoolExecutor(2) as pool,
+        ):
             upload = {"file": ("train.jsonl", prompt_completion_lines(10))}
             training_file = client.post("/v1/files", files=upload, data={"purpose": "fine-tune"}).json()["id"]
             for _ in range(ITERATIONS):
@@ -192,7 +197,7 @@ def test_a_retried_publish_keeps_the_published_adapter(tmp_path: Path, tiny_mode
         ModelRegistry(session).register("tiny-llama", str(tiny_model_dir), "local")
     app = create_app(settings, RecordingDispatcher())
     try:
-        with TestClient(app) as client:
+        with TestClient(app, headers=make_tenant(factory, "local").headers) as client:
             upload = {"file": ("train.jsonl", prompt_completion_lines(10))}
             training_file = client.post("/v1/files", files=upload, data={"purpose": "fine-tune"}).json()["id"]
             job_id = running_job(client, factory, training_file)

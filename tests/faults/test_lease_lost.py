@@ -15,7 +15,7 @@ from models.orm import Job
 from models.registry import ModelRegistry
 from models.settings import Settings
 from models.storage import LocalArtifactStore
-from tests.conftest import RecordingDispatcher, fresh_postgres_database
+from tests.conftest import RecordingDispatcher, fresh_postgres_database, make_tenant
 from tests.faults.tcp_proxy import TcpProxy
 from tests.jobs_helpers import chat_lines, wait_for
 from tests.test_runner import create_job
@@ -36,7 +36,8 @@ def test_worker_without_its_lease_stops_and_the_job_moves_on(tmp_path: Path, tin
             ModelRegistry(session).register("tiny-llama", str(tiny_model_dir), "local")
         store = LocalArtifactStore(base.artifacts_root)
         runner = JobRunner(worker_settings, make_session_factory(make_engine(proxied_url)), store)
-        with TestClient(create_app(api_settings, RecordingDispatcher())) as client:
+        headers = make_tenant(direct, "local").headers
+        with TestClient(create_app(api_settings, RecordingDispatcher()), headers=headers) as client:
             job_id = create_job(client, "tiny-llama", chat_lines(20), n_epochs=2, batch_size=1)
             thread = threading.Thread(target=runner.run, args=(job_id,))
             thread.start()

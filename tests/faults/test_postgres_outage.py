@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, distributed_env, free_port, process
+from tests.e2e.servers import cli, create_key, distributed_env, free_port, process
 from tests.faults.jobs_db import STARTED, event_counts, job_rows
 from tests.faults.tcp_proxy import TcpProxy
 from tests.jobs_helpers import TERMINAL, write_chat
@@ -52,7 +52,9 @@ def test_training_rides_out_a_database_outage(tmp_path: Path, tiny_model_dir: Pa
         api_log, worker_log = tmp_path / "api.log", tmp_path / "worker.log"
         api_args = ["api", "--host", "127.0.0.1", "--port", str(port)]
         with process(api_args, env, api_log, f"{base}/healthz"), process(["worker"], env, worker_log):
-            client = openai.OpenAI(base_url=f"{base}/v1", api_key="-", max_retries=0, timeout=30)
+            key = create_key(env)
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=30)
+            auth = {"Authorization": f"Bearer {key}"}
             with open(write_chat(tmp_path / "train.jsonl", N_EXAMPLES), "rb") as train:
                 training_file = client.files.create(file=train, purpose="fine-tune").id
             hyperparameters = {"n_epochs": N_EPOCHS, "batch_size": 1, "max_seq_length": 256}
@@ -76,7 +78,7 @@ def test_training_rides_out_a_database_outage(tmp_path: Path, tiny_model_dir: Pa
                 cut_at = time.monotonic()
                 during: list[httpx.Response] = []
                 while time.monotonic() - cut_at < OUTAGE_SECONDS:
-                    during.append(httpx.get(job_url, timeout=10))
+                    during.append(httpx.get(job_url, headers=auth, timeout=10))
                     time.sleep(1)
             finally:
                 proxy.restore()
@@ -89,7 +91,7 @@ def test_training_rides_out_a_database_outage(tmp_path: Path, tiny_model_dir: Pa
             assert all(r.headers.get("Retry-After") for r in during)
 
             deadline = time.monotonic() + 15
-            while httpx.get(job_url, timeout=10).status_code != 200:
+            while httpx.get(job_url, headers=auth, timeout=10).status_code != 200:
                 assert time.monotonic() < deadline, f"the API did not recover:\n{tail(api_log)}"
                 time.sleep(0.5)
 

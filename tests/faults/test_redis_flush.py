@@ -17,7 +17,7 @@ import redis
 from models.queue import RUN_JOB, make_celery
 from models.settings import Settings
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, distributed_env, free_port, process
+from tests.e2e.servers import cli, create_key, distributed_env, free_port, process
 from tests.faults.jobs_db import JobRow, event_counts, job_rows
 from tests.jobs_helpers import TERMINAL, prompt_completion_lines
 
@@ -67,7 +67,9 @@ def test_jobs_survive_a_flushed_broker_and_duplicates_run_once(
                 api_log,
                 f"http://127.0.0.1:{port}/healthz",
             ):
-                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+                client = openai.OpenAI(
+                    base_url=f"http://127.0.0.1:{port}/v1", api_key=create_key(env), max_retries=0
+                )
                 upload = ("train.jsonl", prompt_completion_lines(10))
                 training_file = client.files.create(file=upload, purpose="fine-tune").id
                 jobs = {
@@ -141,7 +143,7 @@ def test_create_answers_while_the_broker_is_unreachable(tmp_path: Path, tiny_mod
             f"http://127.0.0.1:{port}/healthz",
         ):
             client = openai.OpenAI(
-                base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=30
+                base_url=f"http://127.0.0.1:{port}/v1", api_key=create_key(env), max_retries=0, timeout=30
             )
             training_file = client.files.create(
                 file=("train.jsonl", prompt_completion_lines(10)), purpose="fine-tune"

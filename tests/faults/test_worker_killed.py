@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import fresh_postgres_database
-from tests.e2e.servers import cli, distributed_env, free_port, process
+from tests.e2e.servers import cli, create_key, distributed_env, free_port, process
 from tests.jobs_helpers import TERMINAL, write_chat
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +33,9 @@ def test_killed_worker_job_resumes_elsewhere(tmp_path: Path, tiny_model_dir: Pat
         port = free_port()
         health = f"http://127.0.0.1:{port}/healthz"
         with process(["api", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "api.log", health):
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            client = openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key=create_key(env), max_retries=0
+            )
             with open(write_chat(tmp_path / "train.jsonl", 30), "rb") as train:
                 training_file = client.files.create(file=train, purpose="fine-tune")
             hyperparameters = {"n_epochs": 4, "batch_size": 1, "max_seq_length": 512}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel
+from pydantic import SecretStr
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -317,3 +318,19 @@ def test_a_feature_extraction_classifier_answers_as_its_head_on_mean_pooled_stat
 def test_healthz(client: TestClient) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+def test_with_a_token_set_only_requests_carrying_it_are_served(
+    artifacts_root: Path, engine: Engine, base_dir: Path
+) -> None:
+    settings = settings_for(artifacts_root).model_copy(update={"inference_token": SecretStr("s3cret")})
+    with TestClient(create_app(settings, engine)) as client:
+        body = chat_body(target(base_dir), temperature=0, max_tokens=2)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            refused = client.post("/internal/chat/completions", json=body, headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        served = client.post(
+            "/internal/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert served.status_code == 200, served.text
+        assert client.get("/healthz").status_code == 200

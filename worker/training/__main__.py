@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from models.spec import LogMessage, TrainingSpec
+from models.spec import DataError, LogMessage, TrainingSpec
 from worker.training import feature_extraction, recipe
 from worker.training.events import EventWriter
 
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
             feature_extraction.run(spec, events)
         else:
             recipe.run(spec, events)
+    except DataError as exc:  # the file, not the trainer: the job fails with the data's own error code
+        events.emit(LogMessage(level="error", message=exc.message, code=exc.code, param=exc.param))
+        return 1
     except Exception as exc:
         traceback.print_exc()
         # One line: the runner shows it to the user as the job's error.

@@ -18,6 +18,7 @@ from transformers import get_scheduler, set_seed
 from models.spec import (
     CheckpointMessage,
     CompletedMessage,
+    DataError,
     EvaluationMessage,
     Metrics,
     MetricsMessage,
@@ -72,6 +73,14 @@ class Recipe:
         self.valid_examples = self.objective.load_examples(valid_file, "validation") if valid_file else []
         if not self.train_examples:
             raise ValueError("no training example has anything left to train on")
+        tokens = sum(example.length for example in self.train_examples)
+        limit = self.spec.max_training_tokens
+        if limit is not None and tokens > limit:
+            raise DataError(
+                "invalid_n_tokens",
+                f"Training file has {tokens} tokens with this model's tokenizer, over the limit of {limit}.",
+                "training_file",
+            )
 
         hp = self.hp
         self.micro_batches = math.ceil(len(self.train_examples) / hp.batch_size)
