@@ -48,7 +48,7 @@ from models.registry import content_hash
 from models.settings import Settings
 from models.storage import LocalArtifactStore
 from worker.training.device import DeviceConfig, select_device
-from worker.training.loading import load_model, load_tokenizer
+from worker.training.loading import load_model, load_tokenizer, refuse_pickle_weights
 from worker.training.methods import get_method
 from worker.training.objectives.classification import LABELS_FILE
 
@@ -120,6 +120,8 @@ class Base:
         name = self.spare
         if name is None or self.peft is None:
             return None
+        # ModelStore._load checked already, but hotswap_adapter would torch.load a pickle: check at the call.
+        refuse_pickle_weights(directory)
         config = LoraConfig.from_pretrained(str(directory))
         self.spare = None
         try:
@@ -222,6 +224,10 @@ class ModelStore:
                 param="model",
                 code="model_not_found",
             )
+        try:
+            refuse_pickle_weights(directory)
+        except ValueError as exc:
+            raise APIError(str(exc), param="model", code="model_not_supported") from exc
         lineage = read_lineage(directory, target.model)
         expected = self.content_hash(target.base_path)
         if lineage.base_model.content_hash != expected:

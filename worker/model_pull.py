@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.spec import PICKLE_SUFFIXES
+
 
 class PullError(Exception):
     """A model could not be pulled or is not usable; the message is meant for the user."""
@@ -65,7 +67,7 @@ BUILTIN: dict[str, Builtin] = {
 # Hub repo ids as the Hub accepts them; it also refuses ".." and "--", which keeps slugs unique and safe.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
 _HUB_ALLOW = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
-_PICKLE_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt"]
+_PICKLE_WEIGHTS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
 
 
 def pull(name: str, dest_root: Path) -> Path:
@@ -196,8 +198,10 @@ def _convert_gguf(src_dir: Path, gguf_file: str, model_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=gguf_file, dtype=torch.float32, trust_remote_code=False
+    )
     # Loading de-quantizes to float32, but the model still carries GGUF quantization state, which makes
     # save_pretrained refuse and would make later loads expect a GGUF file.
     model.hf_quantizer = None

@@ -7,13 +7,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from models.spec import PICKLE_SUFFIXES
+
 _CHUNKS_AHEAD = 16
 _DONE = b""
 
 SKIPPED = {"trainer", "COMPLETE"}
 """Checkpoints' trainer state (optimizer, RNG) and completion marker: for resuming, not for using."""
-WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-"""Pickle-based weight formats: never served, whatever put them there (artifacts hold safetensors only)."""
 
 
 class _Abandoned(Exception):
@@ -43,7 +43,7 @@ def archive_members(directory: Path) -> list[Path]:
         for path in directory.rglob("*")
         if path.is_file()
         and not SKIPPED & set(path.relative_to(directory).parts)
-        and not path.name.endswith(WEIGHT_SUFFIXES)
+        and not path.name.endswith(PICKLE_SUFFIXES)  # never served, whatever put them there
     )
 
 

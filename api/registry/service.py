@@ -9,6 +9,7 @@ from models.inference import ModelKind, Target
 from models.lineage import Lineage, read_lineage
 from models.objectives import GENERATIVE
 from models.registry import is_generative
+from models.spec import pickle_weights
 from models.storage import ArtifactStore
 from models.versions import ModelVersion, ModelVersions
 
@@ -80,6 +81,13 @@ def target(store: ArtifactStore, version: ModelVersion) -> Target:
     key = version.artifact_key
     if key is None:
         return Target(model=version.id, base_path=version.base.path, kind=_base_kind(version))
+    # Never hand the inference server pickle weights: peft would load an `adapter_model.bin` with torch.load.
+    if pickles := pickle_weights(store.local_path(key)):
+        raise APIError(
+            f"Model {version.id!r} holds pickle weights ({', '.join(pickles)}), which are never loaded.",
+            param="model",
+            code="model_not_supported",
+        )
     lineage = read_lineage(store, key)
     if lineage is None:
         raise APIError(

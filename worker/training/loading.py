@@ -2,11 +2,13 @@
 remote code."""
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from models.spec import pickle_weights
 from worker.training.device import DeviceConfig
 
 
@@ -32,6 +34,13 @@ def load_model(
         **options,
     )
     return model.to(device.device)
+
+
+def refuse_pickle_weights(directory: Path) -> None:
+    """Raise unless an artifact directory holds no pickle weights: peft loads `adapter_model.bin` with
+    `torch.load` when `adapter_model.safetensors` is missing."""
+    if pickles := pickle_weights(directory):
+        raise ValueError(f"{directory} holds pickle weights ({', '.join(pickles)}); only safetensors load")
 
 
 def count_parameters(parameters: Iterable[nn.Parameter]) -> int:

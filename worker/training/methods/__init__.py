@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import (
 
 from models.spec import ResolvedHyperparameters
 from worker.training.device import DeviceConfig
+from worker.training.loading import refuse_pickle_weights
 
 PrepareFn = Callable[[PreTrainedModel, ResolvedHyperparameters], nn.Module]
 """Takes the loaded base model and the job's hyperparameters; returns the model to train. Only its
@@ -103,6 +104,7 @@ def no_load_options(device: DeviceConfig) -> dict[str, Any]:
 
 def load_peft(load_base: BaseLoader, directory: Path) -> nn.Module:
     """PEFT adapters (every PEFT method) restore themselves onto a fresh base."""
+    refuse_pickle_weights(directory)
     return PeftModel.from_pretrained(load_base(), directory)
 
 
