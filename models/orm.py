@@ -178,3 +178,58 @@ class IdempotencyKey(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     response: Mapped[dict[str, Any]] = mapped_column(JSONType)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class WebhookEndpoint(Base):
+    """A URL an organisation registered for job events (OpenAI's `webhook_endpoint`)."""
+
+    __tablename__ = "webhook_endpoint"
+    __table_args__ = (Index("ix_webhook_endpoint_org_seq", "organization_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2048))
+    name: Mapped[str] = mapped_column(String(256))
+    event_types: Mapped[list[str]] = mapped_column(JSONType)
+    secret: Mapped[str] = mapped_column(String(64))
+    """`whsec_…`, kept as is: signing needs the secret itself, so unlike API keys it can't be hashed."""
+    previous_secret: Mapped[str | None] = mapped_column(String(64))
+    """Still signs beside `secret` until `previous_secret_expires_at` (a rotation that keeps the old one)."""
+    previous_secret_expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one event for one endpoint, written in the transaction that ended the job, then sent
+    (and retried) by `worker.webhooks`. No foreign keys, so no webhook row can ever fail a job's status
+    change; deleting an endpoint deletes its deliveries."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (
+        Index("ix_webhook_delivery_endpoint_seq", "endpoint_id", "seq"),
+        Index("ix_webhook_delivery_due", "status", "next_attempt_at"),
+    )
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    """Sent as `webhook-id`: the same for every attempt, so receivers can drop repeats."""
+    endpoint_id: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    """Also the event's `created_at`: when the job ended."""
+    status: Mapped[str] = mapped_column(String(16))
+    """pending, delivered or failed."""
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float)
+    """When a sender may (re)try it; a claim moves it past the send, as a lease. None once finished."""
+    last_attempt_at: Mapped[float | None] = mapped_column(Float)
+    """When the last attempt's outcome was known; the next is due a backoff delay later."""
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    """Why the last attempt failed short of a response (refused address, timeout, connection error)."""
+    last_response: Mapped[str | None] = mapped_column(String(512))
+    """The first characters of the last response's body, no more."""

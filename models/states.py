@@ -13,6 +13,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from models.orm import Job
+from models.webhooks import WebhookRepository, job_event_type
 
 
 class JobStatus(StrEnum):
@@ -61,7 +62,8 @@ def transition(
     """Move `job_id` to `to` if it is in `from_` (and on `attempt`, when given); True if it moved.
 
     `values` are written in the same UPDATE, so a status and the data that goes with it (results,
-    error, lease) are never seen apart.
+    error, lease) are never seen apart. A move to a final status also writes the job's webhook event
+    (the outbox) in the caller's transaction: the event exists if and only if the status change does.
     """
     expected = {JobStatus(from_)} if isinstance(from_, str) else {JobStatus(s) for s in from_}
     illegal = [s for s in expected if to not in ALLOWED[s]]
@@ -70,8 +72,13 @@ def transition(
     conditions = [Job.id == job_id, Job.status.in_([s.value for s in expected])]
     if attempt is not None:
         conditions.append(Job.attempt == attempt)
-    result = session.execute(
-        update(Job).where(*conditions).values(status=to.value, **(values or {})),
+    moved = session.execute(
+        update(Job)
+        .where(*conditions)
+        .values(status=to.value, **(values or {}))
+        .returning(Job.organization_id),
         execution_options={"synchronize_session": False},
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    ).all()
+    if moved and to in TERMINAL:
+        WebhookRepository(session).enqueue_job_event(moved[0].organization_id, job_id, job_event_type(to))
+    return bool(moved)
