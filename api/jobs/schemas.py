@@ -2,12 +2,17 @@
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.hyperparameters import DpoHyperparameters, SupervisedHyperparameters
 from models.orm import Job
 
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+MAX_INTEGRATIONS, MAX_TRACKER_NAME, MAX_TRACKER_TAGS, MAX_TRACKER_TAG = 5, 128, 20, 64
+WANDB_FORBIDDEN = "/\\#?%:"
+"""Characters W&B refuses in project and entity names."""
+RESERVED_TAG_PREFIXES = ("mlflow.", "ftjobs.")
+"""MLflow's system tags and ours (the job id): a user's tag must not pass for them."""
 
 
 class SupervisedMethod(BaseModel):
@@ -31,16 +36,92 @@ class Method(BaseModel):
     reward_model: SupervisedMethod | None = None
 
 
+def _printable(value: str) -> str:
+    # Names go into trackers' stores and UIs: no control characters (NUL, newlines, escapes).
+    if not value.isprintable():
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _wandb_name(value: str) -> str:
+    if forbidden := sorted(set(value) & set(WANDB_FORBIDDEN)):
+        raise ValueError(f"must not contain any of {' '.join(forbidden)}")
+    return value
+
+
+def _mlflow_tag_key(value: str) -> str:
+    # MLflow may store a tag as a file: its key must not resolve to another path.
+    if any(part in ("", ".", "..") for part in value.split("/")) or value.startswith(RESERVED_TAG_PREFIXES):
+        reserved = " or ".join(RESERVED_TAG_PREFIXES)
+        raise ValueError(f"a tag key must be a plain name, not starting with {reserved}")
+    return value
+
+
+TrackerName = Annotated[str, Field(min_length=1, max_length=MAX_TRACKER_NAME), AfterValidator(_printable)]
+WandbName = Annotated[TrackerName, AfterValidator(_wandb_name)]
+TrackerTag = Annotated[str, Field(min_length=1, max_length=MAX_TRACKER_TAG), AfterValidator(_printable)]
+MlflowTagKey = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_TRACKER_TAG, pattern=r"^[A-Za-z0-9_.\- :/]+$"),
+    AfterValidator(_mlflow_tag_key),
+]
+MlflowTagValue = Annotated[str, Field(max_length=MAX_METADATA_VALUE), AfterValidator(_printable)]
+
+
 class WandbIntegration(BaseModel):
-    project: str
-    name: str | None = None
-    entity: str | None = None
-    tags: list[str] | None = None
+    model_config = ConfigDict(extra="forbid")
+    project: WandbName
+    name: TrackerName | None = None
+    entity: WandbName | None = None
+    tags: Annotated[list[TrackerTag], Field(max_length=MAX_TRACKER_TAGS)] | None = None
+
+
+class MlflowIntegration(BaseModel):
+    """Extension. The experiment is created if new, under the organisation's name (`{org}/{name}`, or `{org}`
+    alone); where the tracking server is, is the operator's setting."""
+
+    model_config = ConfigDict(extra="forbid")
+    experiment_name: TrackerName | None = None
+    run_name: TrackerName | None = None
+    tags: Annotated[dict[MlflowTagKey, MlflowTagValue], Field(max_length=MAX_TRACKER_TAGS)] | None = None
+
+
+class TensorboardIntegration(BaseModel):
+    """Extension, with nothing to choose: the job's logs go to the operator's directory, one per job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+INTEGRATION_SETTINGS: dict[str, type[BaseModel]] = {
+    "wandb": WandbIntegration,
+    "mlflow": MlflowIntegration,
+    "tensorboard": TensorboardIntegration,
+}
 
 
 class Integration(BaseModel):
-    type: Literal["wandb"]
-    wandb: WandbIntegration
+    """OpenAI's `{type: "wandb", wandb: {...}}`; `mlflow` and `tensorboard` are extensions in its shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["wandb", "mlflow", "tensorboard"]
+    wandb: WandbIntegration | None = None
+    mlflow: MlflowIntegration | None = None
+    tensorboard: TensorboardIntegration | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> "Integration":
+        if other := next((k for k in INTEGRATION_SETTINGS if k != self.type and getattr(self, k)), None):
+            raise ValueError(f"a {self.type} integration takes no {other!r} object")
+        if self.type == "wandb" and self.wandb is None:
+            raise ValueError("a wandb integration needs a 'wandb' object naming its project")
+        return self
+
+    def stored(self, job_id: str) -> dict[str, Any]:
+        """As the job keeps and shows it; the W&B run is the job's id, as OpenAI's is."""
+        fields = (getattr(self, self.type) or INTEGRATION_SETTINGS[self.type]()).model_dump()
+        if self.type == "wandb":
+            fields["run_id"] = job_id
+        return {"type": self.type, self.type: fields}
 
 
 class JobCreate(BaseModel):
@@ -54,7 +135,8 @@ class JobCreate(BaseModel):
     """Deprecated in favour of `method`; accepted as the supervised method's hyperparameters."""
     suffix: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     seed: Annotated[int, Field(strict=True, ge=0, le=2147483647)] | None = None
-    integrations: Annotated[list[Integration], Field(max_length=5)] | None = None
+    integrations: Annotated[list[Integration], Field(max_length=MAX_INTEGRATIONS)] | None = None
+    """Trackers that also log the job's hyperparameters and metrics (docs/integrations.md)."""
     metadata: dict[str, str] | None = None
     export_merged: bool = False
     """Extension: also publish the adapter merged into its base as a whole model, verified against the
@@ -66,6 +148,15 @@ class JobCreate(BaseModel):
         # The suffix is one `:`-separated segment of the fine_tuned_model name.
         if value is not None and (":" in value or any(ch.isspace() or not ch.isprintable() for ch in value)):
             raise ValueError("the suffix must not contain ':', whitespace or control characters")
+        return value
+
+    @field_validator("integrations")
+    @classmethod
+    def _one_integration_per_type(cls, value: list[Integration] | None) -> list[Integration] | None:
+        # A job has one run in each tracker.
+        types = [integration.type for integration in value or []]
+        if len(set(types)) < len(types):
+            raise ValueError("at most one integration of each type")
         return value
 
     @field_validator("metadata")

@@ -12,6 +12,7 @@ from pathlib import Path
 from models.spec import DataError, LogMessage, TrainingSpec
 from worker.training import feature_extraction, recipe
 from worker.training.events import EventWriter
+from worker.training.trackers import Trackers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     events = EventWriter(args.events_fd)
     try:
         spec = TrainingSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
-        # Feature extraction fits a classifier head in one solve: no steps for the recipe's loop.
-        if spec.hyperparameters.training_type == "feature_extraction":
-            feature_extraction.run(spec, events)
-        else:
-            recipe.run(spec, events)
+        with Trackers(spec, events):
+            # Feature extraction fits a classifier head in one solve: no steps for the recipe's loop.
+            if spec.hyperparameters.training_type == "feature_extraction":
+                feature_extraction.run(spec, events)
+            else:
+                recipe.run(spec, events)
     except DataError as exc:  # the file, not the trainer: the job fails with the data's own error code
         events.emit(LogMessage(level="error", message=exc.message, code=exc.code, param=exc.param))
         return 1
