@@ -100,6 +100,37 @@ class DataError(Exception):
         self.param = param
 
 
+class WandbTracker(BaseModel):
+    """A W&B run named as the user asked; W&B's own environment (WANDB_MODE, WANDB_API_KEY, WANDB_BASE_URL)
+    says where it goes."""
+
+    type: Literal["wandb"] = "wandb"
+    project: str
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] = []
+    run_id: str
+    """The job id, as OpenAI does: every attempt of a job logs to the same run."""
+    dir: str
+
+
+class MlflowTracker(BaseModel):
+    type: Literal["mlflow"] = "mlflow"
+    tracking_uri: str
+    experiment_name: str
+    run_name: str | None = None
+    tags: dict[str, str] = {}
+
+
+class TensorboardTracker(BaseModel):
+    type: Literal["tensorboard"] = "tensorboard"
+    log_dir: str
+
+
+Tracker = Annotated[WandbTracker | MlflowTracker | TensorboardTracker, Field(discriminator="type")]
+"""One of a job's `integrations`: the names are the user's, the destination is the operator's."""
+
+
 class TrainingSpec(BaseModel):
     job_id: str
     base_model_path: str
@@ -122,6 +153,8 @@ class TrainingSpec(BaseModel):
     """Also save the adapter merged into the base, verified against it (lora family)."""
     max_training_tokens: int | None = None
     """Refuse a training file that tokenizes to more (`settings.max_file_tokens`)."""
+    trackers: list[Tracker] = []
+    """Where the job's hyperparameters and metric curves are also logged (worker/training/trackers.py)."""
 
 
 Metrics = dict[str, float]
@@ -144,11 +177,22 @@ class EvaluationMessage(BaseModel):
     details: Details = {}
 
 
+class DeviceInfo(BaseModel):
+    """The hardware a job trains on, as its trainer sees it."""
+
+    type: Literal["cpu", "cuda"]
+    name: str
+    total_bytes: int | None = None
+    """Its memory (a CPU's: physical memory, or the container's limit); None where unknown."""
+
+
 class StartedMessage(BaseModel):
     type: Literal["started"] = "started"
     total_steps: int
     n_train_examples: int
     truncated_examples: int = 0
+    device: DeviceInfo | None = None
+    """Stored in the job's events: the pre-flight estimate sizes jobs for the latest device."""
 
 
 class MetricsMessage(BaseModel):
@@ -184,6 +228,9 @@ class CompletedMessage(BaseModel):
     results_csv: str
     trained_tokens: int
     metrics: Metrics
+    elapsed_seconds: float | None = None
+    """Time in the training loop (steps, in-loop evaluations, checkpoints) over every attempt: with
+    trained_tokens, the throughput the pre-flight estimate measures durations by."""
 
 
 class StoppedMessage(BaseModel):

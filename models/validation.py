@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, NoReturn
 from models.spec import DataError, DataFormat
 
 MAX_LINE_BYTES = 16 * 2**20
+MIN_TRAINING_EXAMPLES = 10
 MAX_LABELS = 1_000
 """Most distinct classification labels or NER tags in one file; FileSummary lists them all."""
 MAX_LABEL_CHARS = 256
@@ -156,6 +157,38 @@ def validate_file(
     return FileSummary(
         format=file_format, n_examples=n_examples, labels=tuple(str(label) for label in sorted(labels))
     )
+
+
+def validate_job_files(
+    training: Path, validation: Path | None, *, max_examples: int | None
+) -> tuple[FileSummary, FileSummary | None]:
+    """A job's files as they must be to train (its runner checks them, the pre-flight estimate too): each on
+    its own, then the validation file against the training file, whose model must be able to score it."""
+    train = validate_file(
+        training,
+        param="training_file",
+        min_examples=MIN_TRAINING_EXAMPLES,
+        max_examples=max_examples,
+        require_two_labels=True,
+    )
+    if validation is None:
+        return train, None
+    valid = validate_file(validation, param="validation_file", min_examples=1, max_examples=max_examples)
+    if valid.format != train.format:
+        raise DataError(
+            "invalid_file_format",
+            f"The validation file is in {valid.format} format but the training file is in "
+            f"{train.format} format.",
+            "validation_file",
+        )
+    if unseen := sorted(set(valid.labels) - set(train.labels)):
+        raise DataError(
+            "invalid_example",
+            f"The validation file has labels the training file does not have: {', '.join(unseen[:10])}; "
+            "a classifier can only predict labels it was trained on.",
+            "validation_file",
+        )
+    return train, valid
 
 
 def peek_format(file: BinaryIO) -> DataFormat | None:

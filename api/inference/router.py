@@ -48,6 +48,17 @@ def get_client(request: Request) -> httpx.Client:
 ClientDep = Annotated[httpx.Client, Depends(get_client)]
 
 
+def inference_unavailable(client: httpx.Client, error: httpx.TransportError) -> APIError:
+    return APIError(
+        f"The inference server at {client.base_url} is not reachable ({type(error).__name__}); start it "
+        "with `ftjobs serve` (`ftjobs up` starts one).",
+        status_code=503,
+        type="server_error",
+        code="inference_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 def _forward(
     client: httpx.Client, session: Session, store: ArtifactStore, org: str, path: str, body: InferenceRequest
 ) -> StreamingResponse:
@@ -57,14 +68,7 @@ def _forward(
     try:
         response = client.send(forwarded, stream=True)
     except httpx.TransportError as error:
-        raise APIError(
-            f"The inference server at {client.base_url} is not reachable ({type(error).__name__}); start it "
-            "with `ftjobs serve` (`ftjobs up` starts one).",
-            status_code=503,
-            type="server_error",
-            code="inference_unavailable",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        ) from error
+        raise inference_unavailable(client, error) from error
 
     def relay() -> Iterator[bytes]:
         try:

@@ -2,6 +2,7 @@
 
 import random
 import time
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
@@ -101,14 +102,12 @@ def _check_method(
     return {"type": method_type, method_type: {"hyperparameters": hyperparameters.model_dump()}}
 
 
-def create(
-    session: Session,
-    store: ArtifactStore,
-    dispatcher: Dispatcher,
-    organization_id: str,
-    body: JobCreate,
-    max_active: int,
-) -> Job:
+def check_request(
+    session: Session, store: ArtifactStore, organization_id: str, body: JobCreate
+) -> dict[str, object]:
+    """The rules a job request must pass before anything is stored, as job creation and the pre-flight
+    estimate (api/preflight) apply them: its model, its files and its method (400s). Returns the method as
+    stored."""
     if ModelRegistry(session).get(body.model) is None:
         raise APIError(
             f"Model {body.model!r} is not available; "
@@ -119,8 +118,18 @@ def create(
     _check_file(session, organization_id, body.training_file, "training_file")
     if body.validation_file is not None:
         _check_file(session, organization_id, body.validation_file, "validation_file")
-    if body.integrations:
-        raise APIError("Integrations are not supported yet.", param="integrations")
+    return _check_method(session, store, organization_id, body)
+
+
+def create(
+    session: Session,
+    store: ArtifactStore,
+    dispatcher: Dispatcher,
+    organization_id: str,
+    body: JobCreate,
+    max_active: int,
+) -> Job:
+    method = check_request(session, store, organization_id, body)
     repo = JobRepository(session)
     Organizations(session).lock(organization_id)  # two creates can't both take the last free place
     if repo.count_active(organization_id) >= max_active:
@@ -131,20 +140,21 @@ def create(
             code="too_many_active_jobs",
             headers={"Retry-After": str(ACTIVE_JOBS_RETRY_SECONDS)},
         )
+    job_id = ids.job_id()
     job = repo.add(
         Job(
-            id=ids.job_id(),
+            id=job_id,
             organization_id=organization_id,
             model=body.model,
             training_file=body.training_file,
             validation_file=body.validation_file,
             status=JobStatus.VALIDATING_FILES.value,
-            method=_check_method(session, store, organization_id, body),
+            method=method,
             suffix=body.suffix,
             seed=body.seed if body.seed is not None else random.randint(0, 2147483647),
             metadata_=body.metadata,
             export_merged=body.export_merged,
-            integrations=None,
+            integrations=[integration.stored(job_id) for integration in body.integrations or []] or None,
             result_files=[],
             created_at=int(time.time()),
             dispatched_at=time.time(),
@@ -173,13 +183,19 @@ def list_jobs(
     *,
     metadata: dict[str, str] | None,
     no_metadata: bool,
+    statuses: Sequence[JobStatus] | None,
     after: str | None,
     limit: int,
 ) -> tuple[list[Job], bool]:
     repo = JobRepository(session)
     start = cursor(after, lambda job_id: repo.get(job_id, organization_id), "fine-tuning job")
     rows, has_more = repo.list(
-        organization_id, metadata=metadata, no_metadata=no_metadata, after=start, limit=limit
+        organization_id,
+        metadata=metadata,
+        no_metadata=no_metadata,
+        statuses=statuses,
+        after=start,
+        limit=limit,
     )
     return list(rows), has_more
 

@@ -36,6 +36,7 @@ from tests.training.classifier_jobs import (
     train_method,
     write_jsonl,
 )
+from worker.training.device import describe, select_device
 from worker.training.objectives.classification import Classification, Example
 
 LABELS = ["animal", "fruit"]
@@ -159,7 +160,10 @@ def test_the_recipe_trains_a_classifier_and_publishes_its_label_map(
     )
     events = run_job(spec)
 
-    assert events.of_type(StartedMessage) == [StartedMessage(total_steps=12, n_train_examples=32)]
+    device = describe(select_device())  # reported for the pre-flight estimate
+    assert events.of_type(StartedMessage) == [
+        StartedMessage(total_steps=12, n_train_examples=32, device=device)
+    ]
     baseline, *evaluations = events.of_type(EvaluationMessage)
     assert baseline.baseline and [e.step for e in evaluations] == [4, 8, 12]
     assert all(set(e.metrics) == FULL_METRICS for e in [baseline, *evaluations])

@@ -31,6 +31,7 @@ from tests.training.classifier_jobs import (
     texts,
     write_jsonl,
 )
+from worker.training.device import describe, select_device
 from worker.training.feature_extraction import head_probabilities, load_feature_extraction, run
 
 LABELS = ["animal", "fruit"]
@@ -64,7 +65,10 @@ def test_the_head_beats_the_majority_class_baseline(job: tuple[TrainingSpec, Rec
         "MetricsMessage",
         "CompletedMessage",
     ]
-    assert events.of_type(StartedMessage) == [StartedMessage(total_steps=1, n_train_examples=40)]
+    device = describe(select_device())  # reported for the pre-flight estimate
+    assert events.of_type(StartedMessage) == [
+        StartedMessage(total_steps=1, n_train_examples=40, device=device)
+    ]
     baseline, evaluation = events.of_type(EvaluationMessage)
     assert (baseline.step, baseline.baseline, evaluation.step, evaluation.baseline) == (0, True, 1, False)
     assert baseline.metrics == pytest.approx(

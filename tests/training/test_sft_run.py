@@ -36,6 +36,7 @@ from models.spec import (
 )
 from tests.tiny_model import build_tiny_llama
 from worker.training.data import collate, load_dataset
+from worker.training.device import describe, select_device
 from worker.training.loading import load_tokenizer
 from worker.training.objectives.causal_lm import token_stats
 
@@ -207,7 +208,10 @@ def test_events_follow_the_training_protocol(runs: dict[str, Run]) -> None:
         "CompletedMessage",
     ]
     assert {m.level for m in run.of_type(LogMessage)} == {"info"}
-    assert run.of_type(StartedMessage) == [StartedMessage(total_steps=TOTAL_STEPS, n_train_examples=N_TRAIN)]
+    device = describe(select_device())  # reported for the pre-flight estimate
+    assert run.of_type(StartedMessage) == [
+        StartedMessage(total_steps=TOTAL_STEPS, n_train_examples=N_TRAIN, device=device)
+    ]
 
     metrics = run.of_type(MetricsMessage)
     assert [m.step for m in metrics] == list(range(1, TOTAL_STEPS + 1))

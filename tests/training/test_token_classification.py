@@ -27,6 +27,7 @@ from tests.training.classifier_jobs import (
     write_jsonl,
 )
 from worker.training.data import IGNORE_INDEX
+from worker.training.device import describe, select_device
 from worker.training.loading import load_tokenizer
 from worker.training.metrics import entity_report
 from worker.training.objectives.token_classification import (
@@ -181,7 +182,10 @@ def test_the_recipe_trains_a_tagger(
     )
     events = run_job(spec)
 
-    assert events.of_type(StartedMessage) == [StartedMessage(total_steps=12, n_train_examples=32)]
+    device = describe(select_device())  # reported for the pre-flight estimate
+    assert events.of_type(StartedMessage) == [
+        StartedMessage(total_steps=12, n_train_examples=32, device=device)
+    ]
     baseline, *evaluations = events.of_type(EvaluationMessage)
     assert all(set(e.metrics) == FULL_METRICS for e in [baseline, *evaluations])
     final = evaluations[-1]

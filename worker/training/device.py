@@ -1,10 +1,15 @@
 """Where training runs and in which dtype: the one place that looks at the hardware."""
 
+import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import BitsAndBytesConfig
+
+from models.spec import DeviceInfo
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,42 @@ def select_device(trains_base_weights: bool = False) -> DeviceConfig:
     under autocast, since AdamW updates are lost in bf16 weights."""
     if torch.cuda.is_available():
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return device_config("cuda", trains_base_weights, native_bf16)
+    return device_config("cpu", trains_base_weights)
+
+
+def device_config(
+    device_type: Literal["cpu", "cuda"], trains_base_weights: bool = False, native_bf16: bool = True
+) -> DeviceConfig:
+    """`select_device`'s rule for a given kind of device, also for one this process does not have (the
+    pre-flight estimate sizes a job for the workers' device)."""
+    if device_type == "cuda":
         half = torch.bfloat16 if native_bf16 else torch.float16
         cuda = torch.device("cuda")
         return DeviceConfig(cuda, torch.float32, half) if trains_base_weights else DeviceConfig(cuda, half)
     return DeviceConfig(torch.device("cpu"), torch.float32)
+
+
+def describe(config: DeviceConfig) -> DeviceInfo:
+    """The device's kind, name and memory, as a job reports it when it starts (the pre-flight estimate
+    compares memory against the latest one)."""
+    if config.device.type == "cuda":
+        properties = torch.cuda.get_device_properties(config.device)
+        return DeviceInfo(type="cuda", name=properties.name, total_bytes=properties.total_memory)
+    return DeviceInfo(type="cpu", name=f"CPU ({os.cpu_count()} cores)", total_bytes=usable_memory())
+
+
+def usable_memory() -> int | None:
+    """Physical memory, or the cgroup's limit (a container's) when lower; None where unknown."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="utf-8").strip()
+    except OSError:
+        return physical
+    return min(physical, int(limit)) if limit.isdigit() else physical
 
 
 def bnb_4bit_config(device: DeviceConfig) -> BitsAndBytesConfig:

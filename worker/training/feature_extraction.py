@@ -39,7 +39,7 @@ from models.spec import (
     StartedMessage,
     TrainingSpec,
 )
-from worker.training.device import DeviceConfig, select_device
+from worker.training.device import DeviceConfig, describe, select_device
 from worker.training.events import EventWriter
 from worker.training.loading import load_model, load_tokenizer
 from worker.training.metrics import classification_report
@@ -98,7 +98,12 @@ def run(spec: TrainingSpec, events: EventWriter) -> None:
     train = objective.load_examples(spec.training_file, "training")
     valid = objective.load_examples(spec.validation_file, "validation") if spec.validation_file else []
     events.emit(
-        StartedMessage(total_steps=1, n_train_examples=len(train), truncated_examples=objective.truncated)
+        StartedMessage(
+            total_steps=1,
+            n_train_examples=len(train),
+            truncated_examples=objective.truncated,
+            device=describe(device),
+        )
     )
 
     model = load_model(spec.base_model_path, device, auto_class=AutoModel).eval()
@@ -143,6 +148,7 @@ def run(spec: TrainingSpec, events: EventWriter) -> None:
             results_csv=str(results_csv),
             trained_tokens=sum(example.length for example in train),
             metrics=metrics,
+            elapsed_seconds=time.monotonic() - started,
         )
     )
 

@@ -35,7 +35,7 @@ from worker.training.checkpoint import (
     restore_state,
     save_checkpoint,
 )
-from worker.training.device import select_device
+from worker.training.device import describe, select_device
 from worker.training.events import EventWriter
 from worker.training.export import export_merged
 from worker.training.loading import count_parameters, load_tokenizer
@@ -71,16 +71,7 @@ class Recipe:
         self.train_examples = self.objective.load_examples(self.spec.training_file, "training")
         valid_file = self.spec.validation_file
         self.valid_examples = self.objective.load_examples(valid_file, "validation") if valid_file else []
-        if not self.train_examples:
-            raise ValueError("no training example has anything left to train on")
-        tokens = sum(example.length for example in self.train_examples)
-        limit = self.spec.max_training_tokens
-        if limit is not None and tokens > limit:
-            raise DataError(
-                "invalid_n_tokens",
-                f"Training file has {tokens} tokens with this model's tokenizer, over the limit of {limit}.",
-                "training_file",
-            )
+        check_training_examples(self.train_examples, self.spec.max_training_tokens)
 
         hp = self.hp
         self.micro_batches = math.ceil(len(self.train_examples) / hp.batch_size)
@@ -95,6 +86,7 @@ class Recipe:
                 total_steps=self.total_steps,
                 n_train_examples=len(self.train_examples),
                 truncated_examples=self.objective.truncated,
+                device=describe(self.device),
             )
         )
 
@@ -329,6 +321,7 @@ class Recipe:
                 results_csv=str(results_csv),
                 trained_tokens=self.progress.trained_tokens,
                 metrics={**self.progress.last_full_valid, **last_metrics},
+                elapsed_seconds=self.progress.elapsed_seconds,
             )
         )
 
@@ -349,6 +342,20 @@ class Recipe:
         )
         self.events.log(report.summary())
         return report.directory
+
+
+def check_training_examples(examples: Sequence[Example], max_tokens: int | None) -> None:
+    """What a job refuses once its training file is tokenized: no example left to train on (a ValueError),
+    or more tokens than the service takes (`settings.max_file_tokens`)."""
+    if not examples:
+        raise ValueError("no training example has anything left to train on")
+    tokens = sum(example.length for example in examples)
+    if max_tokens is not None and tokens > max_tokens:
+        raise DataError(
+            "invalid_n_tokens",
+            f"Training file has {tokens} tokens with this model's tokenizer, over the limit of {max_tokens}.",
+            "training_file",
+        )
 
 
 def write_results_csv(path: Path, history: Sequence[tuple[int, Metrics]], accuracy: str) -> None:

@@ -1,0 +1,136 @@
+"""The pre-flight estimate (docs/preflight.md). The request is checked exactly as job creation checks it;
+the inference server, which may load tokenizers, measures the files with the training code and sizes the
+memory; the duration comes from the throughput earlier jobs measured. Nothing is created or enqueued."""
+
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import APIError, ErrorResponse
+from api.inference.router import inference_unavailable
+from api.jobs.schemas import JobCreate
+from api.jobs.service import check_request
+from api.preflight.schemas import Duration, Preflight
+from models.files import FileRepository
+from models.orm import Job, JobEvent
+from models.preflight import PreflightFile, PreflightReport, PreflightRequest
+from models.registry import ModelRegistry
+from models.settings import Settings
+from models.spec import DeviceInfo
+from models.states import JobStatus
+from models.storage import ArtifactStore
+
+HISTORY_JOBS = 20
+"""How many recent jobs are looked at: the latest to start, for the device; the latest succeeded ones of the
+same base model, method and training type, for the throughput."""
+
+
+def estimate(
+    session: Session,
+    store: ArtifactStore,
+    client: httpx.Client,
+    settings: Settings,
+    organization_id: str,
+    body: JobCreate,
+) -> Preflight:
+    method: dict[str, Any] = check_request(session, store, organization_id, body)
+    method_type = method["type"]
+    training_type = method[method_type]["hyperparameters"]["training_type"]
+    model = ModelRegistry(session).get(body.model)
+    assert model is not None  # checked with the request
+
+    def file(file_id: str) -> PreflightFile:
+        record = FileRepository(session).get(organization_id, file_id)
+        assert record is not None  # checked with the request
+        return PreflightFile(id=file_id, path=str(store.local_path(record.storage_key)))
+
+    request = PreflightRequest(
+        base_model_path=model.path,
+        method=method,
+        training_file=file(body.training_file),
+        validation_file=file(body.validation_file) if body.validation_file else None,
+        max_file_examples=settings.max_file_examples,
+        max_file_tokens=settings.max_file_tokens,
+        device=latest_device(session),
+    )
+    rate, based_on = throughput(session, body.model, method_type, training_type)
+    report = ask(client, request)
+    tokens = report.training_file.n_tokens * report.n_epochs
+    warnings = list(report.warnings)
+    if rate is None:
+        warnings.append(
+            f"No succeeded {method_type} {training_type} job of {body.model} has measured its throughput "
+            "yet: the duration is unknown until one has."
+        )
+    duration = Duration(
+        estimated_seconds=tokens / rate if rate else None,
+        tokens_per_second=rate,
+        based_on_jobs=based_on,
+        n_epochs=report.n_epochs,
+        tokens_to_train=tokens,
+    )
+    fields = {**report.model_dump(), "model": body.model, "duration": duration, "warnings": warnings}
+    return Preflight.model_validate(fields)
+
+
+def latest_device(session: Session) -> DeviceInfo | None:
+    """The device the latest job to start trained on, of any organisation: it is the service's hardware, and
+    the runner keeps it in the job's "Training …" event (worker/runner.py)."""
+    started = (
+        select(Job.id).where(Job.started_at.is_not(None)).order_by(Job.started_at.desc()).limit(HISTORY_JOBS)
+    )
+    events = (
+        select(JobEvent.data)
+        .where(JobEvent.job_id.in_(started), JobEvent.type == "message")
+        .order_by(JobEvent.seq.desc())
+    )
+    for data in session.scalars(events):
+        if data and data.get("device"):
+            return DeviceInfo.model_validate(data["device"])
+    return None
+
+
+def throughput(
+    session: Session, model: str, method_type: str, training_type: str
+) -> tuple[float | None, int]:
+    """Tokens per second of the training loop over the latest succeeded jobs of this base model, method and
+    training type, and how many jobs that is. Throughput is the hardware's, so every organisation's jobs
+    count; only this aggregate is shown. The runner keeps each job's measure in its last event."""
+    recent = session.execute(
+        select(Job.id, Job.method, Job.hyperparameters)
+        .where(Job.model == model, Job.status == JobStatus.SUCCEEDED.value)
+        .order_by(Job.finished_at.desc())
+        .limit(HISTORY_JOBS * 5)  # other methods' among them
+    )
+    same = [
+        job_id
+        for job_id, method, hyperparameters in recent
+        if method["type"] == method_type and (hyperparameters or {}).get("training_type") == training_type
+    ][:HISTORY_JOBS]
+    events = select(JobEvent.data).where(JobEvent.job_id.in_(same), JobEvent.type == "message")
+    measured = [data for data in session.scalars(events) if data and data.get("elapsed_seconds")]
+    seconds = sum(data["elapsed_seconds"] for data in measured)
+    if not seconds:
+        return None, 0
+    return sum(data["trained_tokens"] for data in measured) / seconds, len(measured)
+
+
+def ask(client: httpx.Client, request: PreflightRequest) -> PreflightReport:
+    """The inference server's report; its 400s (what the job would fail on) are relayed as they are."""
+    try:
+        response = client.post("/internal/preflight", json=request.model_dump(mode="json"))
+    except httpx.TransportError as error:
+        raise inference_unavailable(client, error) from error
+    if response.status_code == 200:
+        return PreflightReport.model_validate_json(response.content)
+    try:
+        error = ErrorResponse.model_validate_json(response.content).error
+    except ValidationError:
+        message = f"The inference server answered {response.status_code} without an error body."
+        raise APIError(message, status_code=502, type="server_error") from None
+    raise APIError(
+        error.message, status_code=response.status_code, param=error.param, code=error.code, type=error.type
+    )

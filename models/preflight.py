@@ -1,0 +1,103 @@
+"""The pre-flight estimate of a job request, as the API asks the inference server for it and as the server
+answers (docs/preflight.md).
+
+The API checks the request as job creation does, resolves its files and base model to paths and sends a
+`PreflightRequest`; the inference server, which may load tokenizers, runs the training code's own data
+loading on the files and answers with a `PreflightReport`. The API adds the duration, which needs the
+database. Pure data, like `models.inference`.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from models.spec import DeviceInfo
+
+
+class PreflightFile(BaseModel):
+    id: str
+    path: str
+
+
+class PreflightRequest(BaseModel):
+    base_model_path: str
+    method: dict[str, Any]
+    """The method as job creation stores it: `{"type": t, t: {"hyperparameters": {...}}}`."""
+    training_file: PreflightFile
+    validation_file: PreflightFile | None = None
+    max_file_examples: int | None = None
+    max_file_tokens: int | None = None
+    device: DeviceInfo | None = None
+    """The device the latest job trained on; None: estimate against the inference server's own."""
+
+
+class FileStats(BaseModel):
+    id: str
+    n_examples: int
+    """Examples in the file."""
+    n_rows: int
+    """What training batches: examples after text documents are split into max_seq_length chunks, packing
+    and dropping examples left without a trained token (the job's `n_train_examples`)."""
+    n_tokens: int
+    """Tokens one pass feeds the model, as the job's `trained_tokens` counts them (both rows of a pair)."""
+    n_trained_tokens: int
+    """Tokens whose prediction the loss takes (0 for classification and reward models, scored per row)."""
+    n_truncated: int
+    """Examples cut at max_seq_length."""
+    max_example_tokens: int
+    """The longest row as trained (at most max_seq_length): what a batch is padded to."""
+
+
+class Segment(BaseModel):
+    text: str
+    trained: bool
+    omitted_chars: int = 0
+    """Characters left out of the middle of a long segment (shown as " … ")."""
+
+
+class PreviewExample(BaseModel):
+    n_tokens: int
+    truncated: bool
+    segments: list[Segment]
+    """The example's first row as trained: a pair's preferred row, a text document's first chunk."""
+    non_preferred_segments: list[Segment] | None = None
+    """Preference pairs: the non-preferred row."""
+    label: str | None = None
+    """Classification: the example's label (the loss is on it, not on a token)."""
+
+
+class MemoryBreakdown(BaseModel):
+    weights: int
+    trainable_and_optimizer: int
+    activations: int
+
+
+class Device(DeviceInfo):
+    source: str
+    """Where the device was learnt: the latest job's worker, or the inference server itself."""
+
+
+class Memory(BaseModel):
+    estimated_bytes: int
+    breakdown: MemoryBreakdown
+    device: Device
+    fits: bool | None
+    """The estimate is within FIT_MARGIN of the device's memory (None: its memory is unknown)."""
+    total_parameters: int
+    trainable_parameters: int
+
+
+class PreflightReport(BaseModel):
+    method: Literal["supervised", "dpo", "reward_model"]
+    training_type: str
+    max_seq_length: int
+    n_epochs: int
+    """Passes over the training file the job makes ("auto" resolved as the job will; 1 for
+    feature_extraction, which embeds the file once)."""
+    hyperparameters: dict[str, Any]
+    """Every hyperparameter as the job will resolve it."""
+    training_file: FileStats
+    validation_file: FileStats | None
+    loss_mask_preview: list[PreviewExample]
+    memory: Memory
+    warnings: list[str]
