@@ -137,7 +137,9 @@ def _unstorable(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    # Handlers may run outside the `except` that caught `exc` (a sync route's threadpool), where
+    # log.exception would find no active exception: pass it explicitly to keep its traceback.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     body = envelope("The server had an error while processing your request.", type="server_error")
     return JSONResponse(body, status_code=500)
 

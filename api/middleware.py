@@ -6,6 +6,8 @@ from fastapi import HTTPException
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models import logs
+
 
 class RequestId:
     """Echo the client's `x-request-id` or mint one, on every response (the SDK reports it in errors)."""
@@ -26,6 +28,9 @@ class RequestId:
                 MutableHeaders(scope=message)["x-request-id"] = request_id
             await send(message)
 
+        # Every log line of this request names it, the 500 handler's too (it runs outside this middleware):
+        # the variable is not reset, since each request runs in a task (and a context) of its own.
+        logs.request_id.set(request_id)
         await self.app(scope, receive, send_with_id)
 
 

@@ -17,7 +17,11 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from api.errors import APIError, envelope, install
 from inference.engine import Engine, Stream
 from models.inference import ChatCompletionRequest, ClassificationRequest, CompletionRequest, Forwarded
+from models.logs import logging_config
+from models.preflight import PreflightReport, PreflightRequest
 from models.settings import Settings
+from models.spec import DataError
+from worker.training.preflight import estimate
 
 log = logging.getLogger("ftjobs.inference")
 DEFAULT_PORT = 8001
@@ -104,11 +108,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         request = parse(ClassificationRequest, body.request)
         return await run_in_threadpool(engine.classify, body.target, request)
 
+    @app.post("/internal/preflight", dependencies=internal)
+    async def preflight(body: PreflightRequest) -> PreflightReport:
+        """The pre-flight estimate of a job request the API has checked (api/preflight)."""
+        try:
+            return await run_in_threadpool(estimate, body)
+        except DataError as error:  # what the job would fail on: the request's fault, as at job creation
+            raise APIError(error.message, param=error.param, code=error.code) from error
+
     return app
 
 
 def serve(
-    settings: Settings, host: str | None = None, port: int | None = None, log_level: str = "info"
+    settings: Settings, host: str | None = None, port: int | None = None, log_level: str | None = None
 ) -> None:
     """Run the inference server (`ftjobs serve`) in this process, by default where `inference_url` says."""
     import uvicorn
@@ -118,5 +130,5 @@ def serve(
         create_app(settings),
         host=host or url.hostname or "127.0.0.1",
         port=port or url.port or DEFAULT_PORT,
-        log_level=log_level,
+        log_config=logging_config(settings, log_level),  # FTJOBS_LOG_FORMAT, applied by uvicorn
     )

@@ -28,6 +28,7 @@ from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
 from models.jobs import JobRepository
 from models.lineage import write_lineage
+from models.logs import job_context
 from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint
 from models.registry import ModelRegistry, is_generative
@@ -40,26 +41,31 @@ from models.spec import (
     LogMessage,
     MetricsMessage,
     Objective,
+    StartedMessage,
     StoppedMessage,
     TrainingSpec,
     greater_is_better,
 )
 from models.states import JobStatus, transition
 from models.storage import ArtifactStore
-from models.validation import DataError, FileSummary, validate_file
+from models.validation import DataError, FileSummary, validate_job_files
 from worker.child import TrainingProcess
+from worker.integrations import trackers
 from worker.reconciler import retry_or_fail
 
 log = logging.getLogger("ftjobs.worker")
 
-MIN_TRAINING_EXAMPLES = 10
 T = TypeVar("T")
+
+
+def organization_name(session: Session, job: Job) -> str:
+    organization = Organizations(session).get(job.organization_id)
+    return organization.name if organization else job.organization_id  # (jobs written without an org row)
 
 
 def fine_tuned_model_name(session: Session, job: Job) -> str:
     """`ft:{base}:{org}:{suffix}:{id}`; the id part comes from the job id, so checkpoints share it."""
-    organization = Organizations(session).get(job.organization_id)
-    org = organization.name if organization else job.organization_id  # (jobs written without an org row)
+    org = organization_name(session, job)
     return f"ft:{job.model}:{org}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[:8]}"
 
 
@@ -83,6 +89,10 @@ class JobRunner:
 
     def run(self, job_id: str) -> None:
         """Take `job_id` as far as it goes; returns quietly when another runner owns it."""
+        with job_context(job_id):  # every log line of this run names the job
+            self._run(job_id)
+
+    def _run(self, job_id: str) -> None:
         try:
             data = self._validate(job_id)
             attempt = self._claim(job_id, data) if data else None
@@ -107,32 +117,21 @@ class JobRunner:
             )
             model = ModelRegistry(session).get(job.model)
             generative = is_generative(model) if model else None
-            files = [("training_file", job.training_file, MIN_TRAINING_EXAMPLES)]
+            files = [("training_file", job.training_file)]
             if job.validation_file:
-                files.append(("validation_file", job.validation_file, 1))
+                files.append(("validation_file", job.validation_file))
             paths = []
-            for param, file_id, minimum in files:
+            for param, file_id in files:
                 record = FileRepository(session).get(job.organization_id, file_id)
                 if record is None:
                     raise JobFailed("file_not_found", f"File {file_id} no longer exists.", param)
-                paths.append((param, self.store.local_path(record.storage_key), minimum))
-        summaries = []
-        for param, path, minimum in paths:
-            try:
-                summaries.append(
-                    validate_file(
-                        path,
-                        param=param,
-                        min_examples=minimum,
-                        max_examples=self.settings.max_file_examples,
-                        require_two_labels=not summaries,
-                    )
-                )
-            except DataError as error:
-                raise JobFailed(error.code, error.message, error.param) from error
-        train = summaries[0]
-        if len(summaries) == 2:
-            _check_validation_file(train, summaries[1])
+                paths.append(self.store.local_path(record.storage_key))
+        try:
+            train, _ = validate_job_files(
+                paths[0], paths[1] if len(paths) == 2 else None, max_examples=self.settings.max_file_examples
+            )
+        except DataError as error:
+            raise JobFailed(error.code, error.message, error.param) from error
         objective = objective_for(method_type, train.format)
         mismatch = (
             objective
@@ -185,6 +184,7 @@ class JobRunner:
             if not claimed:
                 return None
             JobRepository(session).add_event(job_id, "Fine-tuning job started", data=None)
+            log.info("job %s: attempt %s started", job_id, attempt)
             return attempt
 
 
@@ -195,24 +195,6 @@ class JobData:
     summary: FileSummary
     objective: Objective
     requested: SupervisedHyperparameters
-
-
-def _check_validation_file(train: FileSummary, valid: FileSummary) -> None:
-    """The validation file must be scorable by the model the training file makes."""
-    if valid.format != train.format:
-        raise JobFailed(
-            "invalid_file_format",
-            f"The validation file is in {valid.format} format but the training file is in "
-            f"{train.format} format.",
-            "validation_file",
-        )
-    if unseen := sorted(set(valid.labels) - set(train.labels)):
-        raise JobFailed(
-            "invalid_example",
-            f"The validation file has labels the training file does not have: {', '.join(unseen[:10])}; "
-            "a classifier can only predict labels it was trained on.",
-            "validation_file",
-        )
 
 
 def fail_job(
@@ -234,6 +216,7 @@ def fail_job(
         )
         if failed:
             JobRepository(session).add_event(job_id, failure.error["message"], level="error")
+            log.warning("job %s failed (%s): %s", job_id, failure.error["code"], failure.error["message"])
 
 
 class Attempt:
@@ -323,6 +306,7 @@ class Attempt:
                 resume_from=str(self.store.local_path(latest.storage_key)) if latest else None,
                 export_merged=job.export_merged,
                 max_training_tokens=self.settings.max_file_tokens,
+                trackers=trackers(self.settings, job, organization_name(session, job)),
             )
 
     def _supervise(self, child: TrainingProcess) -> ChildMessage | None:
@@ -413,6 +397,9 @@ class Attempt:
                 self._save_evaluation(session, message)
             elif isinstance(message, CheckpointMessage):
                 expired = self._save_checkpoint(session, message)
+            elif isinstance(message, StartedMessage):
+                # Its device, kept in the event's data, is what the pre-flight estimate sizes jobs for.
+                repo.add_event(self.job_id, _started_text(message), data=message.model_dump(exclude={"type"}))
             elif isinstance(message, LogMessage):
                 if message.level == "error":
                     self.last_error = message
@@ -530,9 +517,12 @@ class Attempt:
                 },
             )
             if succeeded:
+                log.info("job %s succeeded: %s", self.job_id, name)
                 repo = JobRepository(session)
                 repo.add_event(self.job_id, f"New fine-tuned model created: {name}")
-                repo.add_event(self.job_id, "The job has successfully completed")
+                # The throughput the pre-flight estimate measures durations by (api/preflight).
+                throughput = {"trained_tokens": done.trained_tokens, "elapsed_seconds": done.elapsed_seconds}
+                repo.add_event(self.job_id, "The job has successfully completed", data=throughput)
                 return
             session.rollback()
             # A retry after a commit whose reply was lost finds its own success: keep what it published.
@@ -550,6 +540,11 @@ def _improves(metric: str, value: float, best: float) -> bool:
 
 def _metrics_summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{name.removeprefix('full_valid_')}={value:.4f}" for name, value in metrics.items())
+
+
+def _started_text(message: StartedMessage) -> str:
+    where = f" on {message.device.name}" if message.device else ""
+    return f"Training {message.n_train_examples} examples in {message.total_steps} steps{where}"
 
 
 def _metrics_text(message: MetricsMessage) -> str:
