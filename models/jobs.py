@@ -35,10 +35,13 @@ class JobRepository:
         *,
         metadata: dict[str, str] | None,
         no_metadata: bool,
+        statuses: Sequence[JobStatus] | None,
         after: Job | None,
         limit: int,
     ) -> tuple[Sequence[Job], bool]:
         stmt = select(Job).where(Job.organization_id == organization_id)
+        if statuses:
+            stmt = stmt.where(Job.status.in_([status.value for status in statuses]))
         if no_metadata:
             stmt = stmt.where(Job.metadata_.is_(None))
         for key, value in (metadata or {}).items():

@@ -150,8 +150,10 @@ def test_create_errors(client: TestClient, registered_model: str, training_file:
     )
     both = {"method": {"type": "supervised"}, "hyperparameters": {"n_epochs": 1}}
     assert_error(create(client, registered_model, training_file, **both), 400, "hyperparameters")
-    wandb = [{"type": "wandb", "wandb": {"project": "p"}}]
-    assert_error(create(client, registered_model, training_file, integrations=wandb), 400, "integrations")
+    comet = [{"type": "comet"}]  # more in tests/test_integrations.py
+    assert_error(
+        create(client, registered_model, training_file, integrations=comet), 400, "integrations.0.type"
+    )
     assert_error(create(client, registered_model, training_file, colour="blue"), 400, "colour")
     assert_error(client.post("/v1/fine_tuning/jobs", json={"model": registered_model}), 400, "training_file")
     bad_json = client.post(
@@ -201,6 +203,23 @@ def test_list_newest_first_with_cursor_and_metadata(
     assert [j["id"] for j in client.get("/v1/fine_tuning/jobs?metadata=null").json()["data"]] == [ids[0]]
     assert_error(client.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"}), 400, "after")
     assert_error(client.get("/v1/fine_tuning/jobs", params={"limit": 101}), 400, "limit")
+
+
+def test_list_filters_by_status(client: TestClient, registered_model: str, training_file: str) -> None:
+    ids = [create(client, registered_model, training_file).json()["id"] for _ in range(4)]
+    client.post(f"/v1/fine_tuning/jobs/{ids[0]}/cancel")
+    client.post(f"/v1/fine_tuning/jobs/{ids[2]}/pause")
+
+    def listed(*statuses: str, **params: object) -> list[str]:
+        query = {"status": list(statuses), **params}
+        return [job["id"] for job in client.get("/v1/fine_tuning/jobs", params=query).json()["data"]]
+
+    assert listed("cancelled") == [ids[0]]
+    assert listed("paused", "cancelled") == [ids[2], ids[0]]
+    assert listed("validating_files") == [ids[3], ids[1]]
+    assert listed("validating_files", limit=1, after=ids[3]) == [ids[1]]  # pages within the filter
+    assert listed("succeeded") == []
+    assert_error(client.get("/v1/fine_tuning/jobs", params={"status": "done"}), 400, "status.0")
 
 
 def test_cancel(client: TestClient, registered_model: str, training_file: str) -> None:

@@ -1,7 +1,7 @@
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from api.deps import DispatcherDep, OrgDep, SessionDep, SettingsDep, StoreDep
 from api.errors import APIError
@@ -9,6 +9,7 @@ from api.idempotency import IdempotencyDep
 from api.jobs import service as job_service
 from api.jobs.schemas import FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate
 from api.pagination import After, Limit, ListPage, list_page
+from models.states import JobStatus
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -53,11 +54,14 @@ def list_jobs(
     org: OrgDep,
     after: After = None,
     limit: Annotated[int, Limit(100)] = 20,
+    status: Annotated[
+        list[JobStatus] | None, Query(description="Extension: only jobs in these statuses.")
+    ] = None,
 ) -> ListPage[FineTuningJob]:
-    """List jobs, newest first; filter with `metadata[key]=value`."""
+    """List jobs, newest first; filter with `metadata[key]=value` and (extension) `status`, repeatable."""
     metadata, no_metadata = _metadata_filter(request)
     rows, has_more = job_service.list_jobs(
-        session, org, metadata=metadata, no_metadata=no_metadata, after=after, limit=limit
+        session, org, metadata=metadata, no_metadata=no_metadata, statuses=status, after=after, limit=limit
     )
     return list_page(rows, has_more, FineTuningJob.of)
 
