@@ -1,6 +1,6 @@
 """The `ftjobs` command: run the service, manage base models, and drive the API like the openai client."""
 
-import json
+import ipaddress
 import os
 import secrets
 import socket
@@ -11,54 +11,49 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from openai import OpenAI
 from sqlalchemy.orm import Session, sessionmaker
 
-from cli.follow import follow
+from cli import admin, files, jobs, webhooks
+from cli import inference as inference_commands
+from cli import models as api_models
+from cli.client import ApiErrors
 from models.auth import ApiKeys, InvalidName, Organizations
 from models.db import session_scope
+from models.logs import configure_logging
 from models.migrate import open_database
 from models.queue import CeleryDispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
 from worker.child import die_with_parent
 from worker.reconciler import Reconciler
+from worker.webhooks import WebhookSender
 
-app = typer.Typer(help="Self-hosted, OpenAI-compatible fine-tuning jobs.", no_args_is_help=True)
-models_app = typer.Typer(help="Base models jobs can fine-tune.", no_args_is_help=True)
-files_app = typer.Typer(help="Training files.", no_args_is_help=True)
-jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
+app = typer.Typer(
+    help="Self-hosted, OpenAI-compatible fine-tuning jobs.", no_args_is_help=True, cls=ApiErrors
+)
+models_app = typer.Typer(
+    help="Base models jobs can fine-tune (pull, add, list: on the server) and the API's models.",
+    no_args_is_help=True,
+)
 keys_app = typer.Typer(
     help="Organisations' API keys (run on the server: it opens the database).", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
-app.add_typer(files_app, name="files")
-app.add_typer(jobs_app, name="jobs")
+# The API's commands (cli/*.py), beside the server's above.
+app.add_typer(files.app, name="files")
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(webhooks.app, name="webhooks")
+app.add_typer(admin.app, name="admin")
+api_models.register(models_app)
 
 DataDir = Annotated[Path | None, typer.Option(help="Data directory (default: $FTJOBS_DATA_DIR or ./data).")]
-BaseUrl = Annotated[str, typer.Option(envvar="FTJOBS_BASE_URL", help="The API's base URL.")]
-DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
 
 def _settings(data_dir: Path | None = None, **overrides: object) -> Settings:
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     return Settings(**overrides)  # type: ignore[arg-type]
-
-
-def _client(base_url: str) -> OpenAI:
-    """The official client, with the key in OPENAI_API_KEY as it reads it itself."""
-    key = os.environ.get("OPENAI_API_KEY")
-    if not key:
-        raise typer.BadParameter(
-            "set OPENAI_API_KEY to an organisation's key (`ftjobs keys create --org NAME` makes one)"
-        )
-    return OpenAI(base_url=base_url, api_key=key)
-
-
-def _print(obj: object) -> None:
-    typer.echo(json.dumps(obj.model_dump() if hasattr(obj, "model_dump") else obj, indent=2))
 
 
 @app.command()
@@ -79,15 +74,22 @@ def up(
     inference_port = inference_port or _free_port()
     token = secrets.token_urlsafe(32)  # so only this API's requests reach its inference server
     settings = _settings(data_dir, inference_url=f"http://127.0.0.1:{inference_port}", inference_token=token)
+    if settings.webhook_allow_private_urls is None:
+        # Bound to loopback, only this machine reaches the API: a webhook to a local address reaches nothing
+        # its caller couldn't reach anyway, and local receivers are what one machine has.
+        settings = settings.model_copy(update={"webhook_allow_private_urls": _is_loopback(host)})
+    quiet = settings.log_level or "warning"  # a quiet terminal; FTJOBS_LOG_LEVEL=info shows requests too
+    configure_logging(settings, quiet)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     runner = make_runner(settings)
     _announce_admin_key(settings, runner.session_factory)
     dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
     dispatcher.start()
     Reconciler(settings, runner.session_factory, dispatcher).start()
+    WebhookSender(settings, runner.session_factory).start()
     # Models load in their own process, so a long generation never stalls the API's event loop.
     inference = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", "--port", str(inference_port), "--log-level", "warning"],
+        [sys.executable, "-m", "cli", "serve", "--port", str(inference_port), "--log-level", quiet],
         env={**os.environ, "FTJOBS_DATA_DIR": str(settings.data_dir), "FTJOBS_INFERENCE_TOKEN": token},
         preexec_fn=die_with_parent,
     )
@@ -96,7 +98,8 @@ def up(
         f"data in {settings.data_dir.resolve()}"
     )
     try:
-        uvicorn.run(create_app(settings, dispatcher), host=host, port=port, log_level="warning")
+        # Logging is configured above; the app writes its own access lines (with route and request id).
+        uvicorn.run(create_app(settings, dispatcher), host=host, port=port, log_config=None, access_log=False)
     finally:
         inference.terminate()
         dispatcher.stop()
@@ -107,20 +110,33 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
     """Run the API alone (distributed mode): jobs are enqueued to Celery workers."""
     import uvicorn
 
+    from api.metrics import shared_across_processes
+
     settings = _settings()
+    log_config = configure_logging(settings)  # and in each worker process, through uvicorn
     _announce_admin_key(settings, _start_reconciler(settings))
-    uvicorn.run("api.asgi:app", host=host, port=port, workers=workers, log_level="info")
+    with shared_across_processes(workers):
+        uvicorn.run(
+            "api.asgi:app", host=host, port=port, workers=workers, log_config=log_config, access_log=False
+        )
 
 
 @app.command()
 def serve(
-    host: str = "127.0.0.1", port: int = 8001, log_level: str = "info", data_dir: DataDir = None
+    host: str = "127.0.0.1", port: int = 8001, log_level: str | None = None, data_dir: DataDir = None
 ) -> None:
     """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
     fine-tuned adapters attach per request."""
     from inference.app import serve as serve_models
 
     serve_models(_settings(data_dir), host=host, port=port, log_level=log_level)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _free_port() -> int:
@@ -131,21 +147,25 @@ def _free_port() -> int:
 
 
 @app.command()
-def worker(loglevel: str = "info") -> None:
+def worker(loglevel: str | None = None) -> None:
     """Run a Celery worker that trains jobs (one at a time; run one per GPU)."""
+    from celery.signals import setup_logging
+
     from worker.tasks import app as celery_app
 
     settings = _settings()
+    configure_logging(settings, loglevel)
+    setup_logging.connect(lambda **_: None, weak=False)  # a receiver tells Celery to leave logging alone
     _start_reconciler(settings)
-    celery_app.worker_main(
-        ["worker", "--pool=solo", f"--queues={settings.worker_queue}", f"--loglevel={loglevel}"]
-    )
+    celery_app.worker_main(["worker", "--pool=solo", f"--queues={settings.worker_queue}"])
 
 
 def _start_reconciler(settings: Settings) -> sessionmaker[Session]:
-    """Migrate, then sweep for lost jobs in the background (distributed mode: every process does)."""
+    """Migrate, then sweep for lost jobs and send webhooks in the background (distributed mode: every
+    process does)."""
     factory = open_database(settings)
     Reconciler(settings, factory, CeleryDispatcher(settings)).start()
+    WebhookSender(settings, factory).start()
     return factory
 
 
@@ -264,137 +284,6 @@ def _register(settings: Settings, name: str, path: Path, *, source: str) -> None
     typer.echo(f"registered {name} -> {path}")
 
 
-@files_app.command("upload")
-def files_upload(path: Path, purpose: str = "fine-tune", base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """Upload a JSONL file."""
-    with open(path, "rb") as source:
-        _print(_client(base_url).files.create(file=source, purpose=purpose))  # type: ignore[arg-type]
-
-
-@files_app.command("list")
-def files_list(base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """List files."""
-    for file in _client(base_url).files.list():
-        typer.echo(f"{file.id}\t{file.purpose}\t{file.bytes}\t{file.filename}")
-
-
-@files_app.command("get")
-def files_get(file_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """Show a file's metadata."""
-    _print(_client(base_url).files.retrieve(file_id))
-
-
-@files_app.command("content")
-def files_content(
-    file_id: str,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
-    ] = None,
-    base_url: BaseUrl = DEFAULT_BASE_URL,
-) -> None:
-    """Download a file's bytes (e.g. a job's results CSV)."""
-    content = _client(base_url).files.content(file_id)
-    if output is None:
-        typer.echo(content.text, nl=False)
-    else:
-        content.write_to_file(output)
-
-
-@files_app.command("delete")
-def files_delete(file_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """Delete a file."""
-    _print(_client(base_url).files.delete(file_id))
-
-
-@jobs_app.command("create")
-def jobs_create(
-    model: Annotated[str, typer.Option()],
-    training_file: Annotated[str, typer.Option()],
-    validation_file: str | None = None,
-    suffix: str | None = None,
-    seed: int | None = None,
-    method: Annotated[
-        str, typer.Option(help="supervised, dpo or reward_model; the file's format picks the objective.")
-    ] = "supervised",
-    hyperparameter: Annotated[
-        list[str] | None, typer.Option("--hyperparameter", "-p", help="KEY=VALUE (JSON value), repeatable.")
-    ] = None,
-    base_url: BaseUrl = DEFAULT_BASE_URL,
-) -> None:
-    """Create a fine-tuning job (docs/api.md lists the hyperparameters, e.g. -p training_type=qlora)."""
-    hyperparameters = {}
-    for item in hyperparameter or []:
-        key, _, raw = item.partition("=")
-        try:
-            hyperparameters[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            hyperparameters[key] = raw
-    job = _client(base_url).fine_tuning.jobs.create(
-        model=model,
-        training_file=training_file,
-        validation_file=validation_file,
-        suffix=suffix,
-        seed=seed,
-        method={"type": method, method: {"hyperparameters": hyperparameters}},  # type: ignore[misc]
-    )
-    _print(job)
-
-
-@jobs_app.command("list")
-def jobs_list(limit: int = 20, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """List jobs, newest first."""
-    for job in _client(base_url).fine_tuning.jobs.list(limit=limit).data:
-        typer.echo(f"{job.id}\t{job.status}\t{job.model}\t{job.fine_tuned_model or ''}")
-
-
-@jobs_app.command("get")
-def jobs_get(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """Show a job."""
-    _print(_client(base_url).fine_tuning.jobs.retrieve(job_id))
-
-
-@jobs_app.command("events")
-def jobs_events(job_id: str, limit: int = 20, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """Show a job's events, oldest first."""
-    for event in reversed(_client(base_url).fine_tuning.jobs.list_events(job_id, limit=limit).data):
-        typer.echo(f"{event.created_at}\t{event.level}\t{event.message}")
-
-
-@jobs_app.command("cancel")
-def jobs_cancel(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """Cancel a job."""
-    _print(_client(base_url).fine_tuning.jobs.cancel(job_id))
-
-
-@jobs_app.command("pause")
-def jobs_pause(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """Pause a job at a checkpoint, freeing its worker."""
-    _print(_client(base_url).fine_tuning.jobs.pause(job_id))
-
-
-@jobs_app.command("resume")
-def jobs_resume(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """Resume a paused job from its checkpoint."""
-    _print(_client(base_url).fine_tuning.jobs.resume(job_id))
-
-
-@jobs_app.command("checkpoints")
-def jobs_checkpoints(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """List a job's checkpoints, newest first, with their metrics."""
-    for checkpoint in _client(base_url).fine_tuning.jobs.checkpoints.list(job_id).data:
-        metrics = checkpoint.metrics.model_dump(exclude={"step"}, exclude_none=True)
-        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        typer.echo(f"{checkpoint.step_number}\t{checkpoint.fine_tuned_model_checkpoint}\t{shown}")
-
-
-@jobs_app.command("follow")
-def jobs_follow(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """Follow a job with a live progress bar until it finishes."""
-    job = follow(_client(base_url), job_id)
-    typer.echo(f"{job.id}: {job.status} {job.fine_tuned_model or ''}")
-    raise typer.Exit(0 if job.status == "succeeded" else 1)
-
-
 @app.command()
 def demo(
     data_dir: DataDir = None,
@@ -407,3 +296,6 @@ def demo(
     from cli.demo import run_demo
 
     raise typer.Exit(run_demo(_settings(data_dir), dataset=dataset, port=port))
+
+
+inference_commands.register(app)  # chat, complete, classify: after the server's commands in `ftjobs --help`

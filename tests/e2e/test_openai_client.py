@@ -113,16 +113,20 @@ def test_embedded_server_with_openai_client(embedded, tmp_path: Path, tiny_model
     env = {"FTJOBS_BASE_URL": str(client.base_url).rstrip("/"), "OPENAI_API_KEY": client.api_key}
     followed = cli("jobs", "follow", job.id, env=env)
     assert f"{job.id}: succeeded {job.fine_tuned_model}" in followed.stdout
-    assert json.loads(cli("jobs", "get", job.id, env=env).stdout)["trained_tokens"] == job.trained_tokens
+    assert (
+        json.loads(cli("jobs", "get", job.id, "--json", env=env).stdout)["trained_tokens"]
+        == job.trained_tokens
+    )
     assert "The job has successfully completed" in cli("jobs", "events", job.id, env=env).stdout
     assert job.id in cli("jobs", "list", env=env).stdout
     assert job.training_file in cli("files", "list", env=env).stdout
     assert (
-        json.loads(cli("files", "get", job.result_files[0], env=env).stdout)["purpose"] == "fine-tune-results"
+        json.loads(cli("files", "get", job.result_files[0], "--json", env=env).stdout)["purpose"]
+        == "fine-tune-results"
     )
     assert cli("files", "content", job.result_files[0], env=env).stdout.startswith("step,train_loss,")
     assert f"{job.fine_tuned_model}:ckpt-step-6" in cli("jobs", "checkpoints", job.id, env=env).stdout
-    uploaded = json.loads(cli("files", "upload", str(tmp_path / "train.jsonl"), env=env).stdout)
+    uploaded = json.loads(cli("files", "upload", str(tmp_path / "train.jsonl"), "--json", env=env).stdout)
     created = json.loads(
         cli(
             "jobs",
@@ -137,15 +141,16 @@ def test_embedded_server_with_openai_client(embedded, tmp_path: Path, tiny_model
             "n_epochs=1",
             "-p",
             "training_type=dora",
+            "--json",
             env=env,
         ).stdout
     )
     assert created["method"]["supervised"]["hyperparameters"]["n_epochs"] == 1
     assert created["method"]["supervised"]["hyperparameters"]["training_type"] == "dora"
-    assert json.loads(cli("jobs", "pause", created["id"], env=env).stdout)["status"] == "paused"
-    assert json.loads(cli("jobs", "resume", created["id"], env=env).stdout)["status"] == "queued"
-    assert json.loads(cli("jobs", "cancel", created["id"], env=env).stdout)["status"] == "cancelled"
-    assert json.loads(cli("files", "delete", uploaded["id"], env=env).stdout)["deleted"] is True
+    assert json.loads(cli("jobs", "pause", created["id"], "--json", env=env).stdout)["status"] == "paused"
+    assert json.loads(cli("jobs", "resume", created["id"], "--json", env=env).stdout)["status"] == "queued"
+    assert json.loads(cli("jobs", "cancel", created["id"], "--json", env=env).stdout)["status"] == "cancelled"
+    assert json.loads(cli("files", "delete", uploaded["id"], "--json", env=env).stdout)["deleted"] is True
 
 
 def test_distributed_celery_worker_with_openai_client(

@@ -1,0 +1,74 @@
+"""`ftjobs admin`: organisations and their API keys over the API, with the admin key (FTJOBS_ADMIN_KEY).
+`ftjobs keys` does the same on the server machine, straight in the database."""
+
+from typing import Annotated, Any
+
+import typer
+
+from cli.client import DEFAULT_BASE_URL, BaseUrl, client, segment
+from cli.output import Json, err, show
+
+app = typer.Typer(help="Organisations and API keys, over the API with the admin key.", no_args_is_help=True)
+orgs_app = typer.Typer(help="Organisations.", no_args_is_help=True)
+keys_app = typer.Typer(help="Organisations' API keys.", no_args_is_help=True)
+app.add_typer(orgs_app, name="orgs")
+app.add_typer(keys_app, name="keys")
+
+Org = Annotated[str, typer.Argument(metavar="ORG", help="The organisation's id or name.")]
+KEY_COLUMNS = ("id", "name", "redacted_value", "created_at", "last_used_at", "revoked_at")
+
+
+@orgs_app.command("create")
+def create_org(name: str, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Make an organisation (a-z, 0-9, - and _)."""
+    body = {"name": name}
+    show(client(base_url, admin=True).post("/admin/organizations", body=body, cast_to=object), as_json)
+
+
+@orgs_app.command("list")
+def list_orgs(as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """List organisations."""
+    show(_organizations(base_url), as_json, ("id", "name", "created_at"))
+
+
+@keys_app.command("create")
+def create_key(
+    org: Org,
+    name: Annotated[str, typer.Option(help="What the key is for.")] = "",
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+) -> None:
+    """Make a key and print it, alone on stdout (`KEY=$(ftjobs admin keys create acme)`); it is shown
+    this once."""
+    path = f"/admin/organizations/{segment(_org_id(org, base_url))}/api_keys"
+    created = client(base_url, admin=True).post(path, body={"name": name}, cast_to=object)
+    if as_json:
+        show(created, as_json)
+        return
+    note = f"created key {created['id']} ({created['redacted_value']}); it is not shown again"
+    err.print(note, markup=False)
+    typer.echo(created["value"])
+
+
+@keys_app.command("list")
+def list_keys(org: Org, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """List an organisation's keys (never their values)."""
+    path = f"/admin/organizations/{segment(_org_id(org, base_url))}/api_keys"
+    show(client(base_url, admin=True).get(path, cast_to=object), as_json, KEY_COLUMNS)
+
+
+@keys_app.command("revoke")
+def revoke_key(key_id: str, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Revoke a key: its next request gets a 401."""
+    path = f"/admin/api_keys/{segment(key_id)}"
+    show(client(base_url, admin=True).delete(path, cast_to=object), as_json)
+
+
+def _organizations(base_url: str) -> Any:
+    return client(base_url, admin=True).get("/admin/organizations", cast_to=object)
+
+
+def _org_id(org: str, base_url: str) -> str:
+    """An organisation's id from its id or its name (an unknown one is left for the API to refuse)."""
+    by_name = {item["name"]: item["id"] for item in _organizations(base_url)["data"]}
+    return by_name.get(org, org)
