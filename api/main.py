@@ -4,18 +4,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from api import errors
 from api.admin.router import router as admin_router
 from api.auth import Authenticate
+from api.dashboard.router import mount as mount_dashboard
 from api.files.router import router as files_router
+from api.health import router as health_router
 from api.inference.router import inference_client
 from api.inference.router import router as inference_router
 from api.jobs.router import router as jobs_router
+from api.metrics import Metrics, ObserveRequests
+from api.metrics import router as metrics_router
 from api.middleware import BodySizeLimit, RequestId
+from api.preflight.router import router as preflight_router
 from api.ratelimit import RateLimiter
 from api.registry.router import router as models_router
+from api.webhooks.router import router as webhooks_router
 from models.db import make_engine, make_session_factory
 from models.queue import CeleryDispatcher, Dispatcher
 from models.settings import Settings
@@ -45,23 +50,22 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.state.dispatcher = dispatcher or CeleryDispatcher(settings)
     app.state.inference = inference_client(settings)
     app.state.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_storage)
+    app.state.metrics = Metrics(engine)
 
     errors.install(app)
     # Added first, so innermost: request ids and the body limit apply to its refusals too.
     app.add_middleware(Authenticate)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(ObserveRequests)  # inside RequestId, so its access lines carry the request id
     app.add_middleware(RequestId)
     app.include_router(admin_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
+    app.include_router(preflight_router)
     app.include_router(models_router)
     app.include_router(inference_router)
-
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        """Liveness: the process serves requests and reaches its database."""
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-        return {"status": "ok"}
-
+    app.include_router(webhooks_router)
+    mount_dashboard(app)
+    app.include_router(health_router)
+    app.include_router(metrics_router)
     return app

@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,14 @@ class Settings(BaseSettings):
     )
     work_dir: Path | None = Field(
         default=None, description="Scratch space for running jobs; default DATA_DIR/work."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Server logs on stderr: text lines, or one JSON object a line (for log collectors).",
+    )
+    log_level: str | None = Field(
+        default=None,
+        description="Server log level (debug, info, warning...); unset: info, warning for `ftjobs up`.",
     )
 
     admin_key: SecretStr | None = Field(
@@ -75,6 +84,42 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="Grace before a cancelled trainer is killed."
     )
 
+    webhook_allow_private_urls: bool | None = Field(
+        default=None,
+        description="Let webhooks reach loopback, private and link-local addresses (SSRF). Unset: refused, "
+        "but allowed by `ftjobs up` on a loopback host, where only this machine reaches the API.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Connect and read timeout of one webhook delivery attempt."
+    )
+    webhook_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often each process's webhook sender looks for due deliveries."
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=5.0, gt=0, description="First retry delay of a failed delivery; doubled each time, to 1 h."
+    )
+    webhook_max_attempts: int = Field(default=100, ge=1, description="Attempts before a delivery fails.")
+    webhook_max_age_seconds: float = Field(
+        default=72 * 3600.0, gt=0, description="A delivery not made this long after its event fails (72 h)."
+    )
+
+    wandb_dir: Path | None = Field(
+        default=None,
+        description="Where jobs' W&B runs are kept (offline runs stay there for `wandb sync`), one "
+        "subdirectory per organisation; default DATA_DIR/wandb. Mode, key and server: W&B's own WANDB_MODE, "
+        "WANDB_API_KEY and WANDB_BASE_URL.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking server or store of jobs' mlflow integrations; default a SQLite store at "
+        "DATA_DIR/mlflow.db.",
+    )
+    tensorboard_dir: Path | None = Field(
+        default=None,
+        description="Root of jobs' TensorBoard logs, one subdirectory per organisation and job; default "
+        "DATA_DIR/tensorboard.",
+    )
+
     inference_url: str = Field(
         default="http://127.0.0.1:8001",
         description="Where the API forwards inference requests (`ftjobs serve`; `ftjobs up` starts one).",
@@ -102,6 +147,17 @@ class Settings(BaseSettings):
     @property
     def work_root(self) -> Path:
         return self.work_dir or self.data_dir / "work"
+
+    @property
+    def wandb_root(self) -> Path:
+        return self.wandb_dir or self.data_dir / "wandb"
+
+    def resolved_mlflow_tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def tensorboard_root(self) -> Path:
+        return self.tensorboard_dir or self.data_dir / "tensorboard"
 
 
 @lru_cache

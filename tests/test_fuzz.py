@@ -3,10 +3,10 @@ requests without a key): no input gets a 5xx, and every answer is one the schema
 content type, body).
 
 Postgres only: it refuses what SQLite stores (NUL characters), and one database keeps the module short. Some
-drawn ids are swapped for real ones (a file, a job, the registered model), so the success paths and their
-response schemas are checked too, not only the 404s. Nothing is excluded: the inference routes validate
-and resolve the model like any route, and only a request that passes both meets the missing inference
-server (the 503 below).
+drawn ids are swapped for real ones (a file, a job, a webhook endpoint, the registered model), so the
+success paths and their response schemas are checked too, not only the 404s. Nothing is excluded: the
+inference routes validate and resolve the model like any route, and only a request that passes both meets
+the missing inference server (the 503 below).
 """
 
 from collections.abc import Iterator
@@ -33,7 +33,12 @@ from tests.conftest import RecordingDispatcher, Tenant
 from tests.test_api_files import upload
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-INFERENCE_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/classifications"}
+INFERENCE_PATHS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/classifications",
+    "/v1/fine_tuning/preflight",  # the inference server measures the files
+}
 ADMIN_KEY = "sk-ftjadmin-fuzz-secret"
 
 
@@ -57,9 +62,12 @@ def known(client: TestClient, registered_model: str, tenant: Tenant) -> dict[str
     """Real values, under the names the schema gives them (path parameters, body fields)."""
     file_id = upload(client).json()["id"]
     job = client.post("/v1/fine_tuning/jobs", json={"model": registered_model, "training_file": file_id})
+    # A name is only resolved when a delivery is sent: this one never is (no job of the fuzz ends).
+    endpoint = client.post("/v1/webhook_endpoints", json={"url": "https://hooks.example.com/ftjobs"})
     return {
         "file_id": file_id,
         "fine_tuning_job_id": job.json()["id"],
+        "webhook_endpoint_id": endpoint.json()["id"],
         "model": registered_model,
         "training_file": file_id,
         "validation_file": file_id,

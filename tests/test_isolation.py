@@ -40,6 +40,11 @@ MODEL = "tiny-llama"
 JOB_KEY, PAUSE_KEY, FILE_KEY = "alpha-job", "alpha-pause", "alpha-file"
 METADATA = {"team": "alpha-secret-team"}
 CHAT = [{"role": "user", "content": "hi"}]
+ALPHA_WEBHOOKS = [
+    {"url": "https://hooks.alpha-team.example/ftjobs", "name": "alpha-hook"},
+    {"url": "https://hooks.alpha-team.example/spare", "name": "alpha-spare-hook"},
+]
+WEBHOOK = "/v1/webhook_endpoints/{webhook_endpoint_id}"
 
 Route = tuple[str, str]
 """(method, path) as the app declares the route."""
@@ -67,6 +72,11 @@ class Alpha:
     """What `job` was created with, under JOB_KEY."""
     secrets: frozenset[str]
     """Every id, name, label and content sample of A's: none may reach another organisation."""
+    webhook: str
+    """A webhook endpoint, registered before `job` ran: it has that job's delivery."""
+    spare_webhook: str
+    """Another: the DELETE row's positive control deletes it."""
+    delivery: str
 
     @property
     def files(self) -> list[str]:
@@ -83,6 +93,7 @@ class Scene:
     alpha: Alpha
     bravo_file: str
     bravo_job: str
+    bravo_webhook: str
 
 
 def job_body(validation: str) -> dict[str, Any]:
@@ -123,11 +134,16 @@ def owned(client: TestClient) -> set[str]:
         if model["owned_by"] != "system":
             lineage = client.get(f"/v1/models/{model['id']}").json()["lineage"]
             found |= {model["id"], lineage["training_file"]["sha256"], lineage["validation_file"]["sha256"]}
+    for endpoint in listed(client, "/v1/webhook_endpoints"):
+        found |= {endpoint["id"], endpoint["url"], endpoint["name"], endpoint["signing_secret_hint"]}
+        for delivery in listed(client, f"/v1/webhook_endpoints/{endpoint['id']}/deliveries"):
+            found |= {delivery["id"], delivery["event_id"]}
     return found
 
 
 def make_alpha(owner: TestClient, runner: JobRunner, tenant: Tenant) -> Alpha:
     train, valid = chat_lines(12), chat_lines(4, "validation")
+    hooks = [owner.post("/v1/webhook_endpoints", json=hook).json() for hook in ALPHA_WEBHOOKS]
     training = upload(owner, train, name="alpha-train.jsonl").json()["id"]
     validation = upload(owner, valid, name="alpha-valid.jsonl").json()["id"]
     body = job_body(validation)
@@ -143,6 +159,7 @@ def make_alpha(owner: TestClient, runner: JobRunner, tenant: Tenant) -> Alpha:
     assert len(checkpoints) >= 2, checkpoints
     contents = {first_user_turn(train), first_user_turn(valid)}
     secrets = owned(owner) | contents | {tenant.id, tenant.name, METADATA["team"]}
+    secrets |= {hook["signing_secret"] for hook in hooks}
     return Alpha(
         training_file=training,
         validation_file=validation,
@@ -156,6 +173,9 @@ def make_alpha(owner: TestClient, runner: JobRunner, tenant: Tenant) -> Alpha:
         checkpoint_id=checkpoints[0]["id"],
         job_body=body,
         secrets=frozenset(secrets),
+        webhook=hooks[0]["id"],
+        spare_webhook=hooks[1]["id"],
+        delivery=listed(owner, f"/v1/webhook_endpoints/{hooks[0]['id']}/deliveries")[0]["id"],
     )
 
 
@@ -181,7 +201,9 @@ def scene(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             stranger = TestClient(app, raise_server_exceptions=False, headers=bravo.headers)
             bravo_file = upload(stranger, name="bravo.jsonl").json()["id"]
             bravo_job = create(stranger, None, MODEL, bravo_file).json()["id"]
-            yield Scene(app, owner, stranger, make_alpha(owner, runner, alpha), bravo_file, bravo_job)
+            hook = stranger.post("/v1/webhook_endpoints", json={"url": "https://hooks.bravo.example/"}).json()
+            alpha_objects = make_alpha(owner, runner, alpha)
+            yield Scene(app, owner, stranger, alpha_objects, bravo_file, bravo_job, hook["id"])
         engine.dispose()
 
 
@@ -235,18 +257,23 @@ def _delete_files(s: Scene) -> list[Probe]:
     return in_use + path_probes("/v1/files/{}", [a.results_file], None)
 
 
-def _create_job(s: Scene) -> list[Probe]:
-    a = s.alpha
-    training = Probe("/v1/fine_tuning/jobs", a.training_file, 200, stranger=400)
-    validation = Probe("/v1/fine_tuning/jobs", a.validation_file, None, stranger=400)
-    return [
-        replace(training, body={"model": MODEL, "training_file": a.training_file}),
-        # B's own training file with A's validation file: A can't send B's file, so no control.
-        replace(
-            validation,
-            body={"model": MODEL, "training_file": s.bravo_file, "validation_file": a.validation_file},
-        ),
-    ]
+def _job_request(path: str, owner: int) -> Callable[[Scene], list[Probe]]:
+    """A job request (job creation, the pre-flight estimate) naming A's files; A's own gets `owner`."""
+
+    def probes(s: Scene) -> list[Probe]:
+        a = s.alpha
+        training = Probe(path, a.training_file, owner, stranger=400)
+        validation = Probe(path, a.validation_file, None, stranger=400)
+        return [
+            replace(training, body={"model": MODEL, "training_file": a.training_file}),
+            # B's own training file with A's validation file: A can't send B's file, so no control.
+            replace(
+                validation,
+                body={"model": MODEL, "training_file": s.bravo_file, "validation_file": a.validation_file},
+            ),
+        ]
+
+    return probes
 
 
 def _events(s: Scene) -> list[Probe]:
@@ -278,7 +305,9 @@ MATRIX: dict[Route, Callable[[Scene], list[Probe]]] = {
     ("GET", "/v1/files/{file_id}"): lambda s: path_probes("/v1/files/{}", s.alpha.files, 200),
     ("DELETE", "/v1/files/{file_id}"): _delete_files,
     ("GET", "/v1/files/{file_id}/content"): lambda s: path_probes("/v1/files/{}/content", s.alpha.files, 200),
-    ("POST", "/v1/fine_tuning/jobs"): _create_job,
+    ("POST", "/v1/fine_tuning/jobs"): _job_request("/v1/fine_tuning/jobs", 200),
+    # A's files resolve, then no inference server answers the pre-flight estimate: 503.
+    ("POST", "/v1/fine_tuning/preflight"): _job_request("/v1/fine_tuning/preflight", 503),
     ("GET", "/v1/fine_tuning/jobs"): lambda s: cursor_probes(
         "/v1/fine_tuning/jobs", [s.alpha.job, s.alpha.paused_job], 200
     ),
@@ -312,12 +341,34 @@ MATRIX: dict[Route, Callable[[Scene], list[Probe]]] = {
     ("POST", "/v1/chat/completions"): _inference("/v1/chat/completions", {"messages": CHAT}),
     ("POST", "/v1/completions"): _inference("/v1/completions", {"prompt": "hi"}),
     ("POST", "/v1/classifications"): _inference("/v1/classifications", {"input": ["hi"]}),
+    ("GET", "/v1/webhook_endpoints"): lambda s: cursor_probes(
+        "/v1/webhook_endpoints", [s.alpha.webhook], 200
+    ),
+    ("GET", WEBHOOK): lambda s: path_probes("/v1/webhook_endpoints/{}", [s.alpha.webhook], 200),
+    ("POST", WEBHOOK): lambda s: [
+        replace(probe, body={"name": "renamed"})
+        for probe in path_probes("/v1/webhook_endpoints/{}", [s.alpha.webhook], 200)
+    ],
+    ("DELETE", WEBHOOK): lambda s: [
+        *path_probes("/v1/webhook_endpoints/{}", [s.alpha.spare_webhook], 200),
+        *path_probes("/v1/webhook_endpoints/{}", [s.alpha.webhook], None),
+    ],
+    ("POST", f"{WEBHOOK}/rotate_secret"): lambda s: path_probes(
+        "/v1/webhook_endpoints/{}/rotate_secret", [s.alpha.webhook], 200
+    ),
+    ("GET", f"{WEBHOOK}/deliveries"): lambda s: [
+        *path_probes("/v1/webhook_endpoints/{}/deliveries", [s.alpha.webhook], 200),
+        *cursor_probes(f"/v1/webhook_endpoints/{s.bravo_webhook}/deliveries", [s.alpha.delivery], None),
+    ],
 }
 """Every /v1 route that can name an object: what B sends, naming A's, and what A gets for the same."""
 
 ELSEWHERE: dict[Route, str] = {
     ("POST", "/v1/files"): "test_idempotency_keys_are_per_organisation",
     ("GET", "/v1/models"): "test_lists_show_another_organisation_nothing_of_a",
+    ("GET", "/v1/webhook_event_types"): "test_lists_show_another_organisation_nothing_of_a",
+    ("POST", "/v1/webhook_endpoints"): "tests/test_webhooks.py::test_events_reach_only_subscribed_endpoints_"
+    "of_the_jobs_organisation",
 }
 """Routes that name nothing of A's, and the test that covers them."""
 
@@ -392,6 +443,8 @@ def test_lists_show_another_organisation_nothing_of_a(scene: Scene) -> None:
         ("/v1/fine_tuning/jobs", {}),
         ("/v1/fine_tuning/jobs", {f"metadata[{key}]": value for key, value in METADATA.items()}),
         ("/v1/models", {}),
+        ("/v1/webhook_endpoints", {}),
+        ("/v1/webhook_event_types", {}),
     ]:
         response = stranger.get(path, params=params)
         assert response.status_code == 200 and not leaks(alpha, response), (path, params, response.text)
