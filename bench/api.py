@@ -23,7 +23,6 @@ import string
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,6 +50,8 @@ from models.settings import Settings
 _HERE = Path(__file__).resolve().parent
 REPO = _HERE.parent
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from bench.other_load import OtherLoad  # noqa: E402
 
 TRAIN_SOURCE = REPO.parent / "shared" / "data" / "sentiment_chat" / "train.jsonl"
 ORG = "org-local"
@@ -590,53 +591,6 @@ def api_figures(args: argparse.Namespace, tmp: Path, model_dir: Path, train: Pat
 # --- Report --------------------------------------------------------------------------------------------
 
 
-class OtherLoad:
-    """CPU time that processes outside this bench use while it runs: on a shared box, the honest caveat.
-
-    Postgres and Redis are left out (their work for the bench cannot be told apart from anyone else's).
-    Sampled every second, so processes that live for less than a second are missed.
-    """
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._started = time.time()
-        self._seen: dict[tuple[int, float], float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "OtherLoad":
-        self._sample(baseline=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample(baseline=False)
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            self._sample(baseline=False)
-
-    def _sample(self, baseline: bool) -> None:
-        ours = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
-        for proc in psutil.process_iter(["name", "cpu_times", "create_time"]):
-            info = proc.info
-            if (
-                proc.pid in ours
-                or not info["cpu_times"]
-                or info["create_time"] is None
-                or (info["name"] or "").startswith(("postgres", "redis"))
-            ):
-                continue
-            key = (proc.pid, info["create_time"])
-            used = info["cpu_times"].user + info["cpu_times"].system
-            # A process born during the run counts from zero; one already running, from its first sample.
-            before = self._seen.get(key, used if baseline or info["create_time"] < self._started else 0.0)
-            self.seconds += used - before
-            self._seen[key] = used
-
-
 def machine_facts(pg_admin: str) -> str:
     with psycopg.connect(pg_admin) as conn:
         postgres = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
@@ -726,7 +680,10 @@ def main() -> None:
     started = time.monotonic()
     facts = machine_facts(args.pg)
     print(f"Machine: {facts}", flush=True)
-    with OtherLoad() as other, tempfile.TemporaryDirectory(prefix="ftjobs-bench-") as name:
+    with (
+        OtherLoad(excluded=("postgres", "redis")) as other,
+        tempfile.TemporaryDirectory(prefix="ftjobs-bench-") as name,
+    ):
         tmp = Path(name)
         model_dir = build_tiny_llama(tmp / "tiny-llama")
         train = training_file(tmp)

@@ -49,6 +49,7 @@ _HERE = Path(__file__).resolve().parent
 REPO = _HERE.parent
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
+from bench.other_load import OtherLoad  # noqa: E402
 from models.settings import Settings  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
@@ -247,43 +248,6 @@ class PeakMemory:
                 if line.startswith(("VmHWM:", "VmRSS:")):
                     self.peak_kib = max(self.peak_kib, int(line.split()[1]))
             self.pids.add(int(entry.name))
-
-
-class OtherLoad:
-    """CPU seconds used by processes outside this bench's tree while it runs (on a shared machine, wall
-    times depend on it). Sampled every second, so processes shorter than that are missed."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._seen: dict[tuple[int, float], float] = {}
-        self._started = time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "OtherLoad":
-        self._sample(first=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            self._sample(first=False)
-
-    def _sample(self, first: bool) -> None:
-        ours = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
-        for proc in psutil.process_iter(["cpu_times", "create_time"]):
-            info = proc.info
-            if proc.pid in ours or not info["cpu_times"] or info["create_time"] is None:
-                continue
-            key, used = (proc.pid, info["create_time"]), info["cpu_times"].user + info["cpu_times"].system
-            # Processes running before the bench count from their first sample; newer ones from zero.
-            before = self._seen.get(key, used if first or info["create_time"] < self._started else 0.0)
-            self.seconds += used - before
-            self._seen[key] = used
 
 
 @dataclass
