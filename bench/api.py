@@ -97,9 +97,11 @@ def free_port() -> int:
 
 def child_env(settings: dict[str, str]) -> dict[str, str]:
     """Children get exactly the bench's FTJOBS_* knobs; an inherited database URL must not leak in. No
-    rate limit: the load runs one key far past any sensible one (the key is still checked per request)."""
+    rate limit and no cap on active jobs: the load runs one key far past any sensible one, and its creates
+    pile up unconsumed (the key and the count are still checked per request)."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("FTJOBS_")}
-    return {**inherited, "FTJOBS_RATE_LIMIT_PER_MINUTE": "0", **settings}
+    limits = {"FTJOBS_RATE_LIMIT_PER_MINUTE": "0", "FTJOBS_MAX_ACTIVE_JOBS": str(10**9)}
+    return {**inherited, **limits, **settings}
 
 
 def authorize(database_url: str) -> Headers:
@@ -110,6 +112,7 @@ def authorize(database_url: str) -> Headers:
         if organization is None:
             organization = Organization(id=ORG, name="local", created_at=int(time.time()))
             session.add(organization)
+            session.flush()  # before its key: no ORM relationship orders the two inserts
         _, key = ApiKeys(session).create(organization, "bench")
     engine.dispose()
     return {"Authorization": f"Bearer {key}"}
@@ -201,7 +204,7 @@ def job_rows(n: int, rng: random.Random) -> Iterator[dict[str, Any]]:
     now = int(time.time())
     requested = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     method = json.dumps({"type": "supervised", "supervised": {"hyperparameters": requested}})
-    resolved = json.dumps(resolve(SupervisedHyperparameters(), 400).model_dump())
+    resolved = json.dumps(resolve(SupervisedHyperparameters(), 400, "sft").model_dump())  # chat files
     error = json.dumps(
         {"code": "training_failed", "message": "Training failed: out of memory", "param": None}
     )
@@ -351,15 +354,26 @@ def upload(client: httpx.Client, path: Path) -> str:
     return response.json()["id"]
 
 
+def training_children(runner_pid: int) -> list[psutil.Process]:
+    """The runner's training children (`ftjobs up` also keeps an inference server as its child)."""
+    found = []
+    for child in psutil.Process(runner_pid).children(recursive=True):
+        try:
+            if "worker.training" in child.cmdline():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def wait_idle(client: httpx.Client, job_id: str, runner_pid: int, data_dir: Path) -> None:
     """Until the runner is idle again: the job is finished, its training child is gone, and the runner has
     removed the attempt's work directory (the last thing it does), so the next sample finds it idle."""
     deadline = time.monotonic() + 120
     while True:
         status = client.get(f"{JOBS}/{job_id}").json()["status"]
-        children = psutil.Process(runner_pid).children(recursive=True)
         attempts = list((data_dir / "work" / job_id).glob("attempt-*"))
-        if status in TERMINAL and not children and not attempts:
+        if status in TERMINAL and not training_children(runner_pid) and not attempts:
             break
         if time.monotonic() > deadline:
             raise RuntimeError(f"job {job_id} did not finish ({status})")
