@@ -147,6 +147,9 @@ def test_counts_are_the_jobs_and_the_duration_its_measured_throughput(
         "source": "the worker of the latest job to start",
     }
     assert not any("duration is unknown" in w or "device" in w for w in after["warnings"])
+    # Another training type's throughput is its own: the lora job does not count for dora.
+    dora = preflight(api, body(registered_model, request["training_file"], training_type="dora"))
+    assert dora["duration"]["based_on_jobs"] == 0 and dora["duration"]["tokens_per_second"] is None
 
     # The job's results file has purpose fine-tune-results: refused as job creation refuses it.
     refused = body(registered_model, job["result_files"][0])

@@ -99,17 +99,17 @@ def throughput(
     """Tokens per second of the training loop over the latest succeeded jobs of this base model, method and
     training type, and how many jobs that is. Throughput is the hardware's, so every organisation's jobs
     count; only this aggregate is shown. The runner keeps each job's measure in its last event."""
-    recent = session.execute(
-        select(Job.id, Job.method, Job.hyperparameters)
-        .where(Job.model == model, Job.status == JobStatus.SUCCEEDED.value)
+    same = (
+        select(Job.id)
+        .where(
+            Job.model == model,
+            Job.status == JobStatus.SUCCEEDED.value,
+            Job.method["type"].as_string() == method_type,
+            Job.hyperparameters["training_type"].as_string() == training_type,
+        )
         .order_by(Job.finished_at.desc())
-        .limit(HISTORY_JOBS * 5)  # other methods' among them
+        .limit(HISTORY_JOBS)
     )
-    same = [
-        job_id
-        for job_id, method, hyperparameters in recent
-        if method["type"] == method_type and (hyperparameters or {}).get("training_type") == training_type
-    ][:HISTORY_JOBS]
     events = select(JobEvent.data).where(JobEvent.job_id.in_(same), JobEvent.type == "message")
     measured = [data for data in session.scalars(events) if data and data.get("elapsed_seconds")]
     seconds = sum(data["elapsed_seconds"] for data in measured)
