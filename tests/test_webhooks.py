@@ -421,7 +421,8 @@ def test_endpoints_through_the_openai_client(
     assert [e.id for e in first_page.data] == [others[1].id, others[0].id] and first_page.has_more
     assert [e.id for e in api.webhooks.list(limit=2, after=others[0].id).data] == [created.id]
 
-    updated = api.webhooks.update(created.id, event_types=ALL, name="renamed")  # type: ignore[arg-type]
+    repeated = [*ALL, ALL[0]]  # kept once each, in the order given
+    updated = api.webhooks.update(created.id, event_types=repeated, name="renamed")  # type: ignore[arg-type]
     assert (updated.name, updated.event_types, updated.url) == ("renamed", ALL, receiver.url)
     with pytest.raises(openai.BadRequestError):
         api.webhooks.update(created.id, url="http://[::1")

@@ -3,14 +3,16 @@ deliveries list, our extension."""
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models.orm import WebhookDelivery, WebhookEndpoint
 from models.webhooks import EVENT_TYPES, MAX_URL_LENGTH, EventType, secret_hint
 
 Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH, description="Where events are POSTed.")]
 EventTypes = Annotated[
-    list[EventType], Field(min_length=1, max_length=16, description="The events sent to the endpoint.")
+    list[EventType],
+    Field(min_length=1, max_length=16, description="The events sent to the endpoint."),
+    AfterValidator(lambda types: list(dict.fromkeys(types))),  # each once, in the order given
 ]
 Name = Annotated[str, Field(max_length=256, description="A label for people.")]
 

@@ -45,7 +45,7 @@ def create(
             organization_id=organization_id,
             url=url,
             name=body.name,
-            event_types=list(dict.fromkeys(body.event_types)),
+            event_types=body.event_types,
             secret=new_secret(),
             created_at=now,
             updated_at=now,
@@ -76,7 +76,7 @@ def update(
     changes = {
         "url": None if body.url is None else _url(settings, body.url),
         "name": body.name,
-        "event_types": None if body.event_types is None else list(dict.fromkeys(body.event_types)),
+        "event_types": body.event_types,
     }
     changed = False
     for field, value in changes.items():
