@@ -1,30 +1,23 @@
 // The jobs list: newest first, refreshed every few seconds. The status and metadata filters are the
 // API's own (`status`, `metadata[key]=value`), so they reach every job; text search narrows the jobs loaded.
 
-import { get, query } from "../api.js";
+import { get, openapi, query } from "../api.js";
 import { errorBox, fill, h, link, number, poll, status, table, time } from "../dom.js";
 
 const PAGE = 50;
 const REFRESH_MS = 5000;
-const STATUSES = [
-  "validating_files",
-  "queued",
-  "running",
-  "paused",
-  "succeeded",
-  "failed",
-  "cancelled",
-];
 
 export async function jobsPage(main, { signal, params }) {
   let jobs = [];
   let hasMore = false;
   let wanted = PAGE;
+  // The statuses the API filters by, from its own schema (as the create form takes its fields).
+  const statuses = (await openapi()).components.schemas.JobStatus.enum;
   const statusFilter = h(
     "select",
     { name: "status", onchange: reload },
     h("option", { value: "" }, "any status"),
-    STATUSES.map((s) => h("option", { value: s }, s)),
+    statuses.map((s) => h("option", { value: s }, s)),
   );
   const search = h("input", {
     type: "search",
