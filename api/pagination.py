@@ -27,8 +27,9 @@ class ListPage(BaseModel, Generic[T]):
 
 
 def cursor(after: str | None, lookup: Callable[[str], R | None], what: str) -> R | None:
-    """The object an `after` cursor names; an unknown cursor is a 400, not an empty page."""
-    if after is None:
+    """The object an `after` cursor names; an unknown cursor is a 400, not an empty page. An empty one
+    (`?after=`, what some clients send for no cursor) is no cursor."""
+    if not after:
         return None
     found = lookup(after)
     if found is None:

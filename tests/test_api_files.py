@@ -60,6 +60,7 @@ def test_list_orders_paginates_and_filters(client: TestClient) -> None:
     assert [f["id"] for f in listed["data"]] == ids[::-1]
     assert listed["has_more"] is False
     assert (listed["first_id"], listed["last_id"]) == (ids[2], ids[0])
+    assert client.get("/v1/files", params={"after": ""}).json() == listed  # `?after=` is no cursor
     page = client.get("/v1/files", params={"limit": 2}).json()
     assert [f["id"] for f in page["data"]] == [ids[2], ids[1]] and page["has_more"] is True
     rest = client.get("/v1/files", params={"limit": 2, "after": ids[1]}).json()

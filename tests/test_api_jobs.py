@@ -193,6 +193,7 @@ def test_list_newest_first_with_cursor_and_metadata(
     ]
     listed = client.get("/v1/fine_tuning/jobs").json()
     assert [j["id"] for j in listed["data"]] == ids[::-1] and listed["has_more"] is False
+    assert client.get("/v1/fine_tuning/jobs", params={"after": ""}).json() == listed  # no cursor
     first = client.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
     assert [j["id"] for j in first["data"]] == ids[:2:-1][:2] and first["has_more"] is True
     second = client.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": first["last_id"]}).json()
@@ -277,7 +278,9 @@ def test_events_and_checkpoints_pages(client: TestClient, registered_model: str,
     assert {e["object"] for e in events["data"]} == {"fine_tuning.job.event"}
     rest = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": events["last_id"]}).json()
     assert [e["message"] for e in rest["data"]] == [f"Created fine-tuning job: {job_id}"]
-    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()
+    unpaged = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 2, "after": ""}).json()
+    assert unpaged == events  # an empty cursor is no cursor
+    checkpoints = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"after": ""}).json()
     assert checkpoints == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
 
 

@@ -207,6 +207,8 @@ def test_job_events_arrive_once_in_openai_shape_and_verify_with_the_openai_clien
             unwrap((headers, body.replace(b"event", b"evil!")), endpoint.signing_secret)
 
     listed = client.get(f"/v1/webhook_endpoints/{endpoint.id}/deliveries").json()["data"]
+    no_cursor = client.get(f"/v1/webhook_endpoints/{endpoint.id}/deliveries", params={"after": ""})
+    assert no_cursor.json()["data"] == listed
     assert {(d["fine_tuning_job_id"], d["event_type"]) for d in listed} == set(expected.items())
     webhook_ids = {headers["webhook-id"] for headers, _ in receiver.requests}
     assert {d["id"] for d in listed} == webhook_ids
@@ -420,6 +422,8 @@ def test_endpoints_through_the_openai_client(
     first_page = api.webhooks.list(limit=2)
     assert [e.id for e in first_page.data] == [others[1].id, others[0].id] and first_page.has_more
     assert [e.id for e in api.webhooks.list(limit=2, after=others[0].id).data] == [created.id]
+    no_cursor = client.get("/v1/webhook_endpoints", params={"after": ""}).json()["data"]
+    assert [e["id"] for e in no_cursor] == [others[1].id, others[0].id, created.id]
 
     repeated = [*ALL, ALL[0]]  # kept once each, in the order given
     updated = api.webhooks.update(created.id, event_types=repeated, name="renamed")  # type: ignore[arg-type]
