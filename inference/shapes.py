@@ -1,5 +1,6 @@
 """OpenAI's response objects, field for field: `chat.completion`, `chat.completion.chunk`,
-`text_completion` (whole and streamed), and our `classification` list."""
+`text_completion` (whole and streamed), and our `classification` list. `system_fingerprint` is left out:
+we have none, and the openai SDKs declare it optional but not nullable."""
 
 import secrets
 import time
@@ -39,7 +40,6 @@ def chat_completion(model: str, outputs: Sequence[Output], prompt_lengths: Seque
             for index, output in enumerate(outputs)
         ],
         "usage": usage(outputs, prompt_lengths),
-        "system_fingerprint": None,
     }
 
 
@@ -54,7 +54,6 @@ def text_completion(model: str, outputs: Sequence[Output], prompt_lengths: Seque
             for index, output in enumerate(outputs)
         ],
         "usage": usage(outputs, prompt_lengths),
-        "system_fingerprint": None,
     }
 
 
@@ -101,7 +100,6 @@ class _Chunks:
             "object": self.object,
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": None,
             "choices": choices,
         }
         if self.include_usage:

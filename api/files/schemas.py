@@ -1,6 +1,9 @@
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+OmittedWhenNone = Field(exclude_if=lambda value: value is None)
+"""The openai SDKs declare these optional but not nullable (`expires_at?: number`): unset is absent."""
 
 
 class FileObject(BaseModel):
@@ -13,8 +16,8 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: Literal["uploaded", "processed", "error"]
-    expires_at: int | None = None
-    status_details: str | None = None
+    expires_at: Annotated[int | None, OmittedWhenNone] = None
+    status_details: Annotated[str | None, OmittedWhenNone] = None
 
 
 class FileDeleted(BaseModel):
