@@ -11,6 +11,7 @@ install:
 
 install-dev: install
 	$(PYTHON) -m pip install -e '.[dev]'
+	cd tests/e2e/node && npm ci --no-audit --no-fund
 
 demo: install
 	$(PYTHON) -m cli demo
