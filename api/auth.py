@@ -18,10 +18,11 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors
-from api.errors import APIError
 from api.ratelimit import RateLimited
 from models.auth import ApiKeys, Principal, hash_key
 from models.db import session_scope
+from models.errors import APIError
+from web.errors import error_response
 
 PROTECTED = "/v1/"
 SETTINGS_ADMIN = "admin-setting"
@@ -46,7 +47,7 @@ class Authenticate:
         try:
             principal = await run_in_threadpool(_authenticate, state, _bearer_key(scope))
         except APIError as exc:
-            await errors.error_response(exc)(scope, receive, send)
+            await error_response(exc)(scope, receive, send)
             return
         except OperationalError as exc:
             await errors.database_unavailable(scope["method"], scope["path"], exc)(scope, receive, send)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from api.deps import OrgDep, SessionDep
-from api.errors import APIError
+from models.errors import APIError
 from models.idempotency import IdempotencyRepository
 
 MAX_KEY_LENGTH = 255

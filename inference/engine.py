@@ -13,10 +13,10 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from api.errors import APIError
 from inference import shapes
 from inference.generation import FinishReason, OnEvent, Output, Sampling, generate
 from inference.store import ModelStore, Served
+from models.errors import APIError
 from models.inference import (
     ChatCompletionRequest,
     ChatMessage,

@@ -41,7 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from api.errors import APIError
+from models.errors import APIError
 from models.inference import Target
 from models.lineage import LINEAGE_FILE, BaseModelRef, tokenizer_hash
 from models.registry import content_hash

@@ -12,9 +12,9 @@ from api.admin.schemas import (
     OrganizationObject,
 )
 from api.deps import AdminDep, SessionDep
-from api.errors import APIError, not_found
 from api.pagination import ListPage, list_page
 from models.auth import ApiKeys, InvalidName, Organizations
+from models.errors import APIError, not_found
 from models.orm import Organization
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])

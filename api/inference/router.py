@@ -11,8 +11,9 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.deps import OrgDep, SessionDep, StoreDep
-from api.errors import RETRY_AFTER_SECONDS, APIError
+from api.errors import RETRY_AFTER_SECONDS
 from api.registry import service as model_service
+from models.errors import APIError
 from models.inference import (
     ChatCompletionRequest,
     ClassificationRequest,

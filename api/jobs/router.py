@@ -4,11 +4,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from api.deps import DispatcherDep, OrgDep, SessionDep, SettingsDep, StoreDep
-from api.errors import APIError
 from api.idempotency import IdempotencyDep
 from api.jobs import service as job_service
 from api.jobs.schemas import FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate
 from api.pagination import After, Limit, ListPage, list_page
+from models.errors import APIError
 from models.states import JobStatus
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])

@@ -9,11 +9,11 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import APIError, ErrorResponse
 from api.inference.router import inference_unavailable
 from api.jobs.schemas import JobCreate
 from api.jobs.service import check_request
 from api.preflight.schemas import Duration, Preflight
+from models.errors import APIError, ErrorResponse
 from models.files import FileRepository
 from models.orm import Job, JobEvent
 from models.preflight import PreflightFile, PreflightReport, PreflightRequest

@@ -3,8 +3,8 @@
 from sqlalchemy.orm import Session
 
 from api.deps import on_commit
-from api.errors import APIError, not_found
 from api.registry.schemas import ArtifactFormat, Model
+from models.errors import APIError, not_found
 from models.inference import ModelKind, Target
 from models.lineage import Lineage, read_lineage
 from models.objectives import GENERATIVE
