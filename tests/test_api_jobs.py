@@ -163,6 +163,27 @@ def test_create_errors(client: TestClient, registered_model: str, training_file:
     assert_error(client.post("/v1/fine_tuning/jobs", json=[1, 2]), 400)
 
 
+@pytest.mark.parametrize(
+    ("content_type", "encode"),
+    [
+        ("application/x-www-form-urlencoded", lambda fields: "&".join(f"{k}={v}" for k, v in fields.items())),
+        ("text/plain", json.dumps),
+        (None, json.dumps),
+    ],
+)
+def test_a_json_route_refuses_other_content_types(
+    client: TestClient, registered_model: str, training_file: str, content_type: str | None, encode
+) -> None:
+    """As OpenAI does, even for a body that would be valid as JSON; uploads (multipart) are another route."""
+    fields = {"model": registered_model, "training_file": training_file}
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/v1/fine_tuning/jobs", content=encode(fields).encode(), headers=headers)
+    error = assert_error(response, 400, None, "unsupported_content_type")
+    assert "only accepts 'application/json'" in error["message"]
+    assert (f"'Content-Type: {content_type}'" if content_type else "no Content-Type") in error["message"]
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
 def test_results_files_cannot_train(
     client: TestClient,
     registered_model: str,
