@@ -128,7 +128,7 @@ def test_inference_routes_check_the_request_and_the_model(
         assert bad.value.body["param"] == "temperature"  # type: ignore[index]
         with pytest.raises(openai.NotFoundError) as missing:
             api.chat.completions.create(model="ft:tiny-llama:local::nothere", messages=messages)  # type: ignore[arg-type]
-        assert missing.value.body["param"] == "model"  # type: ignore[index]
+        assert missing.value.body["param"] == "model" and missing.value.code == "model_not_found"  # type: ignore[index]
         with pytest.raises(openai.InternalServerError) as down:
             api.chat.completions.create(model=registered_model, messages=messages)  # type: ignore[arg-type]
         assert down.value.status_code == 503 and down.value.body["code"] == "inference_unavailable"  # type: ignore[index]
