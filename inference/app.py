@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from inference.engine import Engine, Stream
+from inference.preflight import estimate
 from models.errors import APIError, envelope
 from models.inference import ChatCompletionRequest, ClassificationRequest, CompletionRequest, Forwarded
 from models.logs import logging_config
@@ -22,7 +23,6 @@ from models.preflight import PreflightReport, PreflightRequest
 from models.settings import Settings
 from models.spec import DataError
 from web.errors import install
-from worker.training.preflight import estimate
 
 log = logging.getLogger("ftjobs.inference")
 DEFAULT_PORT = 8001

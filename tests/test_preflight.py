@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from transformers import LlamaConfig
 
 from inference.app import create_app as create_inference_app
+from inference.preflight.memory import estimate_job_memory
 from models.db import session_scope
 from models.preflight import Device
 from models.registry import ModelRegistry
@@ -29,7 +30,6 @@ from tests.tiny_model import build_tiny_bert
 from worker.runner import JobRunner
 from worker.training.data import Example
 from worker.training.loading import load_tokenizer
-from worker.training.preflight import estimate_job_memory
 
 SYSTEM = {"role": "system", "content": "Answer in one short sentence."}
 SHORT = [
