@@ -10,7 +10,6 @@ from sqlalchemy.exc import DataError, OperationalError
 
 from models.errors import APIError, ErrorResponse, envelope
 from web import errors as web_errors
-from web.errors import error_response
 
 log = logging.getLogger("ftjobs.api")
 RETRY_AFTER_SECONDS = 5
@@ -30,7 +29,7 @@ keeps FastAPI from declaring the 422 it would otherwise add: validation errors a
 def database_unavailable(method: str, path: str, exc: Exception) -> JSONResponse:
     # Connection refused, server restarting, SQLite locked: transient, so 503 and the SDK retries.
     log.warning("database unavailable on %s %s: %s", method, path, exc)
-    return error_response(
+    return web_errors.error_response(
         APIError(
             "The service's database is unavailable; retry shortly.",
             status_code=503,
