@@ -21,7 +21,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-def unsupported_content_type(content_type: str | None) -> JSONResponse:
+def _unsupported_content_type(content_type: str | None) -> JSONResponse:
     """OpenAI's answer to a JSON route's body sent as something else (a form, text, no Content-Type)."""
     shown, told = (
         (repr(content_type), f"specified the header 'Content-Type: {content_type}'")
@@ -41,7 +41,7 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors()
     # FastAPI parses a body as JSON only under a JSON Content-Type; any other reaches validation as bytes.
     if any(tuple(e["loc"]) == ("body",) and isinstance(e.get("input"), bytes) for e in errors):
-        return unsupported_content_type(request.headers.get("content-type"))
+        return _unsupported_content_type(request.headers.get("content-type"))
     if any(e["type"] == "json_invalid" for e in errors):
         body = envelope("We could not parse the JSON body of your request.", type="invalid_request_error")
         return JSONResponse(body, status_code=400)
