@@ -26,6 +26,7 @@ from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
 from worker.child import die_with_parent
 from worker.reconciler import Reconciler
+from worker.training.quiet import hide_known_library_noise
 from worker.webhooks import WebhookSender
 
 app = typer.Typer(
@@ -127,6 +128,7 @@ def serve(
 ) -> None:
     """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
     fine-tuned adapters attach per request."""
+    hide_known_library_noise()  # before the import below loads bitsandbytes (through peft)
     from inference.app import serve as serve_models
 
     serve_models(_settings(data_dir), host=host, port=port, log_level=log_level)
