@@ -1,5 +1,6 @@
 """Fine-tuning job shapes, field for field as OpenAI's, with our extensions as extra keys."""
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -11,6 +12,7 @@ MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 MAX_INTEGRATIONS, MAX_TRACKER_NAME, MAX_TRACKER_TAGS, MAX_TRACKER_TAG = 5, 128, 20, 64
 WANDB_FORBIDDEN = "/\\#?%:"
 """Characters W&B refuses in project and entity names."""
+SUFFIX = re.compile(r"^[A-Za-z0-9._-]+$")
 RESERVED_TAG_PREFIXES = ("mlflow.", "ftjobs.")
 """MLflow's system tags and ours (the job id): a user's tag must not pass for them."""
 
@@ -145,9 +147,10 @@ class JobCreate(BaseModel):
     @field_validator("suffix")
     @classmethod
     def _suffix_chars(cls, value: str | None) -> str | None:
-        # The suffix is one `:`-separated segment of the fine_tuned_model name.
-        if value is not None and (":" in value or any(ch.isspace() or not ch.isprintable() for ch in value)):
-            raise ValueError("the suffix must not contain ':', whitespace or control characters")
+        # One `:`-separated segment of the fine_tuned_model name, which travels in URL paths (where `/`,
+        # `%` and dot segments would change it) and in a download's file name.
+        if value is not None and (not SUFFIX.match(value) or ".." in value):
+            raise ValueError("the suffix may hold only A-Z, a-z, 0-9, '.', '_' and '-', and not '..'")
         return value
 
     @field_validator("integrations")
@@ -162,19 +165,24 @@ class JobCreate(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if len(value) > MAX_METADATA_PAIRS:
-            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
-        for key, item in value.items():
-            if not 1 <= len(key) <= MAX_METADATA_KEY:
-                raise ValueError(f"keys must be 1 to {MAX_METADATA_KEY} characters")
-            if len(item) > MAX_METADATA_VALUE:
-                raise ValueError(f"values must be at most {MAX_METADATA_VALUE} characters")
-            if "\0" in key + item:
-                # Postgres cannot store it (SQLite can): refused on both, so metadata means the same on each.
-                raise ValueError("keys and values must not contain NUL characters")
+        if value is not None:
+            check_metadata(value)
         return value
+
+
+def check_metadata(pairs: dict[str, str]) -> None:
+    """A job's metadata limits (ValueError), which also bound the `metadata[key]=value` filters that search
+    it: a filter no job's metadata could match is a mistake, and each one is a term of the query."""
+    if len(pairs) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
+    for key, item in pairs.items():
+        if not 1 <= len(key) <= MAX_METADATA_KEY:
+            raise ValueError(f"keys must be 1 to {MAX_METADATA_KEY} characters")
+        if len(item) > MAX_METADATA_VALUE:
+            raise ValueError(f"values must be at most {MAX_METADATA_VALUE} characters")
+        if "\0" in key + item:
+            # Postgres cannot store it (SQLite can): refused on both, so metadata means the same on each.
+            raise ValueError("keys and values must not contain NUL characters")
 
 
 class JobError(BaseModel):
