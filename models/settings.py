@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         default=None,
         description="Server log level (debug, info, warning...); unset: info, warning for `ftjobs up`.",
     )
+    api_docs: bool = Field(
+        default=False,
+        description="Serve Swagger UI at /docs and ReDoc at /redoc; their pages load scripts from "
+        "cdn.jsdelivr.net, so they are off unless asked for.",
+    )
 
     admin_key: SecretStr | None = Field(
         default=None,

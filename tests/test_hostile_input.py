@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedModel
 
+from api.main import create_app
 from models.db import session_scope
 from models.inference import MIN_TEMPERATURE
 from models.settings import Settings
@@ -459,3 +460,22 @@ def test_as_many_metadata_filters_as_a_job_has_pairs_find_it(
     job_id = create(client, registered_model, training_file, metadata=metadata).json()["id"]
     found = client.get("/v1/fine_tuning/jobs", params={f"metadata[{k}]": v for k, v in metadata.items()})
     assert [job["id"] for job in found.json()["data"]] == [job_id]
+
+
+@pytest.mark.parametrize("path", ["/", "/dashboard/index.html", "/dashboard/app.js", "/dashboard/style.css"])
+def test_every_dashboard_file_is_sent_with_the_security_headers(client: TestClient, path: str) -> None:
+    # The same page at /dashboard/index.html once went without them, and could be framed signed in.
+    response = client.get(path)
+    assert response.status_code == 200
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_api_docs_pages_are_off_unless_asked_for(settings: Settings) -> None:
+    # Their pages load Swagger UI and ReDoc from a CDN, on the dashboard's origin.
+    with TestClient(create_app(settings, RecordingDispatcher())) as client:
+        assert [client.get(path).status_code for path in ("/docs", "/redoc")] == [404, 404]
+        assert client.get("/openapi.json").status_code == 200  # the dashboard's create form reads it
+    asked = settings.model_copy(update={"api_docs": True})
+    with TestClient(create_app(asked, RecordingDispatcher())) as client:
+        assert [client.get(path).status_code for path in ("/docs", "/redoc")] == [200, 200]
