@@ -39,8 +39,10 @@ def download_model(
     version = service.get(session, org, model)
     directory = store.local_path(service.artifact_key(version, format))
     root = version.id.replace(":", "_").replace("/", "_")
+    # Saving records the base by the directory it was loaded from: the archive names it as registered.
+    renames = {version.base.path: version.base.name} if version.base is not None else {}
     return StreamingResponse(
-        stream_tar_gz(directory, root),
+        stream_tar_gz(directory, root, renames),
         media_type="application/gzip",
         headers={"content-disposition": attachment(f"{root}-{format}.tar.gz")},
     )
