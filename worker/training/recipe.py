@@ -95,7 +95,8 @@ class Recipe:
         self.model = self.method.prepare(base, hp)
         if hp.gradient_checkpointing:
             # Non-reentrant checkpointing needs no requires-grad hook on frozen embeddings (adapters).
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # nn.Module types attributes as tensors or modules; transformers models (and PEFT's) have this.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # pyright: ignore[reportCallIssue]
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.events.log(
             f"{hp.training_type} on {self.device.device.type} ({self.device.dtype}): "
@@ -329,8 +330,7 @@ class Recipe:
         """The adapter merged into a fresh copy of the base, verified on up to EXPORT_PROMPTS held-out rows
         (training rows without a validation file); a mismatch raises and fails the job."""
         rows = (self.valid_examples or self.train_examples)[:EXPORT_PROMPTS]
-        # A preference pair stands for its preferred row.
-        prompts = [getattr(row, "chosen", row).input_ids for row in rows]
+        prompts = [row.input_ids for row in rows]
         report = export_merged(
             self.model,
             self.hp.training_type,
