@@ -75,7 +75,8 @@ def stream_tar_gz(directory: Path, root: str, renames: dict[str, str] | None = N
     def write() -> None:
         try:
             writer = _QueueWriter(chunks, abandoned)
-            with tarfile.open(fileobj=writer, mode="w|gz") as archive:  # type: ignore[call-overload]
+            # Stream mode only writes; typeshed asks every file object for read, seek and tell.
+            with tarfile.open(fileobj=writer, mode="w|gz") as archive:  # pyright: ignore[reportArgumentType, reportCallIssue]
                 for path in archive_members(directory):
                     arcname = f"{root}/{path.relative_to(directory)}"
                     renamed = _renamed(path, renames or {})

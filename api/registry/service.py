@@ -57,7 +57,12 @@ def delete(session: Session, store: ArtifactStore, org: str, model_id: str) -> N
             code="permission_denied",
         )
     keys = ModelVersions(session).delete(version)
-    on_commit(session, lambda: [store.delete(key) for key in keys])
+
+    def delete_bytes() -> None:
+        for key in keys:
+            store.delete(key)
+
+    on_commit(session, delete_bytes)
 
 
 def artifact_key(version: ModelVersion, fmt: ArtifactFormat) -> str:
