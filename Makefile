@@ -30,9 +30,12 @@ demo: install
 test: install-dev
 	$(PYTHON) -m pytest -q
 
+# Style and types; the type checker is told which interpreter's packages to read (a venv's, say), and not to
+# ask PyPI whether a newer pyright exists (its version is pinned in the dev extras).
 lint: install-dev
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(PYTHON) -m pyright --pythonpath "$$($(PYTHON) -c 'import sys; print(sys.executable)')"
 
 bench-api: install-dev
 	$(PYTHON) bench/api.py
