@@ -95,7 +95,9 @@ class Settings(BaseSettings):
         "but allowed by `ftjobs up` on a loopback host, where only this machine reaches the API.",
     )
     webhook_timeout_seconds: float = Field(
-        default=10.0, gt=0, description="Connect and read timeout of one webhook delivery attempt."
+        default=10.0,
+        gt=0,
+        description="The most one webhook delivery attempt takes, from connecting to the end of the answer.",
     )
     webhook_poll_seconds: float = Field(
         default=1.0, gt=0, description="How often each process's webhook sender looks for due deliveries."
