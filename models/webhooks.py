@@ -94,10 +94,22 @@ class UnsafeURL(ValueError):
     """A URL webhooks may not be sent to, and why."""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
 def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Globally routable unicast: not loopback, private, link-local (cloud metadata), shared or reserved."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    """Globally routable unicast: not loopback, private, link-local (cloud metadata), shared or reserved.
+    An IPv6 address that carries an IPv4 one is judged by it, as a NAT64 or 6to4 gateway forwards it."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return False  # a site's own NAT64 prefix: it reaches that site's IPv4 network
+        embedded = address.ipv4_mapped or address.sixtofour  # ::ffff:127.0.0.1, 2002:7f00:1::
+        if embedded is None and (address in _NAT64 or address in _IPV4_COMPATIBLE):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)  # 64:ff9b::7f00:1, ::127.0.0.1
+        if embedded is not None:
+            address = embedded
     return address.is_global and not address.is_multicast
 
 

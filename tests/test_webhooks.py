@@ -479,6 +479,10 @@ def test_private_addresses_are_refused_unless_allowed(
             "http://hooks.localhost/x",
             "http://[::1]/x",
             "http://[::ffff:127.0.0.1]/x",
+            "http://[::127.0.0.1]/x",  # IPv4-compatible
+            "http://[64:ff9b::7f00:1]/x",  # NAT64
+            "http://[64:ff9b:1::a00:1]/x",  # local-use NAT64
+            "http://[2002:7f00:1::]/x",  # 6to4
             "http://169.254.169.254/latest/meta-data",
             "http://10.1.2.3/x",
             "http://192.168.0.1/x",
@@ -493,7 +497,12 @@ def test_private_addresses_are_refused_unless_allowed(
             response = client.post("/v1/webhook_endpoints", json={"url": url})
             assert response.status_code == 400, (url, response.text)
             assert response.json()["error"]["param"] == "url", url
-        for url in ["https://hooks.example.com/x", "http://93.184.215.14/x"]:
+        for url in [
+            "https://hooks.example.com/x",
+            "http://93.184.215.14/x",
+            "http://[64:ff9b::5db8:d70e]/x",  # NAT64 of a public address
+            "http://[2002:5db8:d70e::]/x",
+        ]:
             accepted = client.post("/v1/webhook_endpoints", json={"url": url})
             assert accepted.status_code == 200, accepted.text
             client.delete(f"/v1/webhook_endpoints/{accepted.json()['id']}")
