@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli import admin, files, jobs, webhooks
@@ -54,7 +55,14 @@ DataDir = Annotated[Path | None, typer.Option(help="Data directory (default: $FT
 def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
     if data_dir is not None:
         overrides["data_dir"] = data_dir
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:  # one line per bad setting, naming its variable, not a traceback
+        for problem in error.errors():
+            variable = "FTJOBS_" + "_".join(str(part) for part in problem["loc"]).upper()
+            reason = problem.get("ctx", {}).get("error") or problem["msg"]
+            typer.echo(f"Error: {variable}: {reason}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

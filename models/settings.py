@@ -1,15 +1,19 @@
 """Service settings, read from `FTJOBS_*` environment variables (one place for every knob)."""
 
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_ADMIN_KEY_CHARS = 32
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore")
+    # Errors don't echo what was given: some settings are secrets.
+    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(
         default=Path("data"), description="Root for the SQLite file, artifacts and base models."
@@ -45,9 +49,21 @@ class Settings(BaseSettings):
 
     admin_key: SecretStr | None = Field(
         default=None,
-        description="The admin key (manages organisations and keys); unset: one is generated and printed "
-        "once at first start.",
+        description="The admin key (manages organisations and keys): at least 32 random characters, refused "
+        "at start otherwise; unset: one is generated and printed once at first start.",
     )
+
+    @field_validator("admin_key")
+    @classmethod
+    def _strong_admin_key(cls, key: SecretStr | None) -> SecretStr | None:
+        """Anyone who reaches the API may guess the admin key: it must be long and random."""
+        if key is not None and not _strong(key.get_secret_value()):
+            raise ValueError(
+                f"the admin key must be at least {MIN_ADMIN_KEY_CHARS} random characters; make one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return key
+
     rate_limit_per_minute: int = Field(
         default=600, ge=0, description="Requests per API key per minute (0: no limit); 429 above."
     )
@@ -165,6 +181,12 @@ class Settings(BaseSettings):
     @property
     def tensorboard_root(self) -> Path:
         return self.tensorboard_dir or self.data_dir / "tensorboard"
+
+
+def _strong(key: str) -> bool:
+    """Long, and with no repeats for zlib to shrink (a word written four times, a run of one character):
+    a rough test, but random keys (hex, base64, digits) always pass it, and typed-in ones rarely."""
+    return len(key) >= MIN_ADMIN_KEY_CHARS and len(zlib.compress(key.encode(), 9)) >= len(key.encode())
 
 
 @lru_cache

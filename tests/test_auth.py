@@ -1,18 +1,22 @@
 """API keys: Bearer authentication on every /v1 route, keys stored only as hashes, revocation, the admin
-key and its routes, and the per-key rate limit (in memory and shared through Redis)."""
+key (long and random, or refused at start) and its routes, and the per-key rate limit (in memory and
+shared through Redis)."""
 
 import hashlib
 import re
+import secrets
 from collections.abc import Iterator
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
 
 from api.main import create_app
+from cli.main import app as cli_app
 from models.auth import ApiKeys
 from models.db import session_scope
 from models.orm import ApiKey
@@ -20,7 +24,7 @@ from models.settings import Settings
 from tests.conftest import RecordingDispatcher, Tenant, make_tenant
 from tests.test_api_files import LINE, assert_error, upload
 
-ADMIN = "an-admin-key-from-the-environment"
+ADMIN = "an-admin-key-from-the-environment-Xq7Lp2Vz9K"
 
 
 def protected_routes(client: TestClient) -> list[tuple[str, str]]:
@@ -175,3 +179,18 @@ def test_an_unreachable_limit_store_lets_requests_through(settings: Settings, te
     )
     with TestClient(create_app(down, RecordingDispatcher()), headers=tenant.headers) as client:
         assert [client.get("/v1/files").status_code for _ in range(3)] == [200] * 3
+
+
+def test_a_weak_admin_key_is_refused_at_start() -> None:
+    for weak in ("short-admin-key", "password" * 4, "a" * 64, "admin-" * 6):
+        with pytest.raises(ValidationError) as refused:
+            Settings(admin_key=weak)  # type: ignore[arg-type]
+        assert "at least 32 random characters" in str(refused.value) and weak not in str(refused.value)
+    for strong in (secrets.token_hex(16), secrets.token_urlsafe(32), ADMIN):
+        assert Settings(admin_key=strong).admin_key.get_secret_value() == strong  # type: ignore[arg-type,union-attr]
+    started = CliRunner().invoke(cli_app, ["api"], env={"FTJOBS_ADMIN_KEY": "password" * 4})
+    assert started.exit_code == 2 and started.stdout == ""
+    assert started.stderr.splitlines() == [
+        "Error: FTJOBS_ADMIN_KEY: the admin key must be at least 32 random characters; make one with "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+    ]
