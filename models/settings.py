@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         default=600, ge=0, description="Requests per API key per minute (0: no limit); 429 above."
     )
+    auth_failures_per_minute: int = Field(
+        default=60,
+        ge=0,
+        description="Failed authentications (401s) per client address per minute (0: no limit); above it, "
+        "that address gets 429 without its key being checked.",
+    )
     rate_limit_storage: str = Field(
         default="memory://",
         description="Where request counts live (`limits` storage URI): memory:// counts per API process; "

@@ -1,6 +1,6 @@
 """API keys: Bearer authentication on every /v1 route, keys stored only as hashes, revocation, the admin
-key (long and random, or refused at start) and its routes, and the per-key rate limit (in memory and
-shared through Redis)."""
+key (long and random, or refused at start) and its routes, the per-key rate limit (in memory and shared
+through Redis), and the per-address limit on failed authentications."""
 
 import hashlib
 import re
@@ -36,6 +36,14 @@ def protected_routes(client: TestClient) -> list[tuple[str, str]]:
         if path.startswith("/v1/")
         for method in operations
     ]
+
+
+@pytest.fixture
+def client(settings: Settings, tenant: Tenant) -> Iterator[TestClient]:
+    """The conftest's, without the limit on failed authentications: these tests fail hundreds."""
+    unlimited = settings.model_copy(update={"auth_failures_per_minute": 0})
+    with TestClient(create_app(unlimited, RecordingDispatcher()), headers=tenant.headers) as client:
+        yield client
 
 
 def test_every_route_refuses_a_missing_malformed_unknown_or_revoked_key(
@@ -179,6 +187,27 @@ def test_an_unreachable_limit_store_lets_requests_through(settings: Settings, te
     )
     with TestClient(create_app(down, RecordingDispatcher()), headers=tenant.headers) as client:
         assert [client.get("/v1/files").status_code for _ in range(3)] == [200] * 3
+
+
+def test_failed_authentications_are_limited_per_client_address(settings: Settings, tenant: Tenant) -> None:
+    app = create_app(settings.model_copy(update={"auth_failures_per_minute": 3}), RecordingDispatcher())
+    guesser = TestClient(app, client=("203.0.113.7", 40000))
+    neighbour = TestClient(app, client=("203.0.113.8", 40000), headers=tenant.headers)
+    with guesser, neighbour:
+        for guess in ("sk-ftj-AAAAAAAAAAAA-" + "x" * 43, ADMIN, ""):
+            assert_error(guesser.get("/v1/files", headers={"Authorization": f"Bearer {guess}"}), 401)
+        # Over the limit, the address's next request is refused before its key is checked: a right guess
+        # can't be told from a wrong one.
+        refused = guesser.get("/v1/files", headers=tenant.headers)
+        error = assert_error(refused, 429, code="rate_limit_exceeded")
+        assert "3 failed authentications a minute from your address" in error["message"]
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert neighbour.get("/v1/files").status_code == 200  # per address
+        for _ in range(5):  # successes don't count
+            assert neighbour.get("/v1/files").status_code == 200
+        api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=guesser, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            api.files.list()
 
 
 def test_a_weak_admin_key_is_refused_at_start() -> None:
