@@ -53,6 +53,10 @@ DataDir = Annotated[Path | None, typer.Option(help="Data directory (default: $FT
 
 
 def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
+    """The server's settings. Every server command starts here, so here the process (and every child it
+    starts) stops sharing what it creates: the data directory, the SQLite database (webhook secrets),
+    artifacts and base models are this user's alone (0700 and 0600), whatever the inherited umask."""
+    os.umask(0o077)
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     try:
