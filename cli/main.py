@@ -56,17 +56,18 @@ def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
     """The server's settings. Every server command starts here, so here the process (and every child it
     starts) stops sharing what it creates: the data directory, the SQLite database (webhook secrets),
     artifacts and base models are this user's alone (0700 and 0600), whatever the inherited umask."""
-    os.umask(0o077)
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as error:  # one line per bad setting, naming its variable, not a traceback
         for problem in error.errors():
             variable = "FTJOBS_" + "_".join(str(part) for part in problem["loc"]).upper()
             reason = problem.get("ctx", {}).get("error") or problem["msg"]
             typer.echo(f"Error: {variable}: {reason}", err=True)
         raise typer.Exit(2) from None
+    os.umask(0o077)
+    return settings
 
 
 @app.command()
