@@ -37,7 +37,7 @@ from tests.jobs_helpers import chat_lines, wait_for
 from tests.test_api_models import openai_client
 from tests.test_runner import create_job, runner  # noqa: F401 (runner: a fixture)
 from worker.runner import JobRunner
-from worker.webhooks import PER_ORGANIZATION, SNIPPET_CHARS, WebhookSender
+from worker.webhooks import PER_ENDPOINT, PER_ORGANIZATION, SNIPPET_CHARS, WebhookSender
 
 ALL = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
 BASE = 0.05
@@ -465,6 +465,30 @@ def test_one_organisations_slow_receivers_dont_delay_anothers_events(
         stop.set()
         tarpit.close()  # its attempts end now, before the database goes
         wait_for(lambda: not sender.endpoints_sending, 5, "the attempts in flight")
+
+
+def test_a_failing_endpoint_is_backed_off_alone(
+    client: TestClient,
+    tenant: Tenant,
+    receiver: Receiver,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+) -> None:
+    failing = register(client, receiver.url + "/failing")
+    receiver.answers = [500, 500]
+    for _ in range(4):
+        ended_job(session_factory, tenant.id, JobStatus.FAILED)
+    sender = WebhookSender(settings.model_copy(update={"webhook_retry_base_seconds": 60}), session_factory)
+    assert sender.run_once() == PER_ENDPOINT  # its share of the places, both answered 500
+    other = make_tenant(session_factory, "other-team")
+    client.post("/v1/webhook_endpoints", json={"url": receiver.url}, headers=other.headers)
+    theirs = ended_job(session_factory, other.id, JobStatus.SUCCEEDED)
+    # The failing endpoint's two other deliveries are due, but it rests until its retry: only the other
+    # organisation's event goes.
+    assert sender.run_once() == 1
+    assert receiver.events()[-1]["data"]["id"] == theirs
+    waiting = [d for d in deliveries(session_factory) if d.endpoint_id == failing["id"] and d.attempts == 0]
+    assert len(waiting) == 2 and all(d.status == "pending" for d in waiting)
 
 
 def test_private_addresses_are_refused_unless_allowed(
