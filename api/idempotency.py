@@ -3,7 +3,7 @@ creates nothing new; the same key with a different request is a 400.
 
 The key is stored in the same transaction as what the request creates, so either both exist or neither:
 a request that failed (and rolled back) can be retried with its key. Fields a response shows only once
-(a webhook's signing secret) are not stored, so a replay doesn't show them again.
+(a webhook's signing secret) are stored as null, so a replay doesn't show them again.
 """
 
 import hashlib
@@ -34,7 +34,7 @@ class Idempotency:
         shown_once: Collection[str] = (),
     ) -> BaseModel | JSONResponse:
         """`produce()` once per key; `request()` identifies the request (its body, canonicalised), and is
-        only computed when a key was sent. The `shown_once` fields are left out of the stored response."""
+        only computed when a key was sent. The `shown_once` fields are stored (and replayed) as null."""
         if self.key is None:
             return produce()
         fingerprint = hashlib.sha256(self.route.encode() + b"\0" + request()).hexdigest()
@@ -43,7 +43,7 @@ class Idempotency:
         if row is None:
             return self._replay(repo, fingerprint)
         result = produce()
-        repo.record(row, 200, result.model_dump(mode="json", exclude=set(shown_once)))
+        repo.record(row, 200, result.model_dump(mode="json") | dict.fromkeys(shown_once))
         return result
 
     def _replay(self, repo: IdempotencyRepository, fingerprint: str) -> JSONResponse:

@@ -115,9 +115,7 @@ def test_a_replay_does_not_show_a_webhook_secret_again(client: TestClient, sessi
     assert all(secret.startswith("whsec_") for secret in secrets)
     for first, again in [(created, replayed), (rotated, replayed_rotation)]:
         assert again.headers["idempotent-replayed"] == "true"
-        shown = first.json()
-        del shown["signing_secret"]
-        assert again.json() == shown  # the same endpoint, its hint, and no secret
+        assert again.json() == first.json() | {"signing_secret": None}  # the same endpoint, no secret
     assert len(client.get("/v1/webhook_endpoints").json()["data"]) == 1
     with session_scope(session_factory) as session:
         stored = [row.response for row in session.scalars(select(IdempotencyKey))]

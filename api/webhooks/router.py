@@ -24,8 +24,8 @@ from models.webhooks import EVENT_TYPES
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 ENDPOINT = "/webhook_endpoints/{webhook_endpoint_id}"
-SHOWN_ONCE = {"signing_secret"}
-"""Not kept for an Idempotency-Key's replay: the secret is shown once, and stored only to sign."""
+SHOWN_ONCE = ["signing_secret"]
+"""Null in an Idempotency-Key's replay: the secret is shown once, and stored only to sign."""
 
 
 @router.get("/webhook_event_types")
