@@ -146,7 +146,7 @@ class WebhookSender:
         try:
             self._attempt(claim)
         except Exception:  # the database may be down: the lease brings the delivery back
-            log.exception("webhook %s: recording the attempt failed", claim.delivery.id)
+            log.exception("webhook %s: the attempt or its record failed", claim.delivery.id)
         finally:
             with self.lock:
                 for counts, owner in (
