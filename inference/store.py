@@ -46,13 +46,13 @@ from models.inference import Target
 from models.lineage import LINEAGE_FILE, BaseModelRef, tokenizer_hash
 from models.registry import content_hash
 from models.settings import Settings
+from models.spec import METHODS
 from models.storage import LocalArtifactStore
 from worker.training.device import DeviceConfig, select_device
 from worker.training.loading import load_model, load_tokenizer, refuse_pickle_weights
 from worker.training.methods import get_method
 from worker.training.objectives.classification import LABELS_FILE
 
-HOT_SWAPPED = {"lora", "dora", "qlora"}
 log = logging.getLogger("ftjobs.inference")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
@@ -251,7 +251,7 @@ class ModelStore:
             )
         method = target.method or lineage.training_type
         tokenizer_dir = directory if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
-        if method in HOT_SWAPPED and target.kind == "causal_lm":
+        if method in METHODS and METHODS[method].hot_swapped and target.kind == "causal_lm":
             base = self._base(target.base_path)
             tokenizer = self._tokenizer(target.base_path, tokenizer_dir) if tokenizer_dir else base.tokenizer
             name = base.swap_into_spare(directory, str(self.device.device))

@@ -9,25 +9,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.objectives import BEST_METRIC, metric_name
-from models.spec import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Objective, ResolvedHyperparameters, TrainingType
+from models.spec import METHODS, Objective, ResolvedHyperparameters, TrainingType
 
 Auto = Literal["auto"]
 
-# What "auto" means, in one place (documented in docs/api.md). The base learning rate depends on how
-# many and which parameters train: a whole model needs small steps, a learned prompt large ones.
-BASE_LEARNING_RATE: dict[str, float] = {
-    "lora": 2e-4,
-    "dora": 2e-4,
-    "qlora": 2e-4,
-    "full": 2e-5,
-    "freeze": 5e-5,
-    "bitfit": 1e-3,
-    "ia3": 3e-3,
-    "prompt_tuning": 3e-2,
-    "prefix_tuning": 1e-2,
-    "p_tuning": 1e-2,
-    "feature_extraction": 1.0,  # no gradient steps: the logistic-regression head is solved directly
-}
+# What "auto" means, in one place (documented in docs/api.md); the base learning rate is the method's.
 DEFAULT_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
 DEFAULTS = {
@@ -49,11 +35,11 @@ DEFAULTS = {
     "early_stopping_patience": 0,
     "generation_eval_samples": 16,
 }
-APPLIES_TO = {
-    **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), LORA_FAMILY),
-    "trainable_layers": frozenset({"freeze"}),
-    "num_virtual_tokens": VIRTUAL_TOKEN_METHODS,
+APPLIES_TO: dict[str, frozenset[str]] = {
+    knob: frozenset(name for name, method in METHODS.items() if knob in method.knobs)
+    for knob in dict.fromkeys(knob for method in METHODS.values() for knob in method.knobs)
 }
+"""Each method-specific knob and the training types that accept it."""
 
 
 class SupervisedHyperparameters(BaseModel):
@@ -129,7 +115,7 @@ def auto_batch_size(n_examples: int) -> int:
 def resolve(
     requested: SupervisedHyperparameters, n_examples: int, objective: Objective
 ) -> ResolvedHyperparameters:
-    base = BASE_LEARNING_RATE[requested.training_type]
+    base = METHODS[requested.training_type].base_learning_rate
     multiplier = 1.0 if requested.learning_rate_multiplier == "auto" else requested.learning_rate_multiplier
     if requested.learning_rate is not None:
         # An explicit learning rate wins; the multiplier is shown relative to the base rate.

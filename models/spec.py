@@ -5,8 +5,9 @@ writes one `ChildMessage` per line on an inherited pipe. Training code imports o
 `models/`.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
@@ -30,8 +31,64 @@ TrainingType = Literal[
     "p_tuning",
     "feature_extraction",
 ]
-LORA_FAMILY: frozenset[str] = frozenset({"lora", "dora", "qlora"})
-VIRTUAL_TOKEN_METHODS: frozenset[str] = frozenset({"prompt_tuning", "prefix_tuning", "p_tuning"})
+ALL_OBJECTIVES: frozenset[Objective] = frozenset(get_args(Objective))
+LORA_KNOBS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What the API, the runner, the pre-flight, the trainer and the inference server know of a training
+    method; its code (how it prepares, saves and loads a model) is `worker/training/methods/<name>.py`."""
+
+    family: Literal["lora", "virtual_token", "adapter", "base_weights", "features"]
+    """lora: low-rank adapters (mergeable, hot-swapped); virtual_token: a learned prompt; adapter: another
+    PEFT adapter; base_weights: the base's own weights train (float32 master weights); features: no
+    gradient steps (a classifier solved on frozen embeddings)."""
+    base_learning_rate: float
+    """What `learning_rate_multiplier` scales: a whole model needs small steps, a learned prompt large
+    ones."""
+    objectives: frozenset[Objective] = ALL_OBJECTIVES
+    knobs: tuple[str, ...] = ()
+    """The hyperparameter extensions only this method (and those that share them) accepts."""
+
+    @property
+    def hot_swapped(self) -> bool:
+        """Served as an adapter swapped per request on a shared base, rather than as a dedicated model."""
+        return self.family == "lora"
+
+    @property
+    def trains_base_weights(self) -> bool:
+        return self.family == "base_weights"
+
+
+# A decoder scores its last non-padding token, found from input_ids; a learned prompt is fed as
+# embeddings, so right-padded rows would be scored at their padding: no reward models.
+_PROMPT_OBJECTIVES = ALL_OBJECTIVES - {"reward"}
+METHODS: dict[str, MethodTraits] = {
+    "lora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
+    "dora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
+    "qlora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
+    "full": MethodTraits("base_weights", 2e-5),
+    "freeze": MethodTraits("base_weights", 5e-5, knobs=("trainable_layers",)),
+    "bitfit": MethodTraits("base_weights", 1e-3),
+    "ia3": MethodTraits("adapter", 3e-3),
+    "prompt_tuning": MethodTraits("virtual_token", 3e-2, _PROMPT_OBJECTIVES, ("num_virtual_tokens",)),
+    "prefix_tuning": MethodTraits("virtual_token", 1e-2, _PROMPT_OBJECTIVES, ("num_virtual_tokens",)),
+    "p_tuning": MethodTraits("virtual_token", 1e-2, _PROMPT_OBJECTIVES, ("num_virtual_tokens",)),
+    # The logistic-regression head is solved directly: the rate is never used.
+    "feature_extraction": MethodTraits("features", 1.0, frozenset({"classification"})),
+}
+"""Every training method, one row each: `TrainingType` lists the same names."""
+if set(METHODS) != set(get_args(TrainingType)):
+    raise TypeError(f"TrainingType and METHODS disagree: {set(METHODS) ^ set(get_args(TrainingType))}")
+
+
+def family(name: str) -> frozenset[str]:
+    return frozenset(method for method, traits in METHODS.items() if traits.family == name)
+
+
+LORA_FAMILY = family("lora")
+VIRTUAL_TOKEN_METHODS = family("virtual_token")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 """Weight files that are pickles, which can run code when loaded: base models and artifacts hold safetensors
 only, and nothing pulls, loads or serves these."""

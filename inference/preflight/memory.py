@@ -19,12 +19,11 @@ from transformers import (
 from inference.preflight.examples import rows_of
 from models.objectives import GENERATIVE
 from models.preflight import Device, Memory, MemoryBreakdown
-from models.spec import LORA_FAMILY, DataError, TrainingSpec
+from models.spec import LORA_FAMILY, METHODS, DataError, TrainingSpec
 from worker.training.device import device_config
 from worker.training.loading import count_parameters
 from worker.training.methods import get_method, new_head
 from worker.training.objectives import Example
-from worker.training.recipe import BASE_TRAINING_TYPES
 
 FIT_MARGIN = 0.9
 """`fits` leaves a tenth of the device to the framework, the allocator's fragmentation, the CUDA context."""
@@ -67,7 +66,7 @@ def estimate_job_memory(spec: TrainingSpec, rows: Sequence[Example], device: Dev
     """The memory a job takes on `device`, by the device rules training follows (`device.device_config`)."""
     hp = spec.hyperparameters
     size = model_size(spec)
-    rules = device_config(device.type, trains_base_weights=hp.training_type in BASE_TRAINING_TYPES)
+    rules = device_config(device.type, trains_base_weights=METHODS[hp.training_type].trains_base_weights)
     token_rows = [row for example in rows for row in rows_of(example)]
     breakdown = estimate_memory(
         size,

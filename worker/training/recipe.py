@@ -16,6 +16,7 @@ from torch import nn
 from transformers import get_scheduler, set_seed
 
 from models.spec import (
+    METHODS,
     CheckpointMessage,
     CompletedMessage,
     DataError,
@@ -42,8 +43,6 @@ from worker.training.loading import count_parameters, load_tokenizer
 from worker.training.methods import get_method, untouched
 from worker.training.objectives import Example, get_objective
 
-BASE_TRAINING_TYPES = frozenset({"full", "freeze", "bitfit"})
-"""Methods that update the base model's own weights (so they need float32 master weights)."""
 EXPORT_PROMPTS = 8
 """Rows a merged export is verified on: enough to cover varied inputs, few enough to cost seconds."""
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -63,7 +62,7 @@ class Recipe:
     def setup(self) -> None:
         set_seed(self.spec.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.device = select_device(trains_base_weights=self.hp.training_type in BASE_TRAINING_TYPES)
+        self.device = select_device(trains_base_weights=METHODS[self.hp.training_type].trains_base_weights)
         self.tokenizer = load_tokenizer(self.spec.base_model_path)
         self.objective = get_objective(self.spec.objective)(
             self.spec, self.tokenizer, self.device, self.events
