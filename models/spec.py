@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 DataFormat = Literal[
     "chat", "prompt_completion", "text", "classification", "token_classification", "preference"
@@ -106,45 +106,68 @@ def greater_is_better(metric: str) -> bool:
 
 
 class ResolvedHyperparameters(BaseModel):
-    """Concrete values a job trains with ("auto" already resolved)."""
+    """Concrete values a job trains with ("auto" already resolved). Each field's default is what an unset
+    request field resolves to (the one place defaults live); its docstring is the request field's
+    description in the OpenAPI schema (`models.hyperparameters`)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     training_type: TrainingType = "lora"
+    """How the model's weights are adapted (docs/methods.md compares the methods)."""
     n_epochs: int
+    """Passes over the training file."""
     batch_size: int
+    """Examples per optimizer step (before gradient accumulation)."""
     learning_rate_multiplier: float
+    """Scales the training type's base learning rate."""
     learning_rate: float
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    lora_target_modules: list[str] | Literal["all-linear"]
-    max_seq_length: int
-    warmup_ratio: float
+    """The learning rate itself; given, it overrides the multiplier, which is then shown relative to the
+    base rate."""
+    lora_r: int = 8
+    """Rank of the low-rank adapters."""
+    lora_alpha: float = 16.0
+    """Scale of the adapters' update (applied as lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """The linear layers that get adapters, by module name, or every linear layer but the head."""
+    max_seq_length: int = 1024
+    """Tokens per example; longer examples are truncated (a `warn` event says how many), raw text is cut
+    into chunks of this length."""
+    warmup_ratio: float = 0.05
+    """Share of the steps over which the learning rate warms up linearly."""
     trainable_layers: int = 2
-    """freeze: how many of the last transformer layers train (0: only the head)."""
+    """How many of the last transformer layers train (0: only the head)."""
     num_virtual_tokens: int = 20
-    """prompt_tuning, prefix_tuning, p_tuning: length of the learned prompt."""
+    """Length of the learned prompt."""
     # Optimisation.
     gradient_accumulation_steps: int = 1
+    """Batches whose gradients add up to one optimizer step; the loss is averaged over the whole step."""
     weight_decay: float = 0.0
+    """AdamW weight decay, on matrices only (never on biases and norms)."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this norm."""
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """How the learning rate moves after warmup."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more time (qlora always does)."""
     # Batching.
     packing: bool = False
-    """sft, pretrain: examples share rows up to max_seq_length, never attending across each other."""
+    """Examples share rows up to max_seq_length, never attending across each other."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding), in a seeded order."""
     # Evaluation.
     eval_steps: int = 0
     """Also evaluate (and checkpoint) every N optimizer steps; 0: at each epoch end only."""
     metric_for_best_checkpoint: str = "full_valid_loss"
+    """The full-evaluation metric (with or without `full_valid_`) that names the best checkpoint."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without improving metric_for_best_checkpoint (0: never)."""
     generation_eval_samples: int = 16
-    """sft: validation examples whose assistant answer is checked by exact match of a greedy generation."""
+    """Validation examples whose assistant answer is checked by exact match of a greedy generation."""
     # Preference objectives.
     beta: float = 0.1
-    """dpo: how far the tuned policy may move from the base (higher: more conservative)."""
+    """How far the tuned policy may move from the base (higher: more conservative)."""
 
 
 class DataError(Exception):
