@@ -172,9 +172,7 @@ class JobRunner:
                 attempt=job.attempt,
                 values={
                     "attempt": attempt,
-                    "hyperparameters": resolve(
-                        data.requested, data.summary.n_examples, data.objective
-                    ).model_dump(),
+                    "hyperparameters": resolve(data.requested, data.summary.n_examples, data.objective),
                     "started_at": int(now),
                     "lease_owner": f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}",
                     "heartbeat_at": now,
@@ -301,7 +299,7 @@ class Attempt:
                 output_dir=str(self.workdir / "output"),
                 stop_file=str(self.workdir / "STOP"),
                 seed=job.seed,
-                hyperparameters=job.hyperparameters,  # type: ignore[arg-type]
+                hyperparameters=job.hyperparameters,
                 checkpoint_every_steps=self.settings.checkpoint_every_steps,
                 resume_from=str(self.store.local_path(latest.storage_key)) if latest else None,
                 export_merged=job.export_merged,
@@ -425,7 +423,7 @@ class Attempt:
         job = repo.get(self.job_id)
         assert job is not None and job.hyperparameters is not None
         evaluation = dict(job.evaluation or {})
-        evaluation["metric"] = job.hyperparameters["metric_for_best_checkpoint"]
+        evaluation["metric"] = job.hyperparameters.metric_for_best_checkpoint
         result = {"step": message.step, "metrics": message.metrics, "details": message.details}
         evaluation["baseline" if message.baseline else "tuned"] = result
         if "baseline" in evaluation and "tuned" in evaluation:
@@ -462,7 +460,7 @@ class Attempt:
             )
         )
         evaluation = dict(job.evaluation or {})
-        metric = job.hyperparameters["metric_for_best_checkpoint"]
+        metric = job.hyperparameters.metric_for_best_checkpoint
         best, value = evaluation.get("best_checkpoint"), message.metrics.get(metric)
         if value is not None and (best is None or _improves(metric, value, best["value"])):
             best = {"id": checkpoint.id, "step": message.step, "metric": metric, "value": value}
