@@ -1,16 +1,44 @@
-"""Job, event and checkpoint queries. Status changes go through `models.states.transition` only."""
+"""Job, event and checkpoint queries, and the typed data of the events other code reads back. Status
+changes go through `models.states.transition` only."""
 
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models import ids
 from models.orm import Job, JobCheckpoint, JobEvent
 from models.pagination import page
+from models.spec import DeviceInfo
 from models.states import ACTIVE, JobStatus
+
+WAITING = (JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value)
+
+
+class StartedData(BaseModel):
+    """The data of a job's `Training N examples in M steps on DEVICE` event, from its trainer's
+    `StartedMessage` (docs/api.md): the pre-flight estimate sizes jobs for the latest `device`."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    total_steps: int
+    n_train_examples: int
+    truncated_examples: int = 0
+    device: DeviceInfo | None = None
+
+
+class CompletedData(BaseModel):
+    """The data of a job's `The job has successfully completed` event: the throughput the pre-flight
+    estimate measures durations by."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    trained_tokens: int
+    elapsed_seconds: float | None = None
+    """Time in the training loop over every attempt; None from a trainer that did not measure it."""
 
 
 class JobRepository:
@@ -57,12 +85,7 @@ class JobRepository:
 
     def pending_ids(self, limit: int) -> Sequence[str]:
         """Jobs waiting for a runner, oldest first."""
-        stmt = (
-            select(Job.id)
-            .where(Job.status.in_([JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value]))
-            .order_by(Job.seq)
-            .limit(limit)
-        )
+        stmt = select(Job.id).where(Job.status.in_(WAITING)).order_by(Job.seq).limit(limit)
         return self.session.scalars(stmt).all()
 
     def add_event(
@@ -72,7 +95,7 @@ class JobRepository:
         *,
         level: str = "info",
         type: str = "message",
-        data: dict[str, Any] | None = None,
+        data: StartedData | CompletedData | dict[str, Any] | None = None,
     ) -> JobEvent:
         event = JobEvent(
             id=ids.event_id(),
@@ -81,7 +104,7 @@ class JobRepository:
             level=level,
             message=message,
             type=type,
-            data=data,
+            data=data.model_dump() if isinstance(data, BaseModel) else data,
         )
         self.session.add(event)
         return event
@@ -94,6 +117,82 @@ class JobRepository:
     ) -> tuple[Sequence[JobEvent], bool]:
         stmt = select(JobEvent).where(JobEvent.job_id == job_id)
         return page(self.session, stmt, JobEvent.seq, after_seq=after.seq if after else None, limit=limit)
+
+    def latest_device(self, *, jobs: int) -> DeviceInfo | None:
+        """The device the newest of the latest `jobs` jobs to start trained on, of any organisation."""
+        started = (
+            select(Job.id).where(Job.started_at.is_not(None)).order_by(Job.started_at.desc()).limit(jobs)
+        )
+        stmt = self._data_of(started).where(JobEvent.data["device"].as_string().is_not(None))
+        data = self.session.scalar(stmt.order_by(JobEvent.seq.desc()).limit(1))
+        return StartedData.model_validate(data).device if data else None
+
+    def measured_throughputs(
+        self, model: str, method_type: str, training_type: str, *, jobs: int
+    ) -> Sequence[CompletedData]:
+        """What the latest `jobs` succeeded jobs of this base model, method and training type, of any
+        organisation, measured of their training loop (those that did)."""
+        same = (
+            select(Job.id)
+            .where(
+                Job.model == model,
+                Job.status == JobStatus.SUCCEEDED.value,
+                Job.method["type"].as_string() == method_type,
+                Job.hyperparameters["training_type"].as_string() == training_type,
+            )
+            .order_by(Job.finished_at.desc())
+            .limit(jobs)
+        )
+        stmt = self._data_of(same).where(JobEvent.data["elapsed_seconds"].as_float() > 0)
+        return [CompletedData.model_validate(data) for data in self.session.scalars(stmt)]
+
+    @staticmethod
+    def _data_of(jobs: Select[tuple[str]]) -> Select[tuple[dict[str, Any] | None]]:
+        """The data of these jobs' message events (metrics events are their own type)."""
+        return select(JobEvent.data).where(JobEvent.job_id.in_(jobs), JobEvent.type == "message")
+
+    def renew_lease(
+        self,
+        job_id: str,
+        attempt: int,
+        *,
+        now: float,
+        lease_seconds: float,
+        paused_too: bool = False,
+        values: dict[str, Any] | None = None,
+    ) -> bool:
+        """Heartbeat (plus `values`) only while the job is running on `attempt` (or, with `paused_too`, was
+        paused on it); True if it was."""
+        statuses = (
+            [JobStatus.RUNNING.value, JobStatus.PAUSED.value] if paused_too else [JobStatus.RUNNING.value]
+        )
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(statuses))
+            .values(heartbeat_at=now, lease_expires_at=now + lease_seconds, **(values or {}))
+        )
+        return self.session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+    def expired_leases(self, *, now: float, lease_seconds: float) -> Sequence[Job]:
+        """Running jobs whose lease ended before `now`."""
+        # A claim always sets the lease; COALESCE still reaps a row that somehow has none.
+        lease_end = func.coalesce(Job.lease_expires_at, Job.started_at + lease_seconds, 0)
+        stmt = select(Job).where(Job.status == JobStatus.RUNNING.value, lease_end < now)
+        return self.session.scalars(stmt).all()
+
+    def redispatch_waiting(self, *, now: float, redispatch_seconds: float) -> Sequence[str]:
+        """Mark as woken at `now` the waiting jobs not woken for a while, and return them; the interval grows
+        with the job's age (few duplicates)."""
+        waited = now - func.coalesce(Job.dispatched_at, 0)
+        backoff = func.max if self.session.get_bind().dialect.name == "sqlite" else func.greatest
+        interval = backoff(redispatch_seconds, func.coalesce(Job.dispatched_at, 0) - Job.created_at)
+        stmt = (
+            update(Job)
+            .where(Job.status.in_(WAITING), or_(Job.dispatched_at.is_(None), waited > interval))
+            .values(dispatched_at=now)
+            .returning(Job.id)
+        )
+        return self.session.scalars(stmt).all()
 
     def add_checkpoint(self, checkpoint: JobCheckpoint) -> JobCheckpoint:
         self.session.add(checkpoint)
