@@ -1,19 +1,20 @@
-"""Job, event and checkpoint queries, and the typed data of the events other code reads back. Status
-changes go through `models.states.transition` only."""
+"""Job, event and checkpoint queries, the jobs' aggregates, and the typed data of the events other code
+reads back. Status changes go through `models.states.transition` only."""
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import ColumnElement, Float, Select, case, cast, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models import ids
 from models.orm import Job, JobCheckpoint, JobEvent
 from models.pagination import page
 from models.spec import DeviceInfo
-from models.states import ACTIVE, JobStatus
+from models.states import ACTIVE, TERMINAL, JobStatus
 
 WAITING = (JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value)
 
@@ -228,3 +229,88 @@ class JobRepository:
         return page(
             self.session, stmt, JobCheckpoint.seq, after_seq=after.seq if after else None, limit=limit
         )
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One label set's observations: how many, their sum, and how many are at most each bucket's bound."""
+
+    labels: tuple[str, ...]
+    count: int
+    total: float
+    buckets: list[tuple[float, int]]
+
+
+class JobStatistics:
+    """The jobs' aggregates /metrics reports: each is one query returning a row per label set, however many
+    jobs there are."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def count_by_status(self) -> dict[str, int]:
+        return dict(
+            self.session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all()
+        )
+
+    def oldest_waiting_since(self) -> float | None:
+        """Since when the longest-waiting job has waited for a worker; None when none waits."""
+        # A job starts waiting when it is created, resumed or queued again, and each of those writes an event:
+        # its latest event says since when (created_at would count a resumed job's whole history).
+        waiting = (
+            select(func.max(JobEvent.created_at).label("since"))
+            .join(Job, Job.id == JobEvent.job_id)
+            .where(Job.status.in_(WAITING))
+            .group_by(JobEvent.job_id)
+            .subquery()
+        )
+        return self.session.execute(select(func.min(waiting.c.since))).scalar()
+
+    def queue_waits(self, buckets: Sequence[float]) -> list[Distribution]:
+        """Time from a job's creation to the start of its (latest) attempt, for jobs that started."""
+        return self._distributions(Job.started_at - Job.created_at, buckets, [Job.started_at.is_not(None)])
+
+    def durations(self, buckets: Sequence[float]) -> list[Distribution]:
+        """Wall-clock time of finished jobs' (last) attempt, start to finish, by final status."""
+        finished = [
+            Job.status.in_([s.value for s in TERMINAL]),
+            Job.started_at.is_not(None),
+            Job.finished_at.is_not(None),
+        ]
+        return self._distributions(Job.finished_at - Job.started_at, buckets, finished, [Job.status])
+
+    def training_rates(self, buckets: Sequence[float]) -> list[Distribution]:
+        """Succeeded jobs' trained tokens over their wall-clock duration, by base model and training type."""
+        duration = Job.finished_at - Job.started_at
+        # Jobs that ran in one attempt only: a resumed job's tokens span attempts its times do not.
+        single = [
+            Job.status == JobStatus.SUCCEEDED.value,
+            Job.attempt == 1,
+            Job.trained_tokens > 0,
+            duration > 0,
+        ]
+        labels = [Job.model, Job.hyperparameters["training_type"].as_string()]
+        return self._distributions(cast(Job.trained_tokens, Float) / duration, buckets, single, labels)
+
+    def _distributions(
+        self,
+        value: ColumnElement[float],
+        buckets: Sequence[float],
+        where: Sequence[ColumnElement[bool]],
+        labels: Sequence[ColumnElement[Any]] = (),
+    ) -> list[Distribution]:
+        """Per label set, the count, the sum and a count per bucket (unlabelled: one, even of no jobs)."""
+        counts = [func.sum(case((value <= bound, 1), else_=0)) for bound in buckets]
+        query = select(*labels, func.count(), func.sum(value), *counts).where(*where).group_by(*labels)
+        distributions = []
+        for row in self.session.execute(query):
+            names, (count, total, *cumulative) = row[: len(labels)], row[len(labels) :]
+            distributions.append(
+                Distribution(
+                    labels=tuple(str(name or "") for name in names),
+                    count=int(count),
+                    total=float(total or 0),
+                    buckets=[(bound, int(n or 0)) for bound, n in zip(buckets, cumulative, strict=True)],
+                )
+            )
+        return distributions
