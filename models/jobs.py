@@ -17,6 +17,7 @@ from models.spec import DeviceInfo
 from models.states import ACTIVE, TERMINAL, JobStatus
 
 WAITING = (JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value)
+"""The statuses of a job waiting for a runner."""
 
 
 class StartedData(BaseModel):
