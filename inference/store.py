@@ -125,7 +125,7 @@ class Base:
         # ModelStore._load checked already, but hotswap_adapter would torch.load a pickle: check at the call.
         refuse_pickle_weights(directory)
         config = LoraConfig.from_pretrained(str(directory))
-        assert isinstance(config, LoraConfig)  # peft loads the class the file names; hot-swapped methods save LoRAs
+        assert isinstance(config, LoraConfig)  # peft loads the class the file names: a LoRA
         self.spare = None
         try:
             if config.use_dora != self.lora_config(name).use_dora:
