@@ -16,7 +16,7 @@ from api.inference.router import router as inference_router
 from api.jobs.router import router as jobs_router
 from api.metrics import Metrics, ObserveRequests
 from api.metrics import router as metrics_router
-from api.middleware import BodySizeLimit, RequestId
+from api.middleware import RequestId
 from api.preflight.router import router as preflight_router
 from api.ratelimit import RateLimiter
 from api.registry.router import router as models_router
@@ -25,6 +25,7 @@ from models.db import make_engine, make_session_factory
 from models.queue import CeleryDispatcher, Dispatcher
 from models.settings import Settings
 from models.storage import LocalArtifactStore
+from web.limits import BodySizeLimit
 
 
 def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> FastAPI:
@@ -57,7 +58,8 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     errors.install(app)
     # Added first, so innermost: request ids and the body limit apply to its refusals too.
     app.add_middleware(Authenticate)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    uploads = {("POST", "/v1/files"): settings.max_upload_bytes}  # every other body is JSON
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_json_bytes, larger=uploads)
     app.add_middleware(ObserveRequests)  # inside RequestId, so its access lines carry the request id
     app.add_middleware(RequestId)
     app.include_router(admin_router)

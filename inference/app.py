@@ -23,9 +23,11 @@ from models.preflight import PreflightReport, PreflightRequest
 from models.settings import Settings
 from models.spec import DataError
 from web.errors import install
+from web.limits import BodySizeLimit
 
 log = logging.getLogger("ftjobs.inference")
 DEFAULT_PORT = 8001
+FORWARDING_BYTES = 64 * 1024
 Request = TypeVar("Request", bound=BaseModel)
 
 
@@ -83,6 +85,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     engine = engine or Engine(settings)
     app = FastAPI(title="ftjobs inference", docs_url=None, redoc_url=None)
     install(app, log)
+    # The API's own limit, plus room for what forwarding adds (the resolved target; the request itself is
+    # re-encoded compactly): one oversized body must not cost this shared process gigabytes either.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_json_bytes + FORWARDING_BYTES)
     app.state.engine = engine
     internal = [Depends(api_token(settings))]
 

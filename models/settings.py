@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, description="Largest accepted upload (413 above)."
     )
+    max_json_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1,
+        description="Largest JSON body of every other route, the inference server's too (413 above, before "
+        "it is parsed). A chat request with a 128k-token context is well under 1 MB.",
+    )
     max_file_examples: int = Field(
         default=1_000_000, ge=1, description="Most examples in a training or validation file."
     )
