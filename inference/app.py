@@ -13,15 +13,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request as HTTPRequest
 
 from inference.engine import Engine, Stream
-from inference.preflight import estimate
+from inference.preflight.bounded import bounded_estimate
 from models.errors import APIError, envelope
 from models.inference import ChatCompletionRequest, ClassificationRequest, CompletionRequest, Forwarded
 from models.logs import logging_config
 from models.preflight import PreflightReport, PreflightRequest
 from models.settings import Settings
-from models.spec import DataError
 from web.errors import install
 from web.limits import BodySizeLimit
 
@@ -115,12 +115,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return await run_in_threadpool(engine.classify, body.target, request)
 
     @app.post("/internal/preflight", dependencies=internal)
-    async def preflight(body: PreflightRequest) -> PreflightReport:
-        """The pre-flight estimate of a job request the API has checked (api/preflight)."""
-        try:
-            return await run_in_threadpool(estimate, body)
-        except DataError as error:  # what the job would fail on: the request's fault, as at job creation
-            raise APIError(error.message, param=error.param, code=error.code) from error
+    async def preflight(body: PreflightRequest, http: HTTPRequest) -> PreflightReport:
+        """The pre-flight estimate of a job request the API has checked (api/preflight), in a child process
+        bounded in time and memory, and killed if the API hangs up (its client left)."""
+        return await bounded_estimate(body, settings.preflight_timeout_seconds, http.is_disconnected)
 
     return app
 

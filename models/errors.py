@@ -32,6 +32,12 @@ def not_found(what: str, object_id: str, param: str) -> APIError:
     return APIError(f"No such {what}: {object_id!r}", status_code=404, param=param, code="not_found")
 
 
+def client_closed_request() -> APIError:
+    """The answer to a request whose client left before it was done: nobody reads it, but the access log shows
+    nginx's 499 rather than a success or a server error."""
+    return APIError("The client closed the request.", status_code=499)
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         description="Shared secret the API shows the inference server (`ftjobs up` makes one). Unset, the "
         "inference server serves whoever reaches it: keep it on a private network.",
     )
+    preflight_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest a pre-flight estimate may run (in a child process of the inference server, "
+        "killed past it: 400 `preflight_too_costly`).",
+    )
     inference_adapter_cache: int = Field(
         default=8, ge=1, description="Adapters an inference process keeps loaded (least recently used go)."
     )

@@ -1,10 +1,12 @@
 """Bounded memory and CPU per request (docs/security.md, the security review's finding 4), on the apps
 in-process and on a real `ftjobs up` (API, embedded worker and inference server in processes of their own,
 measured from outside): JSON bodies have a small limit of their own, answered 413 before they are read,
-while uploads keep the large one."""
+while uploads keep the large one; a pre-flight whose client leaves is stopped, in the API and in the
+inference server."""
 
 import io
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from inference.app import create_app as create_inference_app
 from models.settings import Settings
 from tests.conftest import RecordingDispatcher, Tenant
 from tests.e2e.servers import cli, create_key, free_port, process
+from tests.jobs_helpers import write_chat
+from tests.test_preflight import pathological_lines
 
 CHAT_BOMB = (
     '{"model":"tiny","max_tokens":1,"messages":['
@@ -116,3 +120,58 @@ def test_a_20_mb_chat_body_is_413_before_either_process_reads_it(up: Up) -> None
         assert_413(httpx.post(url, content=CHAT_BOMB, headers=headers, timeout=60), limit)
         assert time.monotonic() - started < 10
         assert server.memory_info().rss - before < 8 * 2**20, url
+
+
+def preflight_children(inference: psutil.Process) -> list[psutil.Process]:
+    """The inference server's running pre-flights: the children of its fork server."""
+    return [
+        child
+        for server in inference.children()
+        if "forkserver" in " ".join(server.cmdline())
+        for child in server.children()
+    ]
+
+
+def test_a_preflight_whose_client_leaves_is_stopped(up: Up, tmp_path: Path) -> None:
+    headers = {"Authorization": f"Bearer {up.key}"}
+
+    def upload(content: bytes) -> str:
+        files = {"file": ("train.jsonl", io.BytesIO(content))}
+        answer = httpx.post(
+            f"{up.base_url}/files", files=files, data={"purpose": "fine-tune"}, headers=headers
+        )
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["id"])
+
+    def preflight(file_id: str, timeout: float) -> httpx.Response:
+        request = {"model": "tiny", "training_file": file_id}
+        return httpx.post(
+            f"{up.base_url}/fine_tuning/preflight", json=request, headers=headers, timeout=timeout
+        )
+
+    # An ordinary file is counted as before (and the fork server is up).
+    ordinary = preflight(upload(write_chat(tmp_path / "train.jsonl", 12).read_bytes()), 300)
+    assert ordinary.status_code == 200 and ordinary.json()["training_file"]["n_examples"] == 12, ordinary.text
+    # The client gives up on a file that would take minutes (the default limit is 60 s).
+    pathological = upload(pathological_lines())
+    outcome: list[object] = []
+
+    def give_up() -> None:
+        try:
+            outcome.append(preflight(pathological, 8))
+        except httpx.ReadTimeout as timeout:
+            outcome.append(timeout)
+
+    gave_up = threading.Thread(target=give_up)
+    gave_up.start()
+    deadline = time.monotonic() + 8
+    while not (running := preflight_children(up.inference)):
+        assert time.monotonic() < deadline, up.log.read_text()
+        time.sleep(0.1)
+    gave_up.join()
+    left = time.monotonic()
+    assert isinstance(outcome[0], httpx.ReadTimeout), outcome
+    psutil.wait_procs(running, timeout=10)
+    assert not any(child.is_running() for child in running) and not preflight_children(up.inference)
+    assert time.monotonic() - left < 10
+    assert "its client left" in up.log.read_text()

@@ -4,26 +4,34 @@ runs, the loss-mask preview marks exactly the assistant turns, the memory estima
 the batch, the duration uses the throughput a real earlier job measured, and bad requests get job
 creation's own 400s."""
 
+import asyncio
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import LlamaConfig
 
+from api.jobs.schemas import JobCreate
+from api.preflight import service
+from api.preflight.router import inference_client
 from api.preflight.service import HISTORY_JOBS, throughput
 from inference.app import create_app as create_inference_app
+from inference.preflight.bounded import bounded_estimate
 from inference.preflight.memory import estimate_job_memory
 from models.db import session_scope
+from models.errors import APIError
 from models.jobs import CompletedData, JobRepository, StartedData
 from models.orm import Job, JobEvent
-from models.preflight import Device
+from models.preflight import Device, PreflightRequest
 from models.registry import ModelRegistry
 from models.settings import Settings
 from models.spec import DeviceInfo, ResolvedHyperparameters, TrainingSpec
@@ -78,12 +86,22 @@ def body(model: str, training_file: str, **hyperparameters: Any) -> dict[str, An
     }
 
 
+def answered_by(client: TestClient, settings: Settings) -> TestClient:
+    """The API with an inference server's app of these settings answering its internal requests in-process."""
+    inference = create_inference_app(settings)
+
+    async def in_process() -> AsyncIterator[httpx.AsyncClient]:
+        transport = httpx.ASGITransport(app=inference)
+        async with httpx.AsyncClient(transport=transport, base_url="http://inference") as answering:
+            yield answering
+
+    client.app.dependency_overrides[inference_client] = in_process  # type: ignore[attr-defined]
+    return client
+
+
 @pytest.fixture
-def api(client: TestClient, settings: Settings, registered_model: str) -> Iterator[TestClient]:
-    """The API with the inference server's app answering its internal requests in-process."""
-    with TestClient(create_inference_app(settings)) as inference:
-        client.app.state.inference = inference  # type: ignore[attr-defined]
-        yield client
+def api(client: TestClient, settings: Settings, registered_model: str) -> TestClient:
+    return answered_by(client, settings)
 
 
 def preflight(api: TestClient, request: dict[str, Any]) -> dict[str, Any]:
@@ -459,3 +477,90 @@ def test_every_objective_gets_its_estimate(
         )
     if case == "feature_extraction":  # one pass, no gradient
         assert report["n_epochs"] == 1 and memory["trainable_parameters"] == 0
+
+
+def pathological_lines() -> bytes:
+    """The security review's file (finding 4b): one 10 MB system message, then ten ordinary examples."""
+    system = {"role": "system", "content": "word " * 2_097_152}
+    big = {"messages": [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    examples = [big, *(chat(f"q{i}", f"a{i}") for i in range(10))]
+    return b"".join(json.dumps(example).encode() + b"\n" for example in examples)
+
+
+def preflight_children() -> list[psutil.Process]:
+    """The pre-flight processes running for this process's inference app: its fork server's children."""
+    return [
+        child
+        for server in psutil.Process().children(recursive=True)
+        if "forkserver" in " ".join(server.cmdline())
+        for child in server.children()
+    ]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database is not what varies
+def test_a_pathological_file_costs_at_most_the_time_limit_and_never_the_servers_memory(
+    api: TestClient, settings: Settings, registered_model: str
+) -> None:
+    """Unbounded, this file took 117 s of CPU and 2.2 GB of the inference server (tokenized with offsets)."""
+    preflight(api, body(registered_model, upload(api, training_lines())))  # the fork server is up
+    limited = answered_by(api, settings.model_copy(update={"preflight_timeout_seconds": 4}))
+    request = body(registered_model, upload(limited, pathological_lines()))
+    server = psutil.Process()  # the API and the inference server's app, in this test
+    before, started = server.memory_info().rss, time.monotonic()
+    answer = limited.post("/v1/fine_tuning/preflight", json=request)
+    elapsed = time.monotonic() - started
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and (error["code"], error["param"]) == (
+        "preflight_too_costly",
+        "training_file",
+    )
+    assert "took more than 4 s (FTJOBS_PREFLIGHT_TIMEOUT_SECONDS)" in error["message"]
+    assert elapsed < 4 + 10
+    assert server.memory_info().rss - before < 50 * 2**20  # the child paid, and it is gone
+    assert not preflight_children()
+
+
+def inference_request(
+    session_factory: sessionmaker[Session], settings: Settings, tenant: Tenant, request: dict[str, Any]
+) -> PreflightRequest:
+    """What the API sends the inference server for this job body."""
+    store = LocalArtifactStore(settings.artifacts_root)
+    with session_scope(session_factory) as session:
+        return service.inference_request(
+            session, store, settings, tenant.id, JobCreate.model_validate(request)
+        )
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database is not what varies
+def test_the_child_is_stopped_at_its_memory_bound_and_when_its_caller_leaves(
+    api: TestClient,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    tenant: Tenant,
+    registered_model: str,
+) -> None:
+    request = inference_request(
+        session_factory, settings, tenant, body(registered_model, upload(api, pathological_lines()))
+    )
+
+    async def there() -> bool:
+        return False
+
+    started = time.monotonic()
+    with pytest.raises(APIError) as stopped:
+        asyncio.run(bounded_estimate(request, 600, there, memory_bytes=256 * 2**20))
+    assert (stopped.value.status_code, stopped.value.code) == (400, "preflight_too_costly")
+    assert "needed more than 0.25 GiB" in stopped.value.message
+    assert time.monotonic() - started < 60
+    assert not preflight_children()
+
+    running: list[psutil.Process] = []
+
+    async def leaves() -> bool:  # the caller hangs up once the child is seen at work
+        running.extend(preflight_children())
+        return bool(running) and all(child.cpu_times().user > 1 for child in running)
+
+    with pytest.raises(APIError) as left:
+        asyncio.run(bounded_estimate(request, 600, leaves))
+    assert left.value.status_code == 499 and running
+    assert not any(child.is_running() for child in running) and not preflight_children()

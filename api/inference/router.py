@@ -50,7 +50,7 @@ def get_client(request: Request) -> httpx.Client:
 ClientDep = Annotated[httpx.Client, Depends(get_client)]
 
 
-def inference_unavailable(client: httpx.Client, error: httpx.TransportError) -> APIError:
+def inference_unavailable(client: httpx.Client | httpx.AsyncClient, error: httpx.TransportError) -> APIError:
     return APIError(
         f"The inference server at {client.base_url} is not reachable ({type(error).__name__}); start it "
         "with `ftjobs serve` (`ftjobs up` starts one).",

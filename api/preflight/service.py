@@ -2,17 +2,21 @@
 the inference server, which may load tokenizers, measures the files with the training code and sizes the
 memory; the duration comes from the throughput earlier jobs measured. Nothing is created or enqueued."""
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Any
 
 import httpx
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.inference.router import inference_unavailable
 from api.jobs.schemas import JobCreate
 from api.jobs.service import check_request
 from api.preflight.schemas import Duration, Preflight
-from models.errors import APIError, ErrorResponse
+from models.errors import APIError, ErrorResponse, client_closed_request
 from models.files import FileRepository
 from models.jobs import JobRepository
 from models.preflight import PreflightFile, PreflightReport, PreflightRequest
@@ -23,19 +27,28 @@ from models.storage import ArtifactStore
 HISTORY_JOBS = 20
 """How many recent jobs are looked at: the latest to start, for the device; the latest succeeded ones of the
 same base model, method and training type, for the throughput."""
+DISCONNECT_POLL_SECONDS = 0.2
 
 
-def estimate(
+async def estimate(
     session: Session,
     store: ArtifactStore,
-    client: httpx.Client,
+    client: httpx.AsyncClient,
     settings: Settings,
     organization_id: str,
     body: JobCreate,
+    disconnected: Callable[[], Awaitable[bool]],
 ) -> Preflight:
+    request = await run_in_threadpool(inference_request, session, store, settings, organization_id, body)
+    report = await ask(client, request, disconnected)
+    return await run_in_threadpool(with_duration, session, body.model, request.method, report)
+
+
+def inference_request(
+    session: Session, store: ArtifactStore, settings: Settings, organization_id: str, body: JobCreate
+) -> PreflightRequest:
+    """The request checked as job creation checks it, with its files and base model resolved to paths."""
     method: dict[str, Any] = check_request(session, store, organization_id, body)
-    method_type = method["type"]
-    training_type = method[method_type]["hyperparameters"]["training_type"]
     model = ModelRegistry(session).get(body.model)
     assert model is not None  # checked with the request
 
@@ -44,7 +57,7 @@ def estimate(
         assert record is not None  # checked with the request
         return PreflightFile(id=file_id, path=str(store.local_path(record.storage_key)))
 
-    request = PreflightRequest(
+    return PreflightRequest(
         base_model_path=model.path,
         method=method,
         training_file=file(body.training_file),
@@ -54,13 +67,18 @@ def estimate(
         # Of any organisation's jobs: it is the service's hardware.
         device=JobRepository(session).latest_device(jobs=HISTORY_JOBS),
     )
-    rate, based_on = throughput(session, body.model, method_type, training_type)
-    report = ask(client, request)
+
+
+def with_duration(session: Session, model: str, method: dict[str, Any], report: PreflightReport) -> Preflight:
+    """The inference server's report with the duration earlier jobs' throughput gives."""
+    method_type = method["type"]
+    training_type = method[method_type]["hyperparameters"]["training_type"]
+    rate, based_on = throughput(session, model, method_type, training_type)
     tokens = report.training_file.n_tokens * report.n_epochs
     warnings = list(report.warnings)
     if rate is None:
         warnings.append(
-            f"No succeeded {method_type} {training_type} job of {body.model} has measured its throughput "
+            f"No succeeded {method_type} {training_type} job of {model} has measured its throughput "
             "yet: the duration is unknown until one has."
         )
     duration = Duration(
@@ -70,7 +88,7 @@ def estimate(
         n_epochs=report.n_epochs,
         tokens_to_train=tokens,
     )
-    fields = {**report.model_dump(), "model": body.model, "duration": duration, "warnings": warnings}
+    fields = {**report.model_dump(), "model": model, "duration": duration, "warnings": warnings}
     return Preflight.model_validate(fields)
 
 
@@ -89,10 +107,21 @@ def throughput(
     return sum(job.trained_tokens for job in measured) / seconds, len(measured)
 
 
-def ask(client: httpx.Client, request: PreflightRequest) -> PreflightReport:
-    """The inference server's report; its 400s (what the job would fail on) are relayed as they are."""
+async def ask(
+    client: httpx.AsyncClient, request: PreflightRequest, disconnected: Callable[[], Awaitable[bool]]
+) -> PreflightReport:
+    """The inference server's report; its 400s (what the job would fail on, a file too costly to estimate)
+    are relayed as they are. If our client leaves first the call is cancelled, which closes its connection,
+    and the inference server stops the work when it sees that."""
+    call = asyncio.ensure_future(client.post("/internal/preflight", json=request.model_dump(mode="json")))
+    while not (await asyncio.wait({call}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+        if await disconnected():
+            call.cancel()
+            with suppress(asyncio.CancelledError):
+                await call
+            raise client_closed_request()
     try:
-        response = client.post("/internal/preflight", json=request.model_dump(mode="json"))
+        response = call.result()
     except httpx.TransportError as error:
         raise inference_unavailable(client, error) from error
     if response.status_code == 200:
