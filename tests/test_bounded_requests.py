@@ -22,7 +22,7 @@ from inference.app import create_app as create_inference_app
 from models.settings import Settings
 from tests.conftest import RecordingDispatcher, Tenant
 from tests.e2e.servers import cli, create_key, free_port, process
-from tests.jobs_helpers import write_chat
+from tests.jobs_helpers import wait_for, write_chat
 from tests.test_preflight import pathological_lines
 
 CHAT_BOMB = (
@@ -94,15 +94,14 @@ def up(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterat
     command = ["up", "--port", str(port), "--inference-port", str(inference_port)]
     with process(command, env, tmp / "up.log", f"http://127.0.0.1:{port}/healthz") as proc:
         inference_url = f"http://127.0.0.1:{inference_port}"
-        deadline = time.monotonic() + 120
-        while True:
+
+        def inference_up() -> bool:
             try:
-                if httpx.get(f"{inference_url}/healthz", timeout=1).status_code == 200:
-                    break
+                return httpx.get(f"{inference_url}/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp / "up.log").read_text()
-            time.sleep(0.3)
+                return False
+
+        wait_for(inference_up, 120, "the inference server")
         main = psutil.Process(proc.pid)
         [inference] = [child for child in main.children() if "serve" in child.cmdline()]
         yield Up(
@@ -164,10 +163,13 @@ def test_a_preflight_whose_client_leaves_is_stopped(up: Up, tmp_path: Path) -> N
 
     gave_up = threading.Thread(target=give_up)
     gave_up.start()
-    deadline = time.monotonic() + 8
-    while not (running := preflight_children(up.inference)):
-        assert time.monotonic() < deadline, up.log.read_text()
-        time.sleep(0.1)
+    running: list[psutil.Process] = []
+
+    def at_work() -> bool:
+        running[:] = preflight_children(up.inference)
+        return bool(running)
+
+    wait_for(at_work, 8, "the pre-flight child")
     gave_up.join()
     left = time.monotonic()
     assert isinstance(outcome[0], httpx.ReadTimeout), outcome

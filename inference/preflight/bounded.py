@@ -55,8 +55,9 @@ async def bounded_estimate(
     await run_in_threadpool(child.start)  # blocks while the first forkserver imports the training code
     sender.close()  # so the child's end alone keeps the pipe open: a dead child reads as end of file
     try:
-        memory = psutil.Process(child.pid)
-        baseline, started = memory.memory_info().rss, time.monotonic()
+        pid = child.pid
+        assert pid is not None  # set by start()
+        baseline, started = resident(pid), time.monotonic()
         while not results.poll():
             elapsed = time.monotonic() - started
             if await disconnected():
@@ -65,11 +66,7 @@ async def bounded_estimate(
             if elapsed > seconds:
                 log.warning("pre-flight stopped at its time limit of %g s", seconds)
                 raise too_costly(f"took more than {seconds:g} s (FTJOBS_PREFLIGHT_TIMEOUT_SECONDS)")
-            try:
-                grown = memory.memory_info().rss - baseline
-            except psutil.NoSuchProcess:  # it just ended: its result, or end of file, is in the pipe
-                continue
-            if grown > memory_bytes:
+            if resident(pid) - baseline > memory_bytes:
                 log.warning("pre-flight stopped at its memory limit of %d bytes", memory_bytes)
                 raise too_costly(f"needed more than {memory_bytes / 2**30:g} GiB")
             await asyncio.sleep(POLL_SECONDS)
@@ -87,6 +84,15 @@ async def bounded_estimate(
     if kind == "failed":
         raise RuntimeError(f"The pre-flight estimate failed:\n{value}")
     return PreflightReport.model_validate_json(value)
+
+
+def resident(pid: int) -> int:
+    """The child's resident memory; 0 once it has ended (its result, or end of file, is then in the pipe, and
+    its parent, the fork server, may already have reaped it)."""
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.NoSuchProcess:
+        return 0
 
 
 def too_costly(why: str) -> APIError:
