@@ -23,7 +23,7 @@ from models.settings import Settings
 from tests.conftest import RecordingDispatcher, Tenant
 from tests.e2e.servers import cli, create_key, free_port, process
 from tests.jobs_helpers import wait_for, write_chat
-from tests.test_preflight import pathological_lines
+from tests.test_preflight import pathological_lines, preflight_children
 
 CHAT_BOMB = (
     '{"model":"tiny","max_tokens":1,"messages":['
@@ -119,16 +119,6 @@ def test_a_20_mb_chat_body_is_413_before_either_process_reads_it(up: Up) -> None
         assert_413(httpx.post(url, content=CHAT_BOMB, headers=headers, timeout=60), limit)
         assert time.monotonic() - started < 10
         assert server.memory_info().rss - before < 8 * 2**20, url
-
-
-def preflight_children(inference: psutil.Process) -> list[psutil.Process]:
-    """The inference server's running pre-flights: the children of its fork server."""
-    return [
-        child
-        for server in inference.children()
-        if "forkserver" in " ".join(server.cmdline())
-        for child in server.children()
-    ]
 
 
 def test_a_preflight_whose_client_leaves_is_stopped(up: Up, tmp_path: Path) -> None:

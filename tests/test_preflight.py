@@ -487,11 +487,12 @@ def pathological_lines() -> bytes:
     return b"".join(json.dumps(example).encode() + b"\n" for example in examples)
 
 
-def preflight_children() -> list[psutil.Process]:
-    """The pre-flight processes running for this process's inference app: its fork server's children."""
+def preflight_children(inference: psutil.Process) -> list[psutil.Process]:
+    """The pre-flights running for an inference server (here, or a process of its own): its fork server's
+    children."""
     return [
         child
-        for server in psutil.Process().children(recursive=True)
+        for server in inference.children(recursive=True)
         if "forkserver" in " ".join(server.cmdline())
         for child in server.children()
     ]
@@ -517,7 +518,7 @@ def test_a_pathological_file_costs_at_most_the_time_limit_and_never_the_servers_
     assert "took more than 4 s (FTJOBS_PREFLIGHT_TIMEOUT_SECONDS)" in error["message"]
     assert elapsed < 4 + 10
     assert server.memory_info().rss - before < 50 * 2**20  # the child paid, and it is gone
-    assert not preflight_children()
+    assert not preflight_children(psutil.Process())
 
 
 def inference_request(
@@ -552,15 +553,15 @@ def test_the_child_is_stopped_at_its_memory_bound_and_when_its_caller_leaves(
     assert (stopped.value.status_code, stopped.value.code) == (400, "preflight_too_costly")
     assert "needed more than 0.25 GiB" in stopped.value.message
     assert time.monotonic() - started < 60
-    assert not preflight_children()
+    assert not preflight_children(psutil.Process())
 
     running: list[psutil.Process] = []
 
-    async def leaves() -> bool:  # the caller hangs up once the child is seen at work
-        running.extend(preflight_children())
+    async def leaves() -> bool:  # the caller hangs up once the child has done a second of work
+        running[:] = preflight_children(psutil.Process())
         return bool(running) and all(child.cpu_times().user > 1 for child in running)
 
     with pytest.raises(APIError) as left:
         asyncio.run(bounded_estimate(request, 600, leaves))
     assert left.value.status_code == 499 and running
-    assert not any(child.is_running() for child in running) and not preflight_children()
+    assert not any(child.is_running() for child in running) and not preflight_children(psutil.Process())
