@@ -22,12 +22,12 @@ from models.spec import DataError
 log = logging.getLogger("ftjobs.inference")
 
 MEMORY_LIMIT_BYTES = 2 * 2**30
-"""How much the child may grow: tokenized rows of a file a job trains on fit well within it (the demo's 400
-examples take tens of MB); one 10 MB message, tokenized with offsets, takes about as much."""
+"""How much the child may grow: far more than the tokenized rows of an ordinary file need, and about what one
+10 MB message takes once tokenized with offsets (2.2 GB), which is what it stops."""
 POLL_SECONDS = 0.05
 CONTEXT = multiprocessing.get_context("forkserver")
-# Children fork from a server that has imported the training code once, so each starts in milliseconds, from a
-# process that has run nothing (forking the inference server itself would copy its threads' locks).
+# Children fork from a server that has imported the training code once, so none imports it again, and from a
+# process that has run nothing (forking the inference server itself would copy its threads' held locks).
 CONTEXT.set_forkserver_preload([__name__])
 
 
