@@ -18,6 +18,7 @@ from inference.generation import FinishReason, OnEvent, Output, Sampling, genera
 from inference.store import ModelStore, Served
 from models.errors import APIError
 from models.inference import (
+    MAX_PROMPT_TOKENS,
     ChatCompletionRequest,
     ChatMessage,
     ClassificationRequest,
@@ -94,12 +95,19 @@ class Engine:
         with self.models.serving(target) as served:
             prompts = prompts_of(served.tokenizer)
             room = context_length(served.model)
+            param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+            total = sum(map(len, prompts))
+            if total > MAX_PROMPT_TOKENS:
+                raise APIError(
+                    f"A request's prompts may total at most {MAX_PROMPT_TOKENS} tokens; these have {total}.",
+                    param=param,
+                )
             for prompt in prompts:
                 if room is not None and len(prompt) >= room:
                     raise APIError(
                         f"This model's maximum context length is {room} tokens; the prompt has "
                         f"{len(prompt)} tokens, which leaves no room for a completion.",
-                        param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+                        param=param,
                         code="context_length_exceeded",
                     )
             if on_ready is not None:

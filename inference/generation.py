@@ -67,9 +67,58 @@ class Sampler(LogitsProcessor):
         return torch.full_like(scores, -float("inf")).scatter_(1, chosen, 0.0)
 
 
+class StopScanner:
+    """Knuth-Morris-Pratt over a text that grows at its end: the first stop string in it, and the longest
+    tail that could still start one, in time linear in the text (each stop string is read once, up front)."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = list(stop)
+        self.failure = [failure(s) for s in self.stop]
+        self.matched = [0] * len(self.stop)
+        """Per stop string: how many of its first characters the text read so far ends with."""
+        self.read = 0
+
+    def feed(self, text: str) -> int | None:
+        """Read `text` past what was read before; where the earliest stop string in it starts, if any."""
+        cut: int | None = None
+        for position in range(self.read, len(text)):
+            char = text[position]
+            for index, stop in enumerate(self.stop):
+                k, table = self.matched[index], self.failure[index]
+                while k and stop[k] != char:
+                    k = table[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):
+                    start = position - k + 1
+                    cut = start if cut is None else min(cut, start)
+                    k = table[k - 1]
+                self.matched[index] = k
+        self.read = len(text)
+        return cut
+
+    def held(self) -> int:
+        """Length of the tail read so far that may yet become the start of a stop string."""
+        return max(self.matched, default=0)
+
+
+def failure(pattern: str) -> list[int]:
+    """KMP's table: for each prefix of `pattern`, its longest proper prefix that is also its suffix."""
+    table = [0] * len(pattern)
+    k = 0
+    for position in range(1, len(pattern)):
+        while k and pattern[position] != pattern[k]:
+            k = table[k - 1]
+        if pattern[position] == pattern[k]:
+            k += 1
+        table[position] = k
+    return table
+
+
 class _Row:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str], eos: set[int]) -> None:
-        self.tokenizer, self.stop, self.eos = tokenizer, stop, eos
+        self.tokenizer, self.eos = tokenizer, eos
+        self.scanner = StopScanner(stop)
         self.token_ids: list[int] = []
         self.text = ""
         self.sent = 0
@@ -82,29 +131,22 @@ class _Row:
         if token in self.eos:
             self.finish = "stop"
             return self._flush()
-        # Byte-level BPE decodes prefix-stably, so the growing decode is the text so far.
+        # Byte-level BPE decodes prefix-stably, so the growing decode is the text so far; but for a trailing
+        # unfinished UTF-8 character (decoded as U+FFFD), which the next token may complete.
         self.text = decode(
             self.tokenizer, [t for t in self.token_ids if t not in self.eos], skip_special_tokens=True
         )
-        cuts = [index for s in self.stop if (index := self.text.find(s)) >= 0]
-        if cuts:
-            self.text, self.finish = self.text[: min(cuts)], "stop"
+        settled = self.text.rstrip("\ufffd")
+        cut = self.scanner.feed(settled)
+        if cut is not None:
+            self.text, self.finish = self.text[:cut], "stop"
             return self._flush()
         if last:
             self.finish = "length"
             return self._flush()
-        final = len(self.text) - self._held()
+        final = len(settled) - self.scanner.held()
         delta, self.sent = self.text[self.sent : final], max(self.sent, final)
         return delta
-
-    def _held(self) -> int:
-        """Length of the tail that may not be reported yet."""
-        if self.text.endswith("\ufffd"):
-            return 1  # the decode of an incomplete multi-byte character
-        return max(
-            (k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])),
-            default=0,
-        )
 
     def _flush(self) -> str:
         delta, self.sent = self.text[self.sent :], len(self.text)
