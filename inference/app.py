@@ -1,19 +1,22 @@
 """The inference server's internal HTTP app: the API forwards validated OpenAI requests here as
 `Forwarded{target, request}` and relays the answer. Errors use OpenAI's envelope (`web.errors`)."""
 
+import asyncio
 import hmac
 import json
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Header
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-from starlette.requests import Request as HTTPRequest
 
 from inference.engine import Engine, Stream
 from inference.preflight.bounded import bounded_estimate
@@ -29,6 +32,9 @@ log = logging.getLogger("ftjobs.inference")
 DEFAULT_PORT = 8001
 FORWARDING_BYTES = 64 * 1024
 Request = TypeVar("Request", bound=BaseModel)
+Answer = TypeVar("Answer")
+DISCONNECT_POLL_SECONDS = 0.25
+"""How often a request checks that its client is still there: one that left leaves its batch."""
 
 
 def parse(kind: type[Request], body: dict[str, object]) -> Request:
@@ -44,11 +50,29 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def event_stream(stream: Stream) -> StreamingResponse:
+async def unless_client_leaves(http: HTTPRequest, work: Callable[[threading.Event], Answer]) -> Answer:
+    """`work(cancelled)` in a worker thread; `cancelled` is set if the client disconnects meanwhile."""
+    cancelled = threading.Event()
+    task = asyncio.ensure_future(run_in_threadpool(work, cancelled))
+    try:
+        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+            if not cancelled.is_set() and await http.is_disconnected():
+                cancelled.set()  # the work returns at its batch's next step
+        return task.result()
+    finally:
+        cancelled.set()
+
+
+def event_stream(stream: Stream, http: HTTPRequest) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
+        polled = time.monotonic()
         try:
             async for chunk in iterate_in_threadpool(stream):
                 yield sse(chunk)
+                if time.monotonic() - polled > DISCONNECT_POLL_SECONDS:
+                    polled = time.monotonic()
+                    if await http.is_disconnected():
+                        return
         except APIError as exc:  # the status line is long gone: report the error in the stream
             yield sse(envelope(exc.message, type=exc.type, param=exc.param, code=exc.code))
             return
@@ -96,18 +120,24 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return {"status": "ok", "bases_loaded": len(engine.models.bases), "cached": len(engine.models.cache)}
 
     @app.post("/internal/chat/completions", response_model=None, dependencies=internal)
-    async def chat(body: Forwarded) -> dict[str, Any] | StreamingResponse:
+    async def chat(body: Forwarded, http: HTTPRequest) -> dict[str, Any] | StreamingResponse:
         request = parse(ChatCompletionRequest, body.request)
         if request.stream:
-            return event_stream(await run_in_threadpool(engine.stream_chat, body.target, request))
-        return await run_in_threadpool(engine.chat, body.target, request)
+            stream = await run_in_threadpool(engine.stream_chat, body.target, request, body.organization)
+            return event_stream(stream, http)
+        return await unless_client_leaves(
+            http, lambda cancelled: engine.chat(body.target, request, body.organization, cancelled)
+        )
 
     @app.post("/internal/completions", response_model=None, dependencies=internal)
-    async def complete(body: Forwarded) -> dict[str, Any] | StreamingResponse:
+    async def complete(body: Forwarded, http: HTTPRequest) -> dict[str, Any] | StreamingResponse:
         request = parse(CompletionRequest, body.request)
         if request.stream:
-            return event_stream(await run_in_threadpool(engine.stream_complete, body.target, request))
-        return await run_in_threadpool(engine.complete, body.target, request)
+            stream = await run_in_threadpool(engine.stream_complete, body.target, request, body.organization)
+            return event_stream(stream, http)
+        return await unless_client_leaves(
+            http, lambda cancelled: engine.complete(body.target, request, body.organization, cancelled)
+        )
 
     @app.post("/internal/classifications", dependencies=internal)
     async def classify(body: Forwarded) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """The inference engine: OpenAI's chat completions and completions, and the classifications extension,
-on the models `ModelStore` keeps in memory. Requests run synchronously in the caller's thread; streaming
-ones generate in a thread of their own and hand their chunks over through a queue."""
+on the models `ModelStore` keeps in memory. A request is prepared in the caller's thread (tokenized and
+checked), then its rows join its model's batch (`inference.batching`) and the caller waits for them;
+streaming requests wait in a thread of their own and hand their chunks over through a queue."""
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from queue import Queue
 from typing import Any
 
@@ -14,7 +16,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from inference import shapes
-from inference.generation import FinishReason, OnEvent, Output, Sampling, generate
+from inference.batching import Batching, Job
+from inference.generation import FinishReason, OnEvent, Output, Sampling, eos_token_ids, generate
 from inference.store import ModelStore, Served
 from models.errors import APIError
 from models.inference import (
@@ -40,30 +43,49 @@ Chunk = dict[str, Any]
 class Engine:
     def __init__(self, settings: Settings, device: DeviceConfig | None = None) -> None:
         self.models = ModelStore(settings, device)
+        self.batching = Batching(settings.inference_max_queue)
 
     # Public surface: OpenAI's chat completions, completions, and the classifications extension.
+    # `organization` is whose request it is (batches are fair between organisations); `cancelled`, once
+    # set, drops the request from its batch (its client left).
 
-    def chat(self, target: Target, request: ChatCompletionRequest) -> Chunk:
-        prompt_lengths, outputs = self._generate(target, request, chat_prompts(request.messages))
+    def chat(
+        self,
+        target: Target,
+        request: ChatCompletionRequest,
+        organization: str = "",
+        cancelled: threading.Event | None = None,
+    ) -> Chunk:
+        prompt_lengths, outputs = self._generate(
+            target, request, chat_prompts(request.messages), organization, cancelled=cancelled
+        )
         return shapes.chat_completion(target.model, outputs, prompt_lengths)
 
-    def complete(self, target: Target, request: CompletionRequest) -> Chunk:
-        prompt_lengths, outputs = self._generate(target, request, text_prompts(request.prompts()))
+    def complete(
+        self,
+        target: Target,
+        request: CompletionRequest,
+        organization: str = "",
+        cancelled: threading.Event | None = None,
+    ) -> Chunk:
+        prompt_lengths, outputs = self._generate(
+            target, request, text_prompts(request.prompts()), organization, cancelled=cancelled
+        )
         return shapes.text_completion(target.model, outputs, prompt_lengths)
 
-    def stream_chat(self, target: Target, request: ChatCompletionRequest) -> "Stream":
+    def stream_chat(self, target: Target, request: ChatCompletionRequest, organization: str = "") -> "Stream":
         """The streamed answer's chunks; a request that cannot run raises here, before any chunk."""
         chunks = shapes.ChatChunks(target.model, include_usage(request))
-        return self._stream(target, request, chat_prompts(request.messages), chunks)
+        return self._stream(target, request, chat_prompts(request.messages), chunks, organization)
 
-    def stream_complete(self, target: Target, request: CompletionRequest) -> "Stream":
+    def stream_complete(self, target: Target, request: CompletionRequest, organization: str = "") -> "Stream":
         chunks = shapes.TextChunks(target.model, include_usage(request))
-        return self._stream(target, request, text_prompts(request.prompts()), chunks)
+        return self._stream(target, request, text_prompts(request.prompts()), chunks, organization)
 
     def classify(self, target: Target, request: ClassificationRequest) -> Chunk:
         expect_kind(target, "classification")
         texts = request.texts()
-        with self.models.serving(target) as served:
+        with self.models.serving(target) as served, served.lock:
             assert served.labels is not None
             probabilities = classifier_probabilities(served, texts)
         return shapes.classifications(target.model, served.labels, probabilities)
@@ -75,6 +97,7 @@ class Engine:
         target: Target,
         request: ChatCompletionRequest | CompletionRequest,
         prompts_of: Callable[[PreTrainedTokenizerBase], list[list[int]]],
+        organization: str,
         on_ready: Callable[[int], None] | None = None,
         on_event: OnEvent | None = None,
         cancelled: threading.Event | None = None,
@@ -93,8 +116,10 @@ class Engine:
             else request.max_tokens or DEFAULT_MAX_TOKENS
         )
         with self.models.serving(target) as served:
+            # Tokenizers only read their state here and when decoding, so requests share them without a lock.
+            model = served.now()
             prompts = prompts_of(served.tokenizer)
-            room = context_length(served.model)
+            room, eos = context_length(model), eos_token_ids(model, served.tokenizer)
             param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
             total = sum(map(len, prompts))
             if total > MAX_PROMPT_TOKENS:
@@ -110,18 +135,65 @@ class Engine:
                         param=param,
                         code="context_length_exceeded",
                     )
-            if on_ready is not None:
-                on_ready(n * len(prompts))
-            outputs: list[Output] = []
-            for index, prompt in enumerate(prompts):
-                sampling = Sampling(
-                    max_new_tokens=min(limit, room - len(prompt)) if room is not None else limit,
-                    temperature=1.0 if request.temperature is None else request.temperature,
-                    top_p=1.0 if request.top_p is None else request.top_p,
-                    stop=request.stop_sequences(),
-                    n=n,
+            sampling = Sampling(
+                max_new_tokens=limit,
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                stop=request.stop_sequences(),
+                n=n,
+            )
+            ready = (lambda: on_ready(n * len(prompts))) if on_ready is not None else None
+            if is_prompt_learning(model):
+                outputs = self._one_by_one(
+                    served, prompts, sampling, room, generator, ready, on_event, cancelled
                 )
-                offset = index * n
+                return [len(prompt) for prompt in prompts], outputs
+            job = Job(
+                organization=organization,
+                prompts=[prompt for prompt in prompts for _ in range(n)],
+                limits=[
+                    min(limit, room - len(p)) if room is not None else limit
+                    for p in prompts
+                    for _ in range(n)
+                ],
+                sampling=sampling,
+                generator=generator,
+                tokenizer=served.tokenizer,
+                eos=eos,
+                adapter=served.adapter,
+                model=served.now,
+                lock=served.lock,
+                on_event=on_event,
+                cancelled=cancelled or threading.Event(),
+            )
+            self.batching.submit(served.lock, job, ready)
+            job.done.wait()
+            return [len(prompt) for prompt in prompts], job.outputs()
+
+    @staticmethod
+    def _one_by_one(
+        served: Served,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        room: int | None,
+        generator: torch.Generator,
+        ready: Callable[[], None] | None,
+        on_event: OnEvent | None,
+        cancelled: threading.Event | None,
+    ) -> list[Output]:
+        """A prompt method's prompts, one after another with transformers' `generate` (which adds the
+        virtual tokens and their cache), holding the model's lock: these models are not batched."""
+        if ready is not None:
+            ready()
+        outputs: list[Output] = []
+        with served.lock:
+            for index, prompt in enumerate(prompts):
+                limit = (
+                    min(sampling.max_new_tokens, room - len(prompt))
+                    if room is not None
+                    else sampling.max_new_tokens
+                )
+                offset = index * sampling.n
 
                 def shifted(row: int, delta: str, finish: FinishReason | None, offset: int = offset) -> None:
                     assert on_event is not None
@@ -131,12 +203,12 @@ class Engine:
                     served.model,
                     served.tokenizer,
                     prompt,
-                    sampling,
+                    replace(sampling, max_new_tokens=limit),
                     generator,
                     shifted if on_event is not None else None,
                     cancelled,
                 )
-        return [len(prompt) for prompt in prompts], outputs
+        return outputs
 
     def _stream(
         self,
@@ -144,6 +216,7 @@ class Engine:
         request: ChatCompletionRequest | CompletionRequest,
         prompts_of: Callable[[PreTrainedTokenizerBase], list[list[int]]],
         chunks: shapes.ChunkMaker,
+        organization: str,
     ) -> "Stream":
         """Generation in its own thread, its chunks through a queue: the reader never blocks the model's
         thread, and the model's errors before the first token still reach the caller as exceptions."""
@@ -162,6 +235,7 @@ class Engine:
                     target,
                     request,
                     prompts_of,
+                    organization,
                     on_ready=ready,
                     on_event=lambda index, text, finish: queue.put(chunks.delta(index, text, finish)),
                     cancelled=cancelled,
@@ -268,6 +342,10 @@ def empty_prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
             param="prompt",
         )
     return [start]
+
+
+def is_prompt_learning(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -115,7 +115,7 @@ def failure(pattern: str) -> list[int]:
     return table
 
 
-class _Row:
+class Row:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str], eos: set[int]) -> None:
         self.tokenizer, self.eos = tokenizer, eos
         self.scanner = StopScanner(stop)
@@ -158,7 +158,7 @@ class _Tracker(StoppingCriteria):
 
     def __init__(
         self,
-        rows: list[_Row],
+        rows: list[Row],
         prompt_length: int,
         max_new_tokens: int,
         on_event: OnEvent | None,
@@ -187,6 +187,22 @@ class _Tracker(StoppingCriteria):
         return cast(torch.BoolTensor, torch.tensor(done, device=input_ids.device))
 
 
+def choose_tokens(logits: torch.Tensor, samplings: Sequence[tuple[Sampling, torch.Generator]]) -> list[int]:
+    """Each row's next token from its logits: greedy at temperature 0, else drawn with the row's request's
+    generator, row after row (so a request's draws don't depend on the rows around it)."""
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = []
+    for index, (sampling, generator) in enumerate(samplings):
+        if sampling.temperature == 0:
+            tokens.append(greedy[index])
+            continue
+        scores = logits[index : index + 1].float() / sampling.temperature
+        if sampling.top_p < 1.0:
+            scores = TopPLogitsWarper(sampling.top_p)(None, scores)  # type: ignore[arg-type]
+        tokens.append(int(torch.multinomial(scores.softmax(dim=-1).cpu(), 1, generator=generator)))
+    return tokens
+
+
 def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """What ends an answer: the tokenizer's eos and the model's generation eos (one id or several)."""
     ids = {eos} if isinstance(eos := tokenizer.eos_token_id, int) else set()
@@ -211,7 +227,7 @@ def generate(
     """`sampling.n` continuations of `prompt_ids`, one per row; `on_event` hears each row's text as it is
     final and its finish reason."""
     eos = eos_token_ids(model, tokenizer)
-    rows = [_Row(tokenizer, sampling.stop, eos) for _ in range(sampling.n)]
+    rows = [Row(tokenizer, sampling.stop, eos) for _ in range(sampling.n)]
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids] * sampling.n, dtype=torch.long, device=device)
     processors = LogitsProcessorList()

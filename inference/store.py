@@ -1,19 +1,19 @@
 """Models in memory: every base model loaded once per process, the artifacts trained on it on top.
 
-- LoRA-family adapters (lora, dora, qlora; a qlora adapter runs on the unquantised base) of causal LMs are
-  hot-swapped on their shared base: one PeftModel per base, the active adapter set per request,
-  `disable_adapter` for the base itself.
+- LoRA adapters (lora, qlora; a qlora adapter runs on the unquantised base) of causal LMs all stay loaded
+  on their shared base, one PeftModel per base: rows of one batch pick theirs by name (peft's mixed-adapter
+  batches, `inference.batching`), the base's own rows by "__base__".
 - A new adapter's weights are copied into a spare slot (peft's `hotswap_adapter`, ~50 ms) rather than
   injected (`load_adapter`, 200-600 ms, growing with the adapters loaded). An evicted adapter's slot becomes
-  the spare; otherwise a background thread injects one, shaped like the last adapter, after each first use.
-  A base thus holds at most one slot more than its cached adapters. Ranks, alphas and dropouts may differ
-  between an adapter and its slot; one the slot can't take (DoRA against LoRA, a module the slot lacks) is
-  injected as before, and the misfit spare dropped.
-- Every other artifact (ia3, prompt methods, full, freeze, bitfit, every classifier, feature_extraction)
-  is a dedicated model: a fresh load of the base plus the training method's `load` hook.
+  the spare once no running row uses it; otherwise a background thread injects one, shaped like the last
+  adapter, after each first use. Ranks, alphas and dropouts may differ between an adapter and its slot; one
+  the slot can't take (a module the slot lacks) is injected as before, and the misfit spare dropped.
+- Every other artifact (DoRA, which peft can't mix in a batch, ia3, prompt methods, full, freeze, bitfit,
+  every classifier, feature_extraction) is a dedicated model: a fresh load of the base plus the training
+  method's `load` hook.
 - Both kinds share one LRU of `settings.inference_adapter_cache` entries.
-- The active adapter is state of its base, so a request holds its base's lock for its whole generation;
-  requests on different bases run concurrently.
+- A base's lock is held while its adapters change and for each step of its batch, never for a whole
+  request; an adapter in use by a running request is released only when that request ends.
 - An artifact goes on a base only if its `lineage.json` names that base's content hash.
 """
 
@@ -22,10 +22,10 @@ import json
 import logging
 import tempfile
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ from worker.training.loading import load_model, load_tokenizer, refuse_pickle_we
 from worker.training.methods import get_method
 from worker.training.objectives.classification import LABELS_FILE
 
+BASE_ADAPTER = "__base__"
+"""peft's name, in a mixed-adapter batch, for a row on the base itself."""
 log = logging.getLogger("ftjobs.inference")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
@@ -76,6 +78,15 @@ class Served:
     labels: list[str] | None = None
     max_seq_length: int | None = None
     """Where classifier inputs are cut, as in training."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held while using the model or its tokenizer: a shared base's lock, or the dedicated model's own."""
+    adapter: str | None = None
+    """On a shared base: the adapter's name, or BASE_ADAPTER; None on a dedicated model."""
+    current: Callable[[], Any] | None = None
+    """A shared base's model as it is now (it becomes a PeftModel when adapters come); None: `model`."""
+
+    def now(self) -> Any:
+        return self.current() if self.current is not None else self.model
 
 
 @dataclass
@@ -88,7 +99,7 @@ class Base:
     peft: PeftModel | None = None
     """The one PeftModel wrapping `model` while any adapter is loaded."""
     pending: list[str] = field(default_factory=list)
-    """Adapters evicted while another request held this base: released by its next request."""
+    """Adapters evicted while in use or while this base was busy: released once neither holds."""
     spare: str | None = None
     """A slot in `peft` no cached adapter uses, its weights stale: the next new adapter is copied into it."""
     shape: LoraConfig | None = None
@@ -128,16 +139,13 @@ class Base:
         assert isinstance(config, LoraConfig)  # peft loads the class the file names: a LoRA
         self.spare = None
         try:
-            if config.use_dora != self.lora_config(name).use_dora:
-                # The layers differ, and a LoRA put in a DoRA slot would keep a zero magnitude.
-                raise ValueError("DoRA and LoRA slots differ")
             # peft checks the new config against the active adapter's. What it compares can differ here:
             # the swap recomputes the scaling (rslora, alpha and rank patterns) from the new config, and
             # dropout is off at inference. So the spare takes the new config and becomes the active one.
             self.peft.peft_config[name] = config
             self.activate(name)
             hotswap_adapter(self.peft, str(directory), adapter_name=name, torch_device=device)
-        except (ValueError, RuntimeError):  # DoRA against LoRA, or a module the slot lacks
+        except (ValueError, RuntimeError):  # a module the slot lacks
             self.delete_adapter(name)
             return None
         return name
@@ -189,6 +197,8 @@ class ModelStore:
         self._tokenizers: dict[tuple[str, str], PreTrainedTokenizerBase] = {}
         """By base and tokenizer_hash: the adapters trained on one base share its tokenizer's files."""
         self._locks: dict[str, threading.Lock] = {}
+        self._pins: Counter[tuple[str, str]] = Counter()
+        """Requests running per adapter, by base and adapter name: an evicted adapter waits for them."""
         self._mutex = threading.Lock()
         """Guards the dictionaries above (never held while computing)."""
         self._names = 0
@@ -197,33 +207,56 @@ class ModelStore:
 
     @contextmanager
     def serving(self, target: Target) -> Iterator[Served]:
-        """The target's model for the duration of one request, with its base's lock held."""
-        with self.lock(target.base_path):
+        """The target's model for the duration of one request. The base's lock is held only to find or
+        load it; an adapter stays loaded (pinned) until the request ends."""
+        lock = self.lock(target.base_path)
+        with lock:
             self._delete_pending(target.base_path)
-            if target.artifact_key is None:
-                if target.kind == "classification":
-                    raise APIError(
-                        f"Model {target.model!r} is a base model without a classifier head.",
-                        param="model",
-                        code="model_not_supported",
-                    )
-                base = self._base(target.base_path)
-                context = base.peft.disable_adapter() if base.peft is not None else nullcontext()
-                with context:
-                    yield Served(base.peft or base.model, base.tokenizer)
-                return
-            key = (target.base_path, target.artifact_key)
-            entry = self._cached(key)
-            if entry is None:
-                entry = self._load(target)
-                self._remember(key, entry, target.base_path)
-            if isinstance(entry, DedicatedEntry):
-                yield entry.served
-                return
-            base = self.bases[target.base_path]
-            assert base.peft is not None
-            base.activate(entry.name)
-            yield Served(base.peft, entry.tokenizer)
+            served, pin = self._resolve(target, lock)
+            if pin is not None:
+                with self._mutex:
+                    self._pins[pin] += 1
+        try:
+            yield served
+        finally:
+            if pin is not None:
+                with self._mutex:
+                    self._pins[pin] -= 1
+                with lock:
+                    self._delete_pending(target.base_path)
+
+    def _resolve(self, target: Target, lock: threading.Lock) -> tuple[Served, tuple[str, str] | None]:
+        """The served model and, for an adapter on a shared base, its pin (the caller holds `lock`)."""
+        if target.artifact_key is None:
+            if target.kind == "classification":
+                raise APIError(
+                    f"Model {target.model!r} is a base model without a classifier head.",
+                    param="model",
+                    code="model_not_supported",
+                )
+            base = self._base(target.base_path)
+            return self._on_base(base, base.tokenizer, BASE_ADAPTER, lock), None
+        key = (target.base_path, target.artifact_key)
+        entry = self._cached(key)
+        if entry is None:
+            entry = self._load(target)
+            self._remember(key, entry, target.base_path)
+        if isinstance(entry, DedicatedEntry):
+            return entry.served, None
+        base = self.bases[target.base_path]
+        return self._on_base(base, entry.tokenizer, entry.name, lock), (target.base_path, entry.name)
+
+    @staticmethod
+    def _on_base(
+        base: Base, tokenizer: PreTrainedTokenizerBase, adapter: str, lock: threading.Lock
+    ) -> Served:
+        return Served(
+            base.peft or base.model,
+            tokenizer,
+            lock=lock,
+            adapter=adapter,
+            current=lambda: base.peft or base.model,
+        )
 
     def _load(self, target: Target) -> AdapterEntry | DedicatedEntry:
         assert target.artifact_key is not None
@@ -251,7 +284,7 @@ class ModelStore:
             )
         method = target.method or lineage.training_type
         tokenizer_dir = directory if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
-        if method in METHODS and METHODS[method].hot_swapped and target.kind == "causal_lm":
+        if method in METHODS and METHODS[method].shares_base and target.kind == "causal_lm":
             base = self._base(target.base_path)
             tokenizer = self._tokenizer(target.base_path, tokenizer_dir) if tokenizer_dir else base.tokenizer
             name = base.swap_into_spare(directory, str(self.device.device))
@@ -357,8 +390,7 @@ class ModelStore:
         return base
 
     def _tokenizer(self, base_path: str, directory: Path) -> PreTrainedTokenizerBase:
-        """The tokenizer an adapter carries, loaded once per distinct set of files (the caller holds the
-        base's lock, so one object is never used by two requests at once)."""
+        """The tokenizer an adapter carries, loaded once per distinct set of files."""
         key = (base_path, tokenizer_hash(directory))
         with self._mutex:
             known = self._tokenizers.get(key)
@@ -400,26 +432,27 @@ class ModelStore:
             if isinstance(old, DedicatedEntry):
                 continue  # dropped with its last reference (a request still using it keeps it alive)
             base = self.bases[old.base_path]
+            with self._mutex:
+                base.pending.append(old.name)
             if old.base_path == holding:
-                base.release(old.name)
+                self._delete_pending(holding)
                 continue
             lock = self.lock(old.base_path)
-            if lock.acquire(blocking=False):
+            if lock.acquire(blocking=False):  # else that base's next request or step releases it
                 try:
-                    base.release(old.name)
+                    self._delete_pending(old.base_path)
                 finally:
                     lock.release()
-            else:  # that base is generating, maybe with this very adapter: its next request releases it
-                with self._mutex:
-                    base.pending.append(old.name)
 
     def _delete_pending(self, base_path: str) -> None:
+        """Release the evicted adapters no running request uses (the caller holds the base's lock)."""
         base = self.bases.get(base_path)
         if base is None:
             return
         with self._mutex:
-            names, base.pending = base.pending, []
-        for name in names:
+            free = [name for name in base.pending if not self._pins[(base_path, name)]]
+            base.pending = [name for name in base.pending if name not in free]
+        for name in free:
             base.release(name)
 
 

@@ -158,3 +158,5 @@ class Forwarded(BaseModel):
     target: Target
     request: dict[str, object]
     """The request as validated, re-validated by the server into its own type."""
+    organization: str = ""
+    """Whose request it is: batches are fair between organisations."""

@@ -173,6 +173,12 @@ class Settings(BaseSettings):
     inference_adapter_cache: int = Field(
         default=8, ge=1, description="Adapters an inference process keeps loaded (least recently used go)."
     )
+    inference_max_queue: int = Field(
+        default=256,
+        ge=1,
+        description="Requests an inference process lets wait for a place in a batch; the next get a 429 "
+        "with Retry-After.",
+    )
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'ftjobs.db').resolve()}"

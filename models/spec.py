@@ -41,7 +41,7 @@ class MethodTraits:
     method; its code (how it prepares, saves and loads a model) is `worker/training/methods/<name>.py`."""
 
     family: Literal["lora", "virtual_token", "adapter", "base_weights", "features"]
-    """lora: low-rank adapters (mergeable, hot-swapped); virtual_token: a learned prompt; adapter: another
+    """lora: low-rank adapters (mergeable); virtual_token: a learned prompt; adapter: another
     PEFT adapter; base_weights: the base's own weights train (float32 master weights); features: no
     gradient steps (a classifier solved on frozen embeddings)."""
     base_learning_rate: float
@@ -50,11 +50,9 @@ class MethodTraits:
     objectives: frozenset[Objective] = ALL_OBJECTIVES
     knobs: tuple[str, ...] = ()
     """The hyperparameter extensions only this method (and those that share them) accepts."""
-
-    @property
-    def hot_swapped(self) -> bool:
-        """Served as an adapter swapped per request on a shared base, rather than as a dedicated model."""
-        return self.family == "lora"
+    shares_base: bool = False
+    """Served as an adapter on its base, batched with other adapters and the base itself (peft's mixed
+    adapter batches), rather than as a dedicated model; peft can't mix DoRA adapters."""
 
     @property
     def trains_base_weights(self) -> bool:
@@ -65,9 +63,9 @@ class MethodTraits:
 # embeddings, so right-padded rows would be scored at their padding: no reward models.
 _PROMPT_OBJECTIVES = ALL_OBJECTIVES - {"reward"}
 METHODS: dict[str, MethodTraits] = {
-    "lora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
+    "lora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS, shares_base=True),
     "dora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
-    "qlora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
+    "qlora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS, shares_base=True),
     "full": MethodTraits("base_weights", 2e-5),
     "freeze": MethodTraits("base_weights", 5e-5, knobs=("trainable_layers",)),
     "bitfit": MethodTraits("base_weights", 1e-3),

@@ -73,7 +73,7 @@ def _forward(
             code="model_not_found",
         )
     target = model_service.target(store, version)
-    payload = Forwarded(target=target, request=body.model_dump(exclude_none=True))
+    payload = Forwarded(target=target, request=body.model_dump(exclude_none=True), organization=org)
     forwarded = client.build_request("POST", f"/internal/{path}", json=payload.model_dump(mode="json"))
     try:
         response = client.send(forwarded, stream=True)
