@@ -44,7 +44,7 @@ bench-api: install-dev
 bench-methods: install-dev
 	$(PYTHON) bench/methods_table.py
 
-.PHONY: bench-throughput bench-qlora bench-serving
+.PHONY: bench-throughput bench-qlora bench-serving bench-serving-load
 # These take the model from FTJOBS_DATA_DIR (pulled there if missing) unless given ARGS="--model-dir DIR".
 bench-throughput: install-dev
 	$(PYTHON) bench/train_throughput.py $(ARGS)
@@ -54,3 +54,6 @@ bench-qlora: install-dev
 
 bench-serving: install-dev
 	$(PYTHON) bench/adapter_serving.py $(ARGS)
+
+bench-serving-load: install-dev
+	$(PYTHON) bench/serving_load.py $(ARGS)
