@@ -142,20 +142,17 @@ class Engine:
                 stop=request.stop_sequences(),
                 n=n,
             )
+            limits = [min(limit, room - len(p)) if room is not None else limit for p in prompts]
             ready = (lambda: on_ready(n * len(prompts))) if on_ready is not None else None
             if is_prompt_learning(model):
                 outputs = self._one_by_one(
-                    served, prompts, sampling, room, generator, ready, on_event, cancelled
+                    served, prompts, sampling, limits, generator, ready, on_event, cancelled
                 )
                 return [len(prompt) for prompt in prompts], outputs
             job = Job(
                 organization=organization,
                 prompts=[prompt for prompt in prompts for _ in range(n)],
-                limits=[
-                    min(limit, room - len(p)) if room is not None else limit
-                    for p in prompts
-                    for _ in range(n)
-                ],
+                limits=[row_limit for row_limit in limits for _ in range(n)],
                 sampling=sampling,
                 generator=generator,
                 tokenizer=served.tokenizer,
@@ -175,7 +172,7 @@ class Engine:
         served: Served,
         prompts: list[list[int]],
         sampling: Sampling,
-        room: int | None,
+        limits: list[int],
         generator: torch.Generator,
         ready: Callable[[], None] | None,
         on_event: OnEvent | None,
@@ -187,12 +184,7 @@ class Engine:
             ready()
         outputs: list[Output] = []
         with served.lock:
-            for index, prompt in enumerate(prompts):
-                limit = (
-                    min(sampling.max_new_tokens, room - len(prompt))
-                    if room is not None
-                    else sampling.max_new_tokens
-                )
+            for index, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
                 offset = index * sampling.n
 
                 def shifted(row: int, delta: str, finish: FinishReason | None, offset: int = offset) -> None:

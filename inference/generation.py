@@ -1,12 +1,14 @@
-"""Text generation on one prompt with OpenAI's sampling semantics, through transformers' `generate`.
+"""OpenAI's sampling semantics for generated rows: what the batches of `inference.batching` use, and
+`generate` on one prompt through transformers' `generate` (for the prompt methods, which are not batched).
 
-- `n` choices are `n` rows of one batch (the prompt repeated).
-- Sampling (temperature > 0) runs as the last logits processor with a per-request `torch.Generator`, and
-  `generate` itself stays greedy: the global RNG is shared by every thread of the server, a request's own
-  generator is not, so the same `seed` gives the same output whatever else runs at the time.
-- One stopping criterion follows every row's text: it cuts at the first stop string (which is never
-  returned), ends a row on an end-of-sequence token, and reports text as it becomes final, holding back a
-  tail that could still start a stop string or is an unfinished UTF-8 character.
+- `n` choices are `n` rows (the prompt repeated).
+- Sampling (temperature > 0) draws with a per-request `torch.Generator`, row after row: the global RNG is
+  shared by every thread of the server, a request's own generator is not, so the same `seed` gives the
+  same output whatever else runs at the time. In `generate` it runs as the last logits processor, and
+  `generate` itself stays greedy.
+- Each row's text is followed (`Row`): it is cut at the first stop string (which is never returned), a
+  row ends on an end-of-sequence token, and text is reported as it becomes final, holding back a tail that
+  could still start a stop string or is an unfinished UTF-8 character.
 """
 
 import threading
@@ -51,20 +53,16 @@ class Output:
 
 
 class Sampler(LogitsProcessor):
-    """Draws each row's next token from its temperature/top-p distribution with the request's generator,
-    and leaves that token the only finite score so greedy selection takes it."""
+    """Draws each row's next token as `choose_tokens` does, and leaves that token the only finite score so
+    greedy selection takes it."""
 
-    def __init__(self, temperature: float, top_p: float, generator: torch.Generator) -> None:
-        self.temperature, self.generator = temperature, generator
-        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+    def __init__(self, sampling: Sampling, generator: torch.Generator) -> None:
+        self.sampling, self.generator = sampling, generator
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores / self.temperature
-        if self.top_p is not None:
-            scores = self.top_p(input_ids, scores)
-        probs = scores.float().softmax(dim=-1)
-        chosen = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(scores.device)
-        return torch.full_like(scores, -float("inf")).scatter_(1, chosen, 0.0)
+        chosen = choose_tokens(scores, [(self.sampling, self.generator)] * len(scores))
+        indices = torch.tensor(chosen, device=scores.device)[:, None]
+        return torch.full_like(scores, -float("inf")).scatter_(1, indices, 0.0)
 
 
 class StopScanner:
@@ -232,7 +230,7 @@ def generate(
     input_ids = torch.tensor([prompt_ids] * sampling.n, dtype=torch.long, device=device)
     processors = LogitsProcessorList()
     if sampling.temperature > 0:
-        processors.append(Sampler(sampling.temperature, sampling.top_p, generator))
+        processors.append(Sampler(sampling, generator))
     tracker = _Tracker(rows, len(prompt_ids), sampling.max_new_tokens, on_event, cancelled)
     # nn.Module types attributes as tensors or modules; a causal LM (or its PEFT wrapper) generates.
     model.generate(  # pyright: ignore[reportCallIssue]
