@@ -76,11 +76,13 @@ def classifications(model: str, labels: Sequence[str], probabilities: np.ndarray
 class ChunkMaker(Protocol):
     def opening(self, index: int) -> list[Chunk]:
         """What a choice's stream starts with, before any text."""
+        ...
 
     def delta(self, index: int, text: str, finish: FinishReason | None) -> Chunk: ...
 
     def usage(self, usage: dict[str, int]) -> Chunk:
         """The last chunk when `stream_options.include_usage`: no choices."""
+        ...
 
 
 class _Chunks:

@@ -41,21 +41,21 @@ class SupervisedHyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_epochs: Auto | Annotated[int, Field(strict=True, ge=1, le=50)] = Field(
-        "auto",
+        default="auto",
         description=f"{RESOLVED['n_epochs'].description} auto: {DEFAULT_EPOCHS}, more for small files and "
         "fewer for large ones (OpenAI's rule, docs/api.md).",
     )
     batch_size: Auto | Annotated[int, Field(strict=True, ge=1, le=256)] = Field(
-        "auto",
+        default="auto",
         description=f"{RESOLVED['batch_size'].description} auto: one per 50 training examples, 1 to "
         f"{MAX_AUTO_BATCH_SIZE}.",
     )
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = Field(
-        "auto", description=f"{RESOLVED['learning_rate_multiplier'].description} auto: 1."
+        default="auto", description=f"{RESOLVED['learning_rate_multiplier'].description} auto: 1."
     )
     # Extensions.
     training_type: TrainingType = Field(
-        RESOLVED["training_type"].default,
+        default=RESOLVED["training_type"].default,
         description=f"Extension: {RESOLVED['training_type'].description} Default: "
         f"{RESOLVED['training_type'].default}.",
     )
@@ -106,7 +106,7 @@ class DpoHyperparameters(SupervisedHyperparameters):
     """OpenAI's DPO hyperparameters (the supervised three and `beta`) with the same extensions."""
 
     beta: Auto | Annotated[float, Field(gt=0, le=2)] = Field(
-        "auto", description=f"{RESOLVED['beta'].description} auto: {RESOLVED['beta'].default}."
+        default="auto", description=f"{RESOLVED['beta'].description} auto: {RESOLVED['beta'].default}."
     )
 
 

@@ -7,7 +7,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import ColumnElement, Float, Select, case, cast, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Select,
+    SQLColumnExpression,
+    case,
+    cast,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from models import ids
@@ -149,7 +160,7 @@ class JobRepository:
         return [CompletedData.model_validate(data) for data in self.session.scalars(stmt)]
 
     @staticmethod
-    def _data_of(jobs: Select[tuple[str]]) -> Select[tuple[dict[str, Any] | None]]:
+    def _data_of(jobs: Select[str]) -> Select[dict[str, Any] | None]:
         """The data of these jobs' message events (metrics events are their own type)."""
         return select(JobEvent.data).where(JobEvent.job_id.in_(jobs), JobEvent.type == "message")
 
@@ -173,7 +184,7 @@ class JobRepository:
             .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(statuses))
             .values(heartbeat_at=now, lease_expires_at=now + lease_seconds, **(values or {}))
         )
-        return self.session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+        return self.session.execute(stmt).rowcount == 1  # pyright: ignore[reportAttributeAccessIssue]  # DML gives a CursorResult
 
     def expired_leases(self, *, now: float, lease_seconds: float) -> Sequence[Job]:
         """Running jobs whose lease ended before `now`."""
@@ -298,7 +309,7 @@ class JobStatistics:
         value: ColumnElement[float],
         buckets: Sequence[float],
         where: Sequence[ColumnElement[bool]],
-        labels: Sequence[ColumnElement[Any]] = (),
+        labels: Sequence[SQLColumnExpression[Any]] = (),
     ) -> list[Distribution]:
         """Per label set, the count, the sum and a count per bucket (unlabelled: one, even of no jobs)."""
         counts = [func.sum(case((value <= bound, 1), else_=0)) for bound in buckets]

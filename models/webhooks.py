@@ -33,7 +33,7 @@ from models.orm import WebhookDelivery, WebhookEndpoint
 from models.pagination import page
 
 EventType = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
-EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 SECRET_PREFIX = "whsec_"
 MAX_URL_LENGTH = 2048
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -324,4 +324,4 @@ class WebhookRepository:
             .values(**values),
             execution_options={"synchronize_session": False},
         )
-        return result.rowcount == 1  # type: ignore[attr-defined]
+        return result.rowcount == 1  # pyright: ignore[reportAttributeAccessIssue]  # DML gives a CursorResult

@@ -316,7 +316,7 @@ class Attempt:
                 for message in child.messages(timeout=0.5):
                     if isinstance(message, CompletedMessage | StoppedMessage):
                         outcome = message
-                    elif not self._db(lambda m=message: self._record(m)):  # type: ignore[misc]
+                    elif not self._db(lambda m=message: self._record(m)):
                         stop_deadline = stop_deadline or self._stop(child)
                 now = time.monotonic()
                 if now >= next_beat:

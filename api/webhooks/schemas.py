@@ -120,7 +120,7 @@ class WebhookDeliveryObject(BaseModel):
             event_id=delivery.event_id,
             event_type=delivery.event_type,
             fine_tuning_job_id=delivery.job_id,
-            status=delivery.status,  # type: ignore[arg-type]
+            status=delivery.status,  # pyright: ignore[reportArgumentType]  # the column holds DeliveryStatus values
             attempts=delivery.attempts,
             created_at=delivery.created_at,
             last_attempt_at=seconds(delivery.last_attempt_at),

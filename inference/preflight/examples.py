@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from models.objectives import GENERATIVE
 from models.preflight import FileStats, PreviewExample, Segment
 from models.spec import ChildMessage, DataError, LogMessage, TrainingSpec
-from worker.training import data
+from worker.training import data, tokens
 from worker.training.data import IGNORE_INDEX, read_jsonl
 from worker.training.device import device_config
 from worker.training.events import EventWriter
@@ -135,8 +135,8 @@ def segments(spec: TrainingSpec, tokenizer: PreTrainedTokenizerBase, row: Any) -
 def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int], start: int, end: int) -> str:
     """`ids[start:end]` as text, special tokens included."""
     context = max(0, start - DECODE_CONTEXT)
-    before, through = tokenizer.decode(ids[context:start]), tokenizer.decode(ids[context:end])
-    return through[len(before) :] if through.startswith(before) else tokenizer.decode(ids[start:end])
+    before, through = tokens.decode(tokenizer, ids[context:start]), tokens.decode(tokenizer, ids[context:end])
+    return through[len(before) :] if through.startswith(before) else tokens.decode(tokenizer, ids[start:end])
 
 
 def clipped(text: str, trained: bool) -> Segment:

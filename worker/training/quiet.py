@@ -36,4 +36,4 @@ def hide_known_library_noise() -> None:
 def skip_bitsandbytes() -> None:
     """Make `import bitsandbytes` fail, as if it were not installed (a `None` entry in `sys.modules`): peft
     imports it whenever it can, yet only qlora uses it. Must run before peft is imported."""
-    sys.modules.setdefault("bitsandbytes", None)
+    sys.modules.setdefault("bitsandbytes", None)  # pyright: ignore[reportArgumentType]  # typeshed omits None

@@ -44,6 +44,7 @@ class BaseLoader(Protocol):
     def __call__(self, path: Path | None = None) -> PreTrainedModel:
         """A fresh copy of the base (with the head and on the device serving wants); given a path, that
         model directory loaded the same way (a fully fine-tuned model is a whole model of its kind)."""
+        ...
 
 
 LoadFn = Callable[[BaseLoader, Path], nn.Module]
@@ -97,7 +98,9 @@ def peft_options(model: PreTrainedModel) -> dict[str, Any]:
 
 def save_pretrained(model: nn.Module, directory: Path) -> None:
     """PEFT adapters and whole transformers models both know how to save themselves as safetensors."""
-    model.save_pretrained(directory)
+    if not isinstance(model, PeftModel | PreTrainedModel):
+        raise TypeError(f"a {type(model).__name__} cannot save itself: its method must register a save")
+    model.save_pretrained(str(directory))
 
 
 def no_load_options(device: DeviceConfig) -> dict[str, Any]:
