@@ -27,6 +27,7 @@ from models.jobs import JobRepository
 from models.logs import ContextFilter, json_formatter
 from models.orm import JobEvent
 from models.settings import Settings
+from models.spec import ResolvedHyperparameters
 from models.states import JobStatus, transition
 from models.storage import LocalArtifactStore
 from tests.conftest import RecordingDispatcher, Tenant
@@ -69,7 +70,13 @@ def test_metrics_count_time_and_rate_jobs_from_the_database(
         values = {
             "attempt": 1,
             "started_at": created[job] + after,
-            "hyperparameters": {"training_type": "lora"},
+            "hyperparameters": ResolvedHyperparameters(
+                training_type="lora",
+                n_epochs=1,
+                batch_size=1,
+                learning_rate_multiplier=1.0,
+                learning_rate=2e-4,
+            ),
         }
         return q, r, values
 
