@@ -10,6 +10,7 @@ from api.admin.router import router as admin_router
 from api.auth import Authenticate
 from api.dashboard.router import mount as mount_dashboard
 from api.files.router import router as files_router
+from api.graders.router import router as graders_router
 from api.health import router as health_router
 from api.inference.router import inference_client
 from api.inference.router import router as inference_router
@@ -66,6 +67,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(preflight_router)
+    app.include_router(graders_router)
     app.include_router(models_router)
     app.include_router(inference_router)
     app.include_router(webhooks_router)

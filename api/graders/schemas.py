@@ -1,0 +1,58 @@
+"""Request and response bodies of `client.fine_tuning.alpha.graders.run|validate`, as the openai SDK types
+them (`types/fine_tuning/alpha/grader_*.py`); the grader objects themselves are `graders.shapes`."""
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from graders.shapes import Grader
+
+
+class GraderValidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: Grader
+
+
+class GraderRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: Grader
+    model_sample: str
+    item: Any = None
+
+
+class GraderValidated(BaseModel):
+    grader: Grader
+
+
+class RunErrors(BaseModel):
+    formula_parse_error: bool
+    invalid_variable_error: bool
+    model_grader_parse_error: bool
+    model_grader_refusal_error: bool
+    model_grader_server_error: bool
+    model_grader_server_error_details: str | None
+    other_error: bool
+    python_grader_runtime_error: bool
+    python_grader_runtime_error_details: str | None
+    python_grader_server_error: bool
+    python_grader_server_error_type: str | None
+    sample_parse_error: bool
+    truncated_observation_error: bool
+    unresponsive_reward_error: bool
+
+
+class RunMetadata(BaseModel):
+    errors: RunErrors
+    execution_time: float
+    name: str
+    sampled_model_name: str | None
+    scores: dict[str, float]
+    token_usage: int | None
+    type: str
+
+
+class GraderRunResult(BaseModel):
+    reward: float
+    metadata: RunMetadata
+    sub_rewards: dict[str, float]
+    model_grader_token_usage_per_model: dict[str, Any]

@@ -1,0 +1,139 @@
+"""Checking a grader (`check`, what validate does) and grading one sample with it (`grade`, what run and
+later reinforcement fine-tuning do). A grader that cannot work is a GraderError naming its field; a sample
+the grader fails on scores 0 with the reason in `Result.errors`, as OpenAI's run response reports it."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from graders import formula, sandbox, similarity, template
+from graders.errors import GraderError
+from graders.shapes import (
+    AnyGrader,
+    LabelModelGrader,
+    MultiGrader,
+    PythonGrader,
+    ScoreModelGrader,
+    StringCheckGrader,
+    TextSimilarityGrader,
+    sub_graders,
+)
+
+
+@dataclass
+class Errors:
+    """OpenAI's `metadata.errors` flags: all False is a clean run."""
+
+    formula_parse_error: bool = False
+    invalid_variable_error: bool = False
+    model_grader_parse_error: bool = False
+    model_grader_refusal_error: bool = False
+    model_grader_server_error: bool = False
+    model_grader_server_error_details: str | None = None
+    other_error: bool = False
+    python_grader_runtime_error: bool = False
+    python_grader_runtime_error_details: str | None = None
+    python_grader_server_error: bool = False
+    python_grader_server_error_type: str | None = None
+    sample_parse_error: bool = False
+    truncated_observation_error: bool = False
+    unresponsive_reward_error: bool = False
+
+
+@dataclass
+class Result:
+    reward: float
+    name: str
+    type: str
+    execution_time: float
+    errors: Errors = field(default_factory=Errors)
+    sub_rewards: dict[str, float] = field(default_factory=dict)
+
+
+def check(grader: AnyGrader, param: str = "grader") -> None:
+    """GraderError (naming the field) when `grader` cannot be run here, whatever the sample."""
+    if isinstance(grader, StringCheckGrader | TextSimilarityGrader):
+        template.paths(grader.input, f"{param}.input")
+        template.paths(grader.reference, f"{param}.reference")
+    if isinstance(grader, TextSimilarityGrader):
+        similarity.check(grader.evaluation_metric, f"{param}.evaluation_metric")
+    elif isinstance(grader, PythonGrader):
+        try:
+            compile(grader.source, "grader.py", "exec")
+        except (SyntaxError, ValueError) as error:
+            raise GraderError(f"source does not compile: {error}", f"{param}.source") from error
+        reason = sandbox.unavailable()
+        if reason:
+            raise GraderError(f"python graders cannot run here: {reason}.", f"{param}.type")
+    elif isinstance(grader, ScoreModelGrader | LabelModelGrader):
+        for i, message in enumerate(grader.input):
+            for text in _texts(message.content):
+                template.paths(text, f"{param}.input[{i}].content")
+        if isinstance(grader, LabelModelGrader) and not set(grader.passing_labels) <= set(grader.labels):
+            raise GraderError("passing_labels must be a subset of labels.", f"{param}.passing_labels")
+        if isinstance(grader, ScoreModelGrader) and grader.range is not None and len(grader.range) != 2:
+            raise GraderError("range takes two numbers, the lowest and the highest score.", f"{param}.range")
+    elif isinstance(grader, MultiGrader):
+        graders = sub_graders(grader)
+        for name, sub in graders.items():
+            check(sub, f"{param}.graders.{name}")
+        formula.check(grader.calculate_output, set(graders), f"{param}.calculate_output")
+
+
+def grade(grader: AnyGrader, model_sample: str, item: Any, param: str = "grader") -> Result:
+    """Score `model_sample` for `item`. Model graders are not run here (their judge is served elsewhere):
+    GraderError. A template naming a field the item or sample lacks is a GraderError too."""
+    started = time.monotonic()
+    namespaces = {"item": item, "sample": template.sample_namespace(model_sample)}
+    errors = Errors()
+    sub_rewards: dict[str, float] = {}
+    if isinstance(grader, StringCheckGrader):
+        reward = _string_check(grader, namespaces, param)
+    elif isinstance(grader, TextSimilarityGrader):
+        text = template.render(grader.input, namespaces, f"{param}.input")
+        reference = template.render(grader.reference, namespaces, f"{param}.reference")
+        reward = similarity.similarity(grader.evaluation_metric, text, reference)
+    elif isinstance(grader, PythonGrader):
+        outcome = sandbox.run(grader.source, namespaces["sample"], item)
+        reward = outcome.score or 0.0
+        errors.python_grader_runtime_error = outcome.error is not None
+        errors.python_grader_runtime_error_details = outcome.error
+    elif isinstance(grader, MultiGrader):
+        for name, sub in sub_graders(grader).items():
+            result = grade(sub, model_sample, item, f"{param}.graders.{name}")
+            sub_rewards[name] = result.reward
+            _merge(errors, result.errors)
+        try:
+            reward = formula.evaluate(grader.calculate_output, sub_rewards)
+        except (ValueError, ArithmeticError, TypeError):  # e.g. a division by zero for this sample
+            reward, errors.formula_parse_error = 0.0, True
+    else:
+        raise GraderError(
+            f"{grader.type} graders are validated but not run yet: their judge model is not called from "
+            "graders/run in this version.",
+            f"{param}.type",
+        )
+    return Result(reward, grader.name, grader.type, time.monotonic() - started, errors, sub_rewards)
+
+
+def _string_check(grader: StringCheckGrader, namespaces: dict[str, Any], param: str) -> float:
+    text = template.render(grader.input, namespaces, f"{param}.input")
+    reference = template.render(grader.reference, namespaces, f"{param}.reference")
+    if grader.operation == "eq":
+        return float(text == reference)
+    if grader.operation == "ne":
+        return float(text != reference)
+    if grader.operation == "like":
+        return float(reference in text)
+    return float(reference.lower() in text.lower())
+
+
+def _texts(content: Any) -> list[str]:
+    parts = content if isinstance(content, list) else [content]
+    return [part if isinstance(part, str) else part.text for part in parts]
+
+
+def _merge(errors: Errors, more: Errors) -> None:
+    for name, value in vars(more).items():
+        if value and not getattr(errors, name):
+            setattr(errors, name, value)
