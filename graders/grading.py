@@ -6,13 +6,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from graders import formula, sandbox, similarity, template
+from graders import formula, judging, sandbox, similarity, template
 from graders.errors import GraderError
+from graders.judging import Judge
 from graders.shapes import (
     AnyGrader,
     LabelModelGrader,
     MultiGrader,
     PythonGrader,
+    SamplingParams,
     ScoreModelGrader,
     StringCheckGrader,
     TextSimilarityGrader,
@@ -48,6 +50,8 @@ class Result:
     execution_time: float
     errors: Errors = field(default_factory=Errors)
     sub_rewards: dict[str, float] = field(default_factory=dict)
+    token_usage: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per judge model: its prompt, completion and total tokens."""
 
 
 def check(grader: AnyGrader, param: str = "grader") -> None:
@@ -67,12 +71,15 @@ def check(grader: AnyGrader, param: str = "grader") -> None:
             raise GraderError(f"python graders cannot run here: {reason}.", f"{param}.type")
     elif isinstance(grader, ScoreModelGrader | LabelModelGrader):
         for i, message in enumerate(grader.input):
-            for text in _texts(message.content):
+            for text in judging.texts(message.content):
                 template.paths(text, f"{param}.input[{i}].content")
         if isinstance(grader, LabelModelGrader) and not set(grader.passing_labels) <= set(grader.labels):
             raise GraderError("passing_labels must be a subset of labels.", f"{param}.passing_labels")
-        if isinstance(grader, ScoreModelGrader) and grader.range is not None and len(grader.range) != 2:
-            raise GraderError("range takes two numbers, the lowest and the highest score.", f"{param}.range")
+        if isinstance(grader, ScoreModelGrader) and grader.range is not None:
+            if len(grader.range) != 2 or grader.range[0] >= grader.range[1]:
+                raise GraderError(
+                    "range takes two numbers, the lowest score and a higher one.", f"{param}.range"
+                )
     elif isinstance(grader, MultiGrader):
         graders = sub_graders(grader)
         for name, sub in graders.items():
@@ -80,13 +87,16 @@ def check(grader: AnyGrader, param: str = "grader") -> None:
         formula.check(grader.calculate_output, set(graders), f"{param}.calculate_output")
 
 
-def grade(grader: AnyGrader, model_sample: str, item: Any, param: str = "grader") -> Result:
-    """Score `model_sample` for `item`. Model graders are not run here (their judge is served elsewhere):
-    GraderError. A template naming a field the item or sample lacks is a GraderError too."""
+def grade(
+    grader: AnyGrader, model_sample: str, item: Any, judge: Judge | None = None, param: str = "grader"
+) -> Result:
+    """Score `model_sample` for `item`; model graders ask `judge` (without one, a GraderError). A template
+    naming a field the item or sample lacks is a GraderError too."""
     started = time.monotonic()
     namespaces = {"item": item, "sample": template.sample_namespace(model_sample)}
     errors = Errors()
     sub_rewards: dict[str, float] = {}
+    usage: dict[str, dict[str, int]] = {}
     if isinstance(grader, StringCheckGrader):
         reward = _string_check(grader, namespaces, param)
     elif isinstance(grader, TextSimilarityGrader):
@@ -100,20 +110,33 @@ def grade(grader: AnyGrader, model_sample: str, item: Any, param: str = "grader"
         errors.python_grader_runtime_error_details = outcome.error
     elif isinstance(grader, MultiGrader):
         for name, sub in sub_graders(grader).items():
-            result = grade(sub, model_sample, item, f"{param}.graders.{name}")
+            result = grade(sub, model_sample, item, judge, f"{param}.graders.{name}")
             sub_rewards[name] = result.reward
             _merge(errors, result.errors)
+            for model, tokens in result.token_usage.items():
+                usage[model] = {key: usage.get(model, {}).get(key, 0) + n for key, n in tokens.items()}
         try:
             reward = formula.evaluate(grader.calculate_output, sub_rewards)
         except (ValueError, ArithmeticError, TypeError):  # e.g. a division by zero for this sample
             reward, errors.formula_parse_error = 0.0, True
     else:
-        raise GraderError(
-            f"{grader.type} graders are validated but not run yet: their judge model is not called from "
-            "graders/run in this version.",
-            f"{param}.type",
-        )
-    return Result(reward, grader.name, grader.type, time.monotonic() - started, errors, sub_rewards)
+        if judge is None:
+            raise GraderError(
+                f"{grader.type} graders need a judge model, which is not served here.", f"{param}.type"
+            )
+        reply = judge(grader.model, judging.messages(grader, namespaces, param), _sampling(grader))
+        usage[grader.model] = reply.usage
+        score = None if reply.text is None else judging.reward(grader, reply.text)
+        reward = score or 0.0
+        errors.model_grader_server_error = reply.error is not None
+        errors.model_grader_server_error_details = reply.error
+        errors.model_grader_parse_error = reply.error is None and score is None
+    elapsed = time.monotonic() - started
+    return Result(reward, grader.name, grader.type, elapsed, errors, sub_rewards, usage)
+
+
+def _sampling(grader: ScoreModelGrader | LabelModelGrader) -> SamplingParams | None:
+    return grader.sampling_params if isinstance(grader, ScoreModelGrader) else None
 
 
 def _string_check(grader: StringCheckGrader, namespaces: dict[str, Any], param: str) -> float:
@@ -126,11 +149,6 @@ def _string_check(grader: StringCheckGrader, namespaces: dict[str, Any], param: 
     if grader.operation == "like":
         return float(reference in text)
     return float(reference.lower() in text.lower())
-
-
-def _texts(content: Any) -> list[str]:
-    parts = content if isinstance(content, list) else [content]
-    return [part if isinstance(part, str) else part.text for part in parts]
 
 
 def _merge(errors: Errors, more: Errors) -> None:

@@ -8,8 +8,13 @@ from typing import Any
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import TypeAdapter
 
-from graders import sandbox
+from api.inference.router import inference_client
+from graders import judging, sandbox
+from graders.shapes import LabelModelGrader, ScoreModelGrader, SubGrader
+from inference.app import create_app as inference_app
+from models.settings import Settings
 from tests.conftest import Tenant
 
 needs_sandbox = pytest.mark.skipif(sandbox.unavailable() is not None, reason=f"{sandbox.unavailable()}")
@@ -106,6 +111,14 @@ def test_validate_returns_the_grader(api: openai.OpenAI) -> None:
     assert api.fine_tuning.alpha.graders.validate(grader=grader).grader.to_dict() == grader
 
 
+def score_model(model: str, **fields: Any) -> dict[str, Any]:
+    judge = [
+        {"role": "system", "content": "Rate the answer."},
+        {"role": "user", "content": "{{sample.output_text}}"},
+    ]
+    return {"type": "score_model", "name": "j", "model": model, "input": judge, **fields}
+
+
 def label_model(model: str) -> dict[str, Any]:
     judge = [{"role": "user", "content": "Judge {{sample.output_text}}"}]
     return {"type": "label_model", "name": "j", "model": model, "labels": ["good", "bad"],
@@ -124,8 +137,7 @@ def label_model(model: str) -> dict[str, Any]:
         (multi("a +", a=string_check("eq")), "grader.calculate_output"),
         (multi("a / 0 + open('x')", a=string_check("eq")), "grader.calculate_output"),
         ({"type": "python", "name": "p", "source": "def grade(sample, item) return 1"}, "grader.source"),
-        ({"type": "score_model", "name": "j", "model": "no-such-model",
-          "input": [{"role": "user", "content": "{{sample.output_text}}"}]}, "grader.model"),
+        (score_model("no-such-model"), "grader.model"),
         (multi("j", j=label_model("ft:tiny-llama:other:x:1")), "grader.graders.j.model"),
     ],
 )  # fmt: skip
@@ -137,14 +149,78 @@ def test_bad_graders_are_400s_naming_the_field(
     assert body["message"]
 
 
-def test_a_judge_model_the_caller_can_use_validates_but_is_not_run_yet(
-    api: openai.OpenAI, registered_model: str
+@pytest.fixture
+def inference(client: TestClient, settings: Settings) -> Iterator[None]:
+    """A real inference server (in process) behind the API, as `ftjobs serve` would be."""
+    with TestClient(inference_app(settings)) as server:
+        client.app.state.inference = server  # pyright: ignore[reportAttributeAccessIssue]
+        yield
+
+
+def test_a_judge_model_grades_through_the_inference_server(
+    api: openai.OpenAI, registered_model: str, inference: None
 ) -> None:
-    grader = {"type": "score_model", "name": "j", "model": registered_model,
-              "input": [{"role": "user", "content": "Rate {{sample.output_text}}"}]}  # fmt: skip
+    grader = score_model(
+        registered_model, range=[0, 10], sampling_params={"seed": 1, "max_completions_tokens": 4}
+    )
     assert api.fine_tuning.alpha.graders.validate(grader=grader).grader
-    body = refusal(api, grader)
-    assert body["param"] == "grader.type" and "not run yet" in body["message"]
+    response = run(api, multi("2 * j", j=grader), "Paris")
+    usage = response.model_grader_token_usage_per_model[registered_model]
+    assert usage["completion_tokens"] == 4 and usage["prompt_tokens"] > 0  # the judge answered 4 tokens
+    assert response.metadata.token_usage == usage["total_tokens"]
+    errors = response.metadata.errors
+    assert not errors.model_grader_server_error
+    # A tiny random model rarely says a number in range: either way the reward follows from its reply.
+    assert response.reward == (0.0 if errors.model_grader_parse_error else 2 * response.sub_rewards["j"])
+
+
+def test_an_unreachable_judge_scores_0_with_the_reason(
+    api: openai.OpenAI, client: TestClient, settings: Settings, registered_model: str
+) -> None:
+    nowhere = settings.model_copy(update={"inference_url": "http://127.0.0.1:9"})  # nothing listens there
+    client.app.state.inference = inference_client(nowhere)  # pyright: ignore[reportAttributeAccessIssue]
+    response = run(api, score_model(registered_model), "Paris")
+    assert response.reward == 0.0
+    assert response.metadata.errors.model_grader_server_error is True
+    assert "not reachable" in response.metadata.errors.model_grader_server_error_details
+
+
+@pytest.mark.parametrize(
+    ("grader", "reply", "reward"),
+    [
+        (score_model("m"), '{"result": 0.7}', 0.7),
+        (score_model("m"), "I would say 0.25.", 0.25),
+        (score_model("m"), "5", None),  # outside the default range [0, 1]
+        (score_model("m", range=[1, 5]), "5", 5.0),
+        (score_model("m"), "no idea", None),
+        (label_model("m"), "Good.", 1.0),
+        (label_model("m"), '{"result": "bad"}', 0.0),
+        (label_model("m"), "maybe", None),
+    ],
+)
+def test_judge_replies_are_read_leniently_but_only_as_a_label_or_an_in_range_score(
+    grader: dict[str, Any], reply: str, reward: float | None
+) -> None:
+    shape = TypeAdapter(SubGrader).validate_python(grader)
+    assert isinstance(shape, ScoreModelGrader | LabelModelGrader)
+    assert judging.reward(shape, reply) == reward
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"range": [1, 0]}, "grader.range"),
+        ({"range": [0, 1, 2]}, "grader.range"),
+        ({"sampling_params": {"temperature": 9}}, "grader.sampling_params.temperature"),
+        ({"sampling_params": {"max_completions_tokens": 0}}, "grader.sampling_params.max_completions_tokens"),
+    ],
+)
+def test_judge_settings_the_server_cannot_take_are_400s(
+    api: openai.OpenAI, registered_model: str, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.fine_tuning.alpha.graders.validate(grader=score_model(registered_model, **fields))
+    assert caught.value.body["param"] == param
 
 
 @needs_sandbox

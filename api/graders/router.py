@@ -2,9 +2,10 @@
 
 from fastapi import APIRouter
 
-from api.deps import OrgDep, SessionDep
+from api.deps import OrgDep, SessionDep, StoreDep
 from api.graders import service
 from api.graders.schemas import GraderRun, GraderRunResult, GraderValidate, GraderValidated
+from api.inference.router import ClientDep
 
 router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"])
 
@@ -17,6 +18,9 @@ def validate(body: GraderValidate, session: SessionDep, org: OrgDep) -> GraderVa
 
 
 @router.post("/run")
-def run(body: GraderRun, session: SessionDep, org: OrgDep) -> GraderRunResult:
-    """Grade one model sample against a dataset item; a python grader runs in a sandbox."""
-    return service.run(session, org, body)
+def run(
+    body: GraderRun, session: SessionDep, store: StoreDep, client: ClientDep, org: OrgDep
+) -> GraderRunResult:
+    """Grade one model sample against a dataset item: a python grader runs in a sandbox, a model grader
+    asks its judge model on the inference server."""
+    return service.run(session, store, client, org, body)

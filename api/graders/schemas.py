@@ -55,4 +55,4 @@ class GraderRunResult(BaseModel):
     reward: float
     metadata: RunMetadata
     sub_rewards: dict[str, float]
-    model_grader_token_usage_per_model: dict[str, Any]
+    model_grader_token_usage_per_model: dict[str, dict[str, int]]

@@ -3,13 +3,16 @@ every refusal is a 400 naming the field."""
 
 from dataclasses import asdict
 
+import httpx
 from sqlalchemy.orm import Session
 
+from api.graders.judge import chat_request, judge
 from api.graders.schemas import GraderRun, GraderRunResult, RunErrors, RunMetadata
 from graders import grading
 from graders.errors import GraderError
 from graders.shapes import AnyGrader, LabelModelGrader, MultiGrader, ScoreModelGrader, sub_graders
 from models.errors import APIError
+from models.storage import ArtifactStore
 from models.versions import ModelVersions
 
 
@@ -21,13 +24,16 @@ def validate(session: Session, org: str, grader: AnyGrader) -> None:
     _check_judges(session, org, grader, "grader")
 
 
-def run(session: Session, org: str, body: GraderRun) -> GraderRunResult:
+def run(
+    session: Session, store: ArtifactStore, client: httpx.Client, org: str, body: GraderRun
+) -> GraderRunResult:
     validate(session, org, body.grader)
     try:
-        result = grading.grade(body.grader, body.model_sample, body.item)
+        result = grading.grade(body.grader, body.model_sample, body.item, judge(session, store, client, org))
     except GraderError as error:
         raise APIError(error.message, param=error.param, code="invalid_grader") from error
     scores = dict(result.sub_rewards) or {result.name: result.reward}
+    tokens = [usage["total_tokens"] for usage in result.token_usage.values() if "total_tokens" in usage]
     return GraderRunResult(
         reward=result.reward,
         metadata=RunMetadata(
@@ -36,11 +42,11 @@ def run(session: Session, org: str, body: GraderRun) -> GraderRunResult:
             name=result.name,
             sampled_model_name=None,
             scores=scores,
-            token_usage=None,
+            token_usage=sum(tokens) if tokens else None,
             type=result.type,
         ),
         sub_rewards=result.sub_rewards,
-        model_grader_token_usage_per_model={},
+        model_grader_token_usage_per_model=dict(result.token_usage),
     )
 
 
@@ -55,3 +61,5 @@ def _check_judges(session: Session, org: str, grader: AnyGrader, param: str) -> 
                 param=f"{param}.model",
                 code="model_not_found",
             )
+        sampling = grader.sampling_params if isinstance(grader, ScoreModelGrader) else None
+        chat_request(grader.model, [{"role": "user", "content": "-"}], sampling, param)
