@@ -369,6 +369,8 @@ ELSEWHERE: dict[Route, str] = {
     ("GET", "/v1/webhook_event_types"): "test_lists_show_another_organisation_nothing_of_a",
     ("POST", "/v1/webhook_endpoints"): "tests/test_webhooks.py::test_events_reach_only_subscribed_endpoints_"
     "of_the_jobs_organisation",
+    ("POST", "/v1/fine_tuning/alpha/graders/validate"): "test_a_grader_cannot_name_a_judge_model_of_a",
+    ("POST", "/v1/fine_tuning/alpha/graders/run"): "test_a_grader_cannot_name_a_judge_model_of_a",
 }
 """Routes that name nothing of A's, and the test that covers them."""
 
@@ -454,6 +456,32 @@ def test_lists_show_another_organisation_nothing_of_a(scene: Scene) -> None:
     # The same lists show A its own objects.
     assert {alpha.tuned, alpha.checkpoint} <= {model["id"] for model in listed(scene.owner, "/v1/models")}
     assert set(alpha.files) <= {file["id"] for file in listed(scene.owner, "/v1/files")}
+
+
+def test_a_grader_cannot_name_a_judge_model_of_a(scene: Scene) -> None:
+    # The graders routes refuse a judge model with a 400 naming the field (not the 404 of a path's id):
+    # B gets for A's models exactly what it gets for a model that does not exist.
+    def judge(model: str) -> dict[str, Any]:
+        return {"type": "score_model", "name": "j", "model": model, "input": CHAT}
+
+    for path, body in [("validate", {}), ("run", {"model_sample": "x"})]:
+        url = f"/v1/fine_tuning/alpha/graders/{path}"
+        missing = envelope(scene.stranger.post(url, json={**body, "grader": judge("ft:none:x:y:z")}))
+        assert (missing["param"], missing["code"]) == ("grader.model", "model_not_found")
+        for model in (scene.alpha.tuned, scene.alpha.checkpoint):
+            response = scene.stranger.post(url, json={**body, "grader": judge(model)})
+            assert response.status_code == 400 and not leaks(scene.alpha, response, asked=model), (
+                response.text
+            )
+            assert envelope(response) == {
+                **missing,
+                "message": missing["message"].replace("ft:none:x:y:z", model),
+            }
+    # A may use its own model as a judge.
+    mine = scene.owner.post(
+        "/v1/fine_tuning/alpha/graders/validate", json={"grader": judge(scene.alpha.tuned)}
+    )
+    assert mine.status_code == 200, mine.text
 
 
 def test_idempotency_keys_are_per_organisation(scene: Scene) -> None:
