@@ -12,7 +12,7 @@ from rouge_score.rouge_scorer import RougeScorer
 from graders.errors import GraderError
 
 UNSUPPORTED = {
-    "meteor": "needs the WordNet corpus, which no PyPI package ships and nltk would download at run time",
+    "meteor": "needs the WordNet corpus, which nltk downloads at run time; no maintained PyPI package has it",
     "cosine": "needs an embedding model, and none is registered for graders",
 }
 
