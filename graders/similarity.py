@@ -4,10 +4,7 @@ that are not installed. `meteor` needs WordNet's data and `cosine` an embedding 
 
 from typing import cast
 
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-from nltk.translate.gleu_score import sentence_gleu
 from rapidfuzz import fuzz
-from rouge_score.rouge_scorer import RougeScorer
 
 from graders.errors import GraderError
 
@@ -28,6 +25,11 @@ def similarity(metric: str, text: str, reference: str) -> float:
     """A score in [0, 1]: how close `text` is to `reference` by `metric`."""
     if metric == "fuzzy_match":
         return fuzz.ratio(text, reference) / 100
+    # nltk (which rouge-score uses too) takes seconds to import: only a process that grades with it pays.
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from nltk.translate.gleu_score import sentence_gleu
+    from rouge_score.rouge_scorer import RougeScorer
+
     tokens, reference_tokens = text.split(), reference.split()
     if metric == "bleu":
         # Smoothed: a short text with no 4-gram in common scores low rather than 0.
