@@ -5,6 +5,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from graders.grading import Errors
 from graders.shapes import Grader
 
 
@@ -24,25 +25,8 @@ class GraderValidated(BaseModel):
     grader: Grader
 
 
-class RunErrors(BaseModel):
-    formula_parse_error: bool
-    invalid_variable_error: bool
-    model_grader_parse_error: bool
-    model_grader_refusal_error: bool
-    model_grader_server_error: bool
-    model_grader_server_error_details: str | None
-    other_error: bool
-    python_grader_runtime_error: bool
-    python_grader_runtime_error_details: str | None
-    python_grader_server_error: bool
-    python_grader_server_error_type: str | None
-    sample_parse_error: bool
-    truncated_observation_error: bool
-    unresponsive_reward_error: bool
-
-
 class RunMetadata(BaseModel):
-    errors: RunErrors
+    errors: Errors  # OpenAI's flags, as graders.grading sets them
     execution_time: float
     name: str
     sampled_model_name: str | None

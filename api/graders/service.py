@@ -1,13 +1,11 @@
 """Graders for an organisation: a grader's judge models must be ones it can call (its own or a base), and
 every refusal is a 400 naming the field."""
 
-from dataclasses import asdict
-
 import httpx
 from sqlalchemy.orm import Session
 
 from api.graders.judge import chat_request, judge
-from api.graders.schemas import GraderRun, GraderRunResult, RunErrors, RunMetadata
+from api.graders.schemas import GraderRun, GraderRunResult, RunMetadata
 from graders import grading
 from graders.errors import GraderError
 from graders.shapes import AnyGrader, LabelModelGrader, MultiGrader, ScoreModelGrader, sub_graders
@@ -37,7 +35,7 @@ def run(
     return GraderRunResult(
         reward=result.reward,
         metadata=RunMetadata(
-            errors=RunErrors(**asdict(result.errors)),
+            errors=result.errors,
             execution_time=result.execution_time,
             name=result.name,
             sampled_model_name=None,
