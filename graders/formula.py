@@ -77,6 +77,6 @@ def check(formula: str, names: set[str], param: str) -> None:
 def evaluate(formula: str, values: dict[str, float]) -> float:
     """The formula's value; ValueError (or ArithmeticError) when it has none, e.g. a division by zero."""
     result = SimpleEval(operators=OPERATORS, functions=FUNCTIONS, names=values).eval(formula.strip())
-    if not _number(result):
-        raise ValueError(f"calculate_output gave {type(result).__name__}, not a number")
+    if not _number(result) or not math.isfinite(result):
+        raise ValueError(f"calculate_output gave {result!r}, not a finite number")
     return float(result)

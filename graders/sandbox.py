@@ -6,6 +6,7 @@ output is read up to a cap."""
 
 import functools
 import json
+import math
 import os
 import platform
 import shutil
@@ -149,10 +150,14 @@ def run(source: str, sample: dict[str, Any], item: Any, limits: Limits = Limits(
         result = json.loads(lines[-1]) if lines else {}
     except ValueError:
         result = {}
-    if "score" in result:
-        return Outcome(result["score"], None)
-    if "error" in result:
-        return Outcome(None, result["error"])
+    if not isinstance(result, dict):
+        result = {}
+    # The code inside can write to the output itself: take only a finite number as a score.
+    score, error = result.get("score"), result.get("error")
+    if isinstance(score, int | float) and not isinstance(score, bool) and math.isfinite(score):
+        return Outcome(float(score), None)
+    if isinstance(error, str):
+        return Outcome(None, error)
     if process.returncode > 128:  # killed by a signal: the CPU-time limit's, or the kernel's for memory
         return Outcome(
             None, f"the grader was stopped by the sandbox's limits (signal {process.returncode - 128})"

@@ -2,6 +2,7 @@
 source, calls `grade(sample, item)` and writes `{"score": ...}` or `{"error": ...}` as the last line."""
 
 import json
+import math
 import os
 import resource
 import sys
@@ -24,8 +25,11 @@ def main() -> None:
         grade = namespace.get("grade")
         if not callable(grade):
             raise TypeError("the source defines no function grade(sample, item)")
-        score: Any = grade(request["sample"], request["item"])
-        result = {"score": float(score)}
+        returned: Any = grade(request["sample"], request["item"])
+        score = float(returned)
+        if not math.isfinite(score):
+            raise ValueError(f"grade returned {score}, not a finite number")
+        result = {"score": score}
     except BaseException as error:  # noqa: B036 (SystemExit and KeyboardInterrupt too: all are reported)
         last = traceback.format_exception_only(type(error), error)[-1].strip()
         result = {"error": last[-2000:]}

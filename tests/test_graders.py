@@ -106,6 +106,13 @@ def test_multi_combines_named_graders_with_its_formula(api: openai.OpenAI) -> No
     assert response.metadata.type == "multi"
 
 
+@pytest.mark.parametrize("formula", ["a / (a - 1)", "1e308 * 10 * a", "log(a - 1)"])
+def test_a_formula_without_a_finite_value_for_a_sample_scores_0(api: openai.OpenAI, formula: str) -> None:
+    response = run(api, multi(formula, a=string_check("eq")), "Paris", {"answer": "Paris"})
+    assert response.sub_rewards == {"a": 1.0}
+    assert response.reward == 0.0 and response.metadata.errors.formula_parse_error is True
+
+
 def test_validate_returns_the_grader(api: openai.OpenAI) -> None:
     grader = string_check("eq")
     assert api.fine_tuning.alpha.graders.validate(grader=grader).grader.to_dict() == grader
@@ -231,6 +238,7 @@ def test_python_grader_scores_in_the_sandbox(api: openai.OpenAI) -> None:
     assert response.metadata.errors.python_grader_runtime_error is False
 
 
+FORGED = b'\n{"score": "x"}\n'  # written over the runner's result line, then gone before it writes one
 HOSTILE = {
     "fork bomb": ("import os\ndef grade(s, i):\n    while True:\n        os.fork()\n", "not permitted"),
     "threads": ("import threading\ndef grade(s, i):\n    threading.Thread(target=print).start()\n", "thread"),
@@ -244,6 +252,8 @@ HOSTILE = {
     "huge memory": ("def grade(s, i):\n    return len(bytearray(8 * 1024 ** 3))\n", "MemoryError"),
     "no grade": ("x = 1\n", "no function grade"),
     "not a number": ("def grade(s, i):\n    return 'high'\n", "ValueError"),
+    "infinity": ("def grade(s, i):\n    return float('inf')\n", "not a finite number"),
+    "forged": (f"import os\ndef grade(s, i):\n    os.write(1, {FORGED!r})\n    os._exit(0)\n", "without"),
 }  # fmt: skip
 
 
