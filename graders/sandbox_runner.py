@@ -37,4 +37,5 @@ def main() -> None:
     out.flush()
 
 
-main()
+if __name__ == "__main__":  # run as `python -c`; importing it runs nothing
+    main()
