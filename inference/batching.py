@@ -20,12 +20,13 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from inference.generation import OnEvent, Output, Row, Sampling, choose_tokens
 from models.errors import APIError
@@ -230,7 +231,7 @@ class Batcher:
             self.slots, self.cache, self.mask, self.positions = slots, cache, mask, positions
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+        for mine, theirs in zip(filled_layers(self.cache), filled_layers(cache), strict=True):
             mine.keys = torch.cat([pad_left(mine.keys, width, -2), pad_left(theirs.keys, width, -2)])
             mine.values = torch.cat([pad_left(mine.values, width, -2), pad_left(theirs.values, width, -2)])
         self.mask = torch.cat([pad_left(self.mask, width, -1), pad_left(mask, width, -1)])
@@ -253,11 +254,23 @@ class Batcher:
         indices = torch.tensor(keep, dtype=torch.long)
         mask = self.mask[indices]
         start = int(mask.any(dim=0).long().argmax())
-        for layer in self.cache.layers:
+        for layer in filled_layers(self.cache):
             device = layer.keys.device
             layer.keys = layer.keys[indices.to(device), :, start:, :]
             layer.values = layer.values[indices.to(device), :, start:, :]
         self.mask, self.positions = mask[:, start:], self.positions[indices]
+
+
+class KeysValues(Protocol):
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def filled_layers(cache: DynamicCache) -> list[KeysValues]:
+    """A filled cache's layers: keys and values of every position, as batches merge only full-attention
+    models' caches (`Batching.mergeable`), whose layers are DynamicLayers."""
+    assert all(isinstance(layer, DynamicLayer) and layer.keys is not None for layer in cache.layers)
+    return cast(list[KeysValues], cache.layers)
 
 
 def pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -305,7 +318,9 @@ class Batching:
     def mergeable(self, job: Job) -> bool:
         """Whether the model's cache can be re-padded: full attention in every layer (a sliding window's
         cache keeps only its last positions)."""
-        config = job.model().config.get_text_config()
+        config = job.model().config
+        assert isinstance(config, PretrainedConfig)
+        config = config.get_text_config()
         layer_types = getattr(config, "layer_types", None)
         if layer_types:
             return set(layer_types) == {"full_attention"}

@@ -196,7 +196,8 @@ def choose_tokens(logits: torch.Tensor, samplings: Sequence[tuple[Sampling, torc
             continue
         scores = logits[index : index + 1].float() / sampling.temperature
         if sampling.top_p < 1.0:
-            scores = TopPLogitsWarper(sampling.top_p)(None, scores)  # type: ignore[arg-type]
+            # The warper reads only the scores; its input_ids parameter serves other processors' signatures.
+            scores = TopPLogitsWarper(sampling.top_p)(None, scores)  # pyright: ignore[reportArgumentType]
         tokens.append(int(torch.multinomial(scores.softmax(dim=-1).cpu(), 1, generator=generator)))
     return tokens
 
