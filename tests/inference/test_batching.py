@@ -192,10 +192,10 @@ def server(engine: Engine, artifacts_root: Path) -> Iterator[str]:
 
 
 def victim_seconds(url: str, t: Target) -> float:
-    """Another organisation's 8-token chat: the best of three, in seconds."""
+    """Another organisation's 8-token chat: the best of five, in seconds."""
     body = {**chat_body(t, temperature=0, max_tokens=8), "organization": "org-victim"}
     times = []
-    for _ in range(3):
+    for _ in range(5):
         started = time.monotonic()
         assert httpx.post(f"{url}/internal/chat/completions", json=body, timeout=60).status_code == 200
         times.append(time.monotonic() - started)
@@ -231,7 +231,9 @@ def test_an_abandoned_request_leaves_its_batch_and_a_victim_answers_as_fast_as_w
             httpx.post(f"{server}/internal/completions", json=attack, timeout=3)
     # Within a second of the client leaving, its 64 rows are gone and nothing of it waits.
     wait_until(lambda: not engine.batching.batchers and not engine.batching.waiting, seconds=2)
-    assert victim_seconds(server, t) <= 2 * idle
+    # 50 ms of slack for scheduling jitter on a busy machine: the abandoned rows, had they stayed, would
+    # cost seconds.
+    assert victim_seconds(server, t) <= 2 * idle + 0.05
 
 
 def test_an_organisation_with_no_row_in_a_full_batch_is_admitted_at_the_next_step(
