@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models.ids import random_id
@@ -91,10 +91,13 @@ class Organizations:
 
     def lock(self, organization_id: str) -> None:
         """Serialise this organisation's writers until the transaction ends (a per-organisation quota
-        check counts, then inserts). Postgres row lock; SQLite serialises writers anyway."""
-        self.session.scalars(
-            select(Organization.id).where(Organization.id == organization_id).with_for_update()
-        ).first()
+        check counts, then inserts). A write, not `SELECT ... FOR UPDATE`: SQLite ignores FOR UPDATE and
+        runs reads outside any transaction until the first write, so only a write takes its database lock
+        (waiting out `busy_timeout`) before the count; on Postgres it takes the row lock."""
+        self.session.execute(
+            update(Organization).where(Organization.id == organization_id).values(id=Organization.id),
+            execution_options={"synchronize_session": False},
+        )
 
 
 class ApiKeys:
