@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, description="Largest accepted upload (413 above)."
     )
+    storage_quota_bytes: int = Field(
+        default=100 * 1024**3,
+        ge=0,
+        description="Bytes an organisation's files and job artifacts may hold, unless the admin set its own "
+        "limit (0: no limit); uploads get a 413 above, jobs that would publish above it fail.",
+    )
     max_file_examples: int = Field(
         default=1_000_000, ge=1, description="Most examples in a training or validation file."
     )
