@@ -1,17 +1,28 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
 PYTHON ?= python3
+# Exact versions of everything but torch (constraints.txt says how it is made).
+PIP_INSTALL = $(PYTHON) -m pip install -c constraints.txt
 
-.PHONY: install install-dev demo test lint bench-api
+.PHONY: install install-dev constraints demo test lint bench-api
 
 # CPU torch first where none is installed (an unpinned torch would pull several GB of CUDA wheels);
 # a machine that already has torch (a GPU build, say) keeps it.
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e .
+	$(PIP_INSTALL) -e .
 
 install-dev: install
-	$(PYTHON) -m pip install -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	cd tests/e2e/node && npm ci --no-audit --no-fund
+
+# A fresh resolve of pyproject's dependencies in a scratch virtualenv, frozen into constraints.txt.
+constraints:
+	rm -rf build/constraints-venv && $(PYTHON) -m venv build/constraints-venv
+	build/constraints-venv/bin/pip install torch==2.13.0
+	build/constraints-venv/bin/pip install -e '.[dev]'
+	{ grep '^#' constraints.txt; build/constraints-venv/bin/pip freeze --exclude-editable \
+		| grep -viE '^(torch|triton|nvidia-)'; } > build/constraints.txt && mv build/constraints.txt constraints.txt
+	rm -rf build/constraints-venv
 
 demo: install
 	$(PYTHON) -m cli demo
@@ -19,9 +30,12 @@ demo: install
 test: install-dev
 	$(PYTHON) -m pytest -q
 
+# Style and types; the type checker is told which interpreter's packages to read (a venv's, say), and not to
+# ask PyPI whether a newer pyright exists (its version is pinned in the dev extras).
 lint: install-dev
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(PYTHON) -m pyright --pythonpath "$$($(PYTHON) -c 'import sys; print(sys.executable)')"
 
 bench-api: install-dev
 	$(PYTHON) bench/api.py

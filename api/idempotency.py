@@ -2,11 +2,12 @@
 creates nothing new; the same key with a different request is a 400.
 
 The key is stored in the same transaction as what the request creates, so either both exist or neither:
-a request that failed (and rolled back) can be retried with its key.
+a request that failed (and rolled back) can be retried with its key. Fields a response shows only once
+(a webhook's signing secret) are stored as null, so a replay doesn't show them again.
 """
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -15,7 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from api.deps import OrgDep, SessionDep
-from api.errors import APIError
+from models.errors import APIError
 from models.idempotency import IdempotencyRepository
 
 MAX_KEY_LENGTH = 255
@@ -25,9 +26,15 @@ class Idempotency:
     def __init__(self, session: Session, organization_id: str, key: str | None, route: str) -> None:
         self.session, self.organization_id, self.key, self.route = session, organization_id, key, route
 
-    def run(self, request: Callable[[], bytes], produce: Callable[[], BaseModel]) -> BaseModel | JSONResponse:
+    def run(
+        self,
+        request: Callable[[], bytes],
+        produce: Callable[[], BaseModel],
+        *,
+        shown_once: Collection[str] = (),
+    ) -> BaseModel | JSONResponse:
         """`produce()` once per key; `request()` identifies the request (its body, canonicalised), and is
-        only computed when a key was sent."""
+        only computed when a key was sent. The `shown_once` fields are stored (and replayed) as null."""
         if self.key is None:
             return produce()
         fingerprint = hashlib.sha256(self.route.encode() + b"\0" + request()).hexdigest()
@@ -36,7 +43,7 @@ class Idempotency:
         if row is None:
             return self._replay(repo, fingerprint)
         result = produce()
-        repo.record(row, 200, result.model_dump(mode="json"))
+        repo.record(row, 200, result.model_dump(mode="json") | dict.fromkeys(shown_once))
         return result
 
     def _replay(self, repo: IdempotencyRepository, fingerprint: str) -> JSONResponse:

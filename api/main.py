@@ -42,6 +42,8 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
         version="0.1.0",
         description="Self-hosted, OpenAI-compatible fine-tuning jobs.",
         lifespan=lifespan,
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
     )
     app.state.settings = settings
     app.state.engine = engine

@@ -27,18 +27,18 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import ColumnElement, Connection, Engine, Float, case, cast, func, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.orm import Job, JobEvent
-from models.states import TERMINAL, JobStatus
+from models.jobs import WAITING, Distribution, JobStatistics
+from models.states import JobStatus
 
 log = logging.getLogger("ftjobs.api")
 access_log = logging.getLogger("ftjobs.access")
 
-WAITING = (JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value)
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 TOKENS_PER_SECOND_BUCKETS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000)
@@ -103,8 +103,8 @@ class JobCollector(Collector):
             "ftjobs_job_metrics_up", "1 if the job figures were read from the database, 0 if it failed."
         )
         try:
-            with self.engine.connect() as connection:
-                families = list(_job_families(connection, time.time()))
+            with Session(self.engine) as session:
+                families = list(_job_families(JobStatistics(session), time.time()))
         except SQLAlchemyError as error:
             log.warning("job metrics: database unavailable: %s", error)
             families = []
@@ -113,8 +113,8 @@ class JobCollector(Collector):
         yield from families
 
 
-def _job_families(connection: Connection, now: float) -> Iterator[Metric]:
-    counts = dict(connection.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+def _job_families(stats: JobStatistics, now: float) -> Iterator[Metric]:
+    counts = stats.count_by_status()
     jobs = GaugeMetricFamily("ftjobs_jobs", "Fine-tuning jobs by status.", labels=["status"])
     for status in JobStatus:
         jobs.add_metric([status.value], counts.get(status.value, 0))
@@ -124,82 +124,45 @@ def _job_families(connection: Connection, now: float) -> Iterator[Metric]:
         "Jobs waiting for a worker (validating_files or queued).",
         value=sum(counts.get(status, 0) for status in WAITING),
     )
-    # A job starts waiting when it is created, resumed or queued again, and each of those writes an event:
-    # its latest event says since when (created_at would count a resumed job's whole history).
-    waiting = (
-        select(func.max(JobEvent.created_at).label("since"))
-        .join(Job, Job.id == JobEvent.job_id)
-        .where(Job.status.in_(WAITING))
-        .group_by(JobEvent.job_id)
-        .subquery()
-    )
-    oldest = connection.execute(select(func.min(waiting.c.since))).scalar()
+    oldest = stats.oldest_waiting_since()
     yield GaugeMetricFamily(
         "ftjobs_queue_oldest_wait_seconds",
         "How long the longest-waiting job has waited for a worker (0 when none waits).",
         value=max(0.0, now - oldest) if oldest is not None else 0.0,
     )
-    started = Job.started_at.is_not(None)
     yield _histogram(
-        connection,
         HistogramMetricFamily(
             "ftjobs_job_queue_wait_seconds",
             "Time from a job's creation to the start of its (latest) attempt, for jobs that started.",
         ),
-        Job.started_at - Job.created_at,
-        WAIT_BUCKETS,
-        [started],
+        stats.queue_waits(WAIT_BUCKETS),
     )
-    duration = Job.finished_at - Job.started_at
-    finished = [Job.status.in_([s.value for s in TERMINAL]), started, Job.finished_at.is_not(None)]
     yield _histogram(
-        connection,
         HistogramMetricFamily(
             "ftjobs_job_duration_seconds",
             "Wall-clock time of finished jobs' (last) attempt, start to finish, by final status.",
             labels=["status"],
         ),
-        duration,
-        DURATION_BUCKETS,
-        finished,
-        [Job.status],
+        stats.durations(DURATION_BUCKETS),
     )
-    # Jobs that ran in one attempt only: a resumed job's tokens span attempts its times do not.
     yield _histogram(
-        connection,
         HistogramMetricFamily(
             "ftjobs_job_training_tokens_per_second",
             "Succeeded single-attempt jobs' trained tokens over their wall-clock duration (loading and "
             "evaluation included), by base model and training type.",
             labels=["model", "training_type"],
         ),
-        cast(Job.trained_tokens, Float) / duration,
-        TOKENS_PER_SECOND_BUCKETS,
-        [Job.status == JobStatus.SUCCEEDED.value, Job.attempt == 1, Job.trained_tokens > 0, duration > 0],
-        [Job.model, Job.hyperparameters["training_type"].as_string()],
+        stats.training_rates(TOKENS_PER_SECOND_BUCKETS),
     )
 
 
-def _histogram(
-    connection: Connection,
-    family: HistogramMetricFamily,
-    value: ColumnElement[float],
-    buckets: Sequence[float],
-    where: Sequence[ColumnElement[bool]],
-    labels: Sequence[ColumnElement[object]] = (),
-) -> HistogramMetricFamily:
-    """Fill `family` from one aggregate query: per label set, the count, the sum, and a count per bucket."""
-    counts = [func.sum(case((value <= bound, 1), else_=0)) for bound in buckets]
-    query = select(*labels, func.count(), func.sum(value), *counts).where(*where).group_by(*labels)
-    for row in connection.execute(query):
-        names, (count, total, *cumulative) = row[: len(labels)], row[len(labels) :]
-        if count or not labels:  # an unlabelled histogram is shown from the start, at zero
-            points = [
-                (floatToGoString(bound), int(n or 0)) for bound, n in zip(buckets, cumulative, strict=True)
-            ]
-            family.add_metric(
-                [str(name or "") for name in names], [*points, ("+Inf", int(count))], float(total or 0)
-            )
+def _histogram(family: HistogramMetricFamily, distributions: Sequence[Distribution]) -> HistogramMetricFamily:
+    """`family` with a histogram per distribution (per label set)."""
+    for distribution in distributions:
+        points = [(floatToGoString(bound), n) for bound, n in distribution.buckets]
+        family.add_metric(
+            list(distribution.labels), [*points, ("+Inf", distribution.count)], distribution.total
+        )
     return family
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Generic, Literal, TypeVar
 from fastapi import Query
 from pydantic import BaseModel
 
-from api.errors import APIError
+from models.errors import APIError
 
 T = TypeVar("T", bound=BaseModel)
 R = TypeVar("R")

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.client import DEFAULT_BASE_URL, BaseUrl, client, segment
+from cli.client import DEFAULT_BASE_URL, BaseUrl, client, json_object, segment
 from cli.output import Json, err, show
 
 app = typer.Typer(
@@ -66,7 +66,7 @@ def create_key(
     """Make a key and print it, alone on stdout (`KEY=$(ftjobs admin keys create acme)`); it is shown
     this once."""
     path = f"/admin/organizations/{segment(_org_id(org, base_url))}/api_keys"
-    created = client(base_url, admin=True).post(path, body={"name": name}, cast_to=object)
+    created = json_object(client(base_url, admin=True).post(path, body={"name": name}, cast_to=object))
     if as_json:
         show(created, as_json)
         return

@@ -65,6 +65,13 @@ def given(**fields: Any) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
 
+def json_object(answer: object) -> dict[str, Any]:
+    """The JSON object a `cast_to=object` call answered with (the SDK types it as any value)."""
+    if not isinstance(answer, dict):
+        raise TypeError(f"the API answered with a {type(answer).__name__}, not a JSON object")
+    return answer
+
+
 def document(response: Any) -> Any:
     """The API's JSON of a `with_raw_response` call, as sent: `--json` prints exactly this."""
     return json.loads(response.content)
@@ -82,7 +89,8 @@ class ApiErrors(TyperGroup):
     """The root command group: an error from the API, or no answer at all, ends the command with one line
     on stderr and exit code 1, whichever subcommand raised it."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    # typer runs its groups with typer.Context; the base names the Context of the click that typer bundles.
+    def invoke(self, ctx: typer.Context) -> Any:  # pyright: ignore[reportIncompatibleMethodOverride]
         try:
             return super().invoke(ctx)
         except openai.APIStatusError as error:

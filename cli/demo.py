@@ -58,7 +58,8 @@ def _start_server(settings: Settings, port: int) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise typer.Exit(f"the server exited with code {server.returncode}")
+            typer.echo(f"the server exited with code {server.returncode}", err=True)
+            raise typer.Exit(1)
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                 return server
@@ -66,7 +67,8 @@ def _start_server(settings: Settings, port: int) -> subprocess.Popen[bytes]:
             pass
         time.sleep(0.5)
     server.terminate()
-    raise typer.Exit("the server did not become healthy within 120 s")
+    typer.echo("the server did not become healthy within 120 s", err=True)
+    raise typer.Exit(1)
 
 
 def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
@@ -89,7 +91,8 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
             validation_file=validation_file.id,
             suffix="sentiment-demo",
             seed=42,
-            method={"type": "supervised", "supervised": {"hyperparameters": HYPERPARAMETERS}},  # type: ignore[typeddict-item]
+            # lora_r and max_seq_length are our extensions of OpenAI's hyperparameters.
+            method={"type": "supervised", "supervised": {"hyperparameters": HYPERPARAMETERS}},  # pyright: ignore[reportArgumentType]
         )
         typer.echo(f"Created {job.id}: LoRA on {BASE_MODEL}, {dataset.name} ({training_file.bytes} bytes)")
         job = follow(client, job.id)
@@ -112,7 +115,9 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
             typer.echo("Base → tuned:     " + _comparison(evaluation["baseline"], evaluation["tuned"]))
         typer.echo(f"Results file:     {job.result_files[0]} (client.files.content(...) gives the CSV)")
         typer.echo(f"Adapter:          {adapter}")
-        _ask(client, job.fine_tuned_model, dataset / "validation.jsonl")  # type: ignore[arg-type]
+        if job.fine_tuned_model is None:
+            raise RuntimeError(f"{job.id} succeeded without a fine_tuned_model")
+        _ask(client, job.fine_tuned_model, dataset / "validation.jsonl")
         typer.echo(f"Wall time:        {time.monotonic() - started:.0f} s")
         return 0
     finally:

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from openai import NOT_GIVEN
+from openai import omit
 
 from cli.client import DEFAULT_BASE_URL, After, BaseUrl, client, document, once
 from cli.output import Json, show
@@ -25,12 +25,12 @@ def upload(
     base_url: BaseUrl = DEFAULT_BASE_URL,
 ) -> None:
     """Upload a JSONL file (streamed, with a progress bar)."""
-    expiry = {"anchor": "created_at", "seconds": expires_after} if expires_after else NOT_GIVEN
+    expiry = {"anchor": "created_at", "seconds": expires_after} if expires_after else omit
     with reading(path) as source:
         raw = client(base_url).files.with_raw_response.create(
             file=source,
-            purpose=purpose,  # type: ignore[arg-type]
-            expires_after=expiry,  # type: ignore[arg-type]
+            purpose=purpose,  # pyright: ignore[reportArgumentType]  # the API validates it
+            expires_after=expiry,  # pyright: ignore[reportArgumentType]  # the API validates it
             extra_headers=once(),
         )
     show(document(raw), as_json)
@@ -47,7 +47,10 @@ def list_files(
 ) -> None:
     """List files, newest first."""
     raw = client(base_url).files.with_raw_response.list(
-        purpose=purpose or NOT_GIVEN, limit=limit, after=after or NOT_GIVEN, order=order
+        purpose=purpose or omit,
+        limit=limit,
+        after=after or omit,
+        order=order,  # pyright: ignore[reportArgumentType]  # the API validates it
     )
     show(document(raw), as_json, COLUMNS)
 

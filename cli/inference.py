@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.client import DEFAULT_BASE_URL, BaseUrl, client, document, given
+from cli.client import DEFAULT_BASE_URL, BaseUrl, client, document, given, json_object
 from cli.output import Json, print_json, print_table, table
 
 Stream = Annotated[bool, typer.Option(help="Print the text as it is generated.")]
@@ -58,11 +58,11 @@ def classify(
     """Label texts with a fine-tuned classifier: each text's best label and its probability."""
     inputs = texts or [line for line in _text(None, "TEXTS").splitlines() if line.strip()]
     body = {"model": model, "input": inputs}
-    answer = client(base_url).post("/classifications", body=body, cast_to=object)
+    answer = json_object(client(base_url).post("/classifications", body=body, cast_to=object))
     if as_json:
         print_json(answer)
         return
-    rows = [{**row, "input": inputs[row["index"]]} for row in answer["data"]]  # type: ignore[index]
+    rows = [{**row, "input": inputs[row["index"]]} for row in answer["data"]]
     print_table(table(rows, ("label", "score", "input")))
 
 

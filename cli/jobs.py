@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import typer
-from openai import NOT_GIVEN, OpenAI
+from openai import OpenAI, omit
 
 from cli.client import DEFAULT_BASE_URL, After, BaseUrl, client, document, given, once
 from cli.follow import follow
@@ -111,8 +111,8 @@ def list_jobs(
     """List jobs, newest first."""
     raw = client(base_url).fine_tuning.jobs.with_raw_response.list(
         limit=limit,
-        after=after or NOT_GIVEN,
-        metadata=_pairs(metadata, "--metadata") or NOT_GIVEN,
+        after=after or omit,
+        metadata=_pairs(metadata, "--metadata") or omit,
         extra_query={"status": status} if status else None,  # our extension
     )
     show(document(raw), as_json, COLUMNS)
@@ -134,7 +134,7 @@ def events(
 ) -> None:
     """Show a job's newest events (oldest first in the table; as the API lists them with --json)."""
     jobs = client(base_url).fine_tuning.jobs.with_raw_response
-    page = document(jobs.list_events(job_id, limit=limit, after=after or NOT_GIVEN))
+    page = document(jobs.list_events(job_id, limit=limit, after=after or omit))
     if not as_json:
         page["data"].reverse()
     show(page, as_json, ("created_at", "level", "type", "message"))
@@ -150,7 +150,7 @@ def checkpoints(
 ) -> None:
     """List a job's checkpoints, newest first, with their metrics."""
     listed = client(base_url).fine_tuning.jobs.checkpoints.with_raw_response.list(
-        job_id, limit=limit, after=after or NOT_GIVEN
+        job_id, limit=limit, after=after or omit
     )
     metrics = ("metrics.train_loss", "metrics.valid_loss", "metrics.full_valid_loss")
     show(document(listed), as_json, ("step_number", "fine_tuned_model_checkpoint", *metrics))

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cli import admin, files, jobs, webhooks
@@ -26,6 +27,7 @@ from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
 from worker.child import die_with_parent
 from worker.reconciler import Reconciler
+from worker.training.quiet import hide_known_library_noise
 from worker.webhooks import WebhookSender
 
 app = typer.Typer(
@@ -50,10 +52,22 @@ api_models.register(models_app)
 DataDir = Annotated[Path | None, typer.Option(help="Data directory (default: $FTJOBS_DATA_DIR or ./data).")]
 
 
-def _settings(data_dir: Path | None = None, **overrides: object) -> Settings:
+def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
+    """The server's settings. Every server command starts here, so here the process (and every child it
+    starts) stops sharing what it creates: the data directory, the SQLite database (webhook secrets),
+    artifacts and base models are this user's alone (0700 and 0600), whatever the inherited umask."""
     if data_dir is not None:
         overrides["data_dir"] = data_dir
-    return Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:  # one line per bad setting, naming its variable, not a traceback
+        for problem in error.errors():
+            variable = "FTJOBS_" + "_".join(str(part) for part in problem["loc"]).upper()
+            reason = problem.get("ctx", {}).get("error") or problem["msg"]
+            typer.echo(f"Error: {variable}: {reason}", err=True)
+        raise typer.Exit(2) from None
+    os.umask(0o077)
+    return settings
 
 
 @app.command()
@@ -127,6 +141,7 @@ def serve(
 ) -> None:
     """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
     fine-tuned adapters attach per request."""
+    hide_known_library_noise()  # before the import below loads bitsandbytes (through peft)
     from inference.app import serve as serve_models
 
     serve_models(_settings(data_dir), host=host, port=port, log_level=log_level)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli.client import DEFAULT_BASE_URL, After, BaseUrl, client, given, once, segment
+from cli.client import DEFAULT_BASE_URL, After, BaseUrl, client, given, json_object, once, segment
 from cli.output import Json, err, show
 
 app = typer.Typer(help="Webhook endpoints: job events POSTed to your URLs.", no_args_is_help=True)
@@ -94,8 +94,8 @@ def deliveries(
     base_url: BaseUrl = DEFAULT_BASE_URL,
 ) -> None:
     """What was sent to an endpoint, newest first, and how each delivery went."""
-    params = {"params": given(limit=limit, after=after)}
-    listed = client(base_url).get(f"{_path(endpoint_id)}/deliveries", cast_to=object, options=params)
+    path = f"{_path(endpoint_id)}/deliveries"
+    listed = client(base_url).get(path, cast_to=object, options={"params": given(limit=limit, after=after)})
     columns = ("id", "event_type", "fine_tuning_job_id", "status", "attempts", "last_status_code")
     show(listed, as_json, (*columns, "last_attempt_at"))
 
@@ -103,11 +103,11 @@ def deliveries(
 @app.command("event-types")
 def event_types(as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
     """The events ftjobs sends."""
-    listed = client(base_url).get("/webhook_event_types", cast_to=object)
+    listed = json_object(client(base_url).get("/webhook_event_types", cast_to=object))
     if as_json:
         show(listed, as_json)
     else:
-        typer.echo("\n".join(listed["data"]))  # type: ignore[index]
+        typer.echo("\n".join(listed["data"]))
 
 
 def _path(endpoint_id: str) -> str:

@@ -1,5 +1,5 @@
 """The inference server's internal HTTP app: the API forwards validated OpenAI requests here as
-`Forwarded{target, request}` and relays the answer. Errors use OpenAI's envelope (`api.errors`)."""
+`Forwarded{target, request}` and relays the answer. Errors use OpenAI's envelope (`web.errors`)."""
 
 import hmac
 import json
@@ -14,14 +14,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from api.errors import APIError, envelope, install
 from inference.engine import Engine, Stream
+from inference.preflight import estimate
+from models.errors import APIError, envelope
 from models.inference import ChatCompletionRequest, ClassificationRequest, CompletionRequest, Forwarded
 from models.logs import logging_config
 from models.preflight import PreflightReport, PreflightRequest
 from models.settings import Settings
 from models.spec import DataError
-from worker.training.preflight import estimate
+from web.errors import install
 
 log = logging.getLogger("ftjobs.inference")
 DEFAULT_PORT = 8001
@@ -81,7 +82,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The app, with its own `Engine` unless one is given (tests look inside theirs)."""
     engine = engine or Engine(settings)
     app = FastAPI(title="ftjobs inference", docs_url=None, redoc_url=None)
-    install(app)
+    install(app, log)
     app.state.engine = engine
     internal = [Depends(api_token(settings))]
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftModel
+from peft import PeftModel, PromptLearningConfig
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from api.errors import APIError
 from inference import shapes
 from inference.generation import FinishReason, OnEvent, Output, Sampling, generate
 from inference.store import ModelStore, Served
+from models.errors import APIError
 from models.inference import (
     ChatCompletionRequest,
     ChatMessage,
@@ -29,6 +29,7 @@ from models.settings import Settings
 from worker.training.data import template_message
 from worker.training.device import DeviceConfig
 from worker.training.objectives.classification import encode
+from worker.training.tokens import render_chat
 
 DEFAULT_MAX_TOKENS = 256
 """Completion tokens when the request names no max_tokens (always also capped by the model's context)."""
@@ -235,18 +236,30 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessa
             code="model_not_supported",
         )
     conversation = [template_message({"role": m.role, "content": m.text()}) for m in messages]
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    text = render_chat(tokenizer, conversation, add_generation_prompt=True)
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids
 
 
 def text_prompts(prompts: list[str]) -> Callable[[PreTrainedTokenizerBase], list[list[int]]]:
     def encode_all(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-        # As prompt/completion training encodes its prompts; an empty prompt starts from bos (or eos).
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [tokenizer(p, add_special_tokens=True)["input_ids"] or [start] for p in prompts]
+        # As prompt/completion training encodes its prompts.
+        return [
+            tokenizer(p, add_special_tokens=True)["input_ids"] or empty_prompt(tokenizer) for p in prompts
+        ]
 
     return encode_all
+
+
+def empty_prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """What an empty prompt starts from: bos, or eos where the tokenizer has no bos."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if not isinstance(start, int):
+        raise APIError(
+            "This model's tokenizer has neither a bos nor an eos token to start an empty prompt from.",
+            param="prompt",
+        )
+    return [start]
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -254,8 +267,9 @@ def context_length(model: nn.Module) -> int | None:
     tokens."""
     config = getattr(model, "config", None)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None) if config else None
-    if limit is not None and isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
-        limit -= model.active_peft_config.num_virtual_tokens
+    peft_config = model.active_peft_config if isinstance(model, PeftModel) else None
+    if limit is not None and isinstance(peft_config, PromptLearningConfig):
+        limit -= peft_config.num_virtual_tokens
     return limit
 
 

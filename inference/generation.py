@@ -12,7 +12,7 @@
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ from transformers import (
     StoppingCriteriaList,
     TopPLogitsWarper,
 )
+
+from worker.training.tokens import decode
 
 FinishReason = Literal["stop", "length"]
 OnEvent = Callable[[int, str, FinishReason | None], None]
@@ -56,7 +58,7 @@ class Sampler(LogitsProcessor):
         self.temperature, self.generator = temperature, generator
         self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores / self.temperature
         if self.top_p is not None:
             scores = self.top_p(input_ids, scores)
@@ -81,8 +83,8 @@ class _Row:
             self.finish = "stop"
             return self._flush()
         # Byte-level BPE decodes prefix-stably, so the growing decode is the text so far.
-        self.text = self.tokenizer.decode(
-            [t for t in self.token_ids if t not in self.eos], skip_special_tokens=True
+        self.text = decode(
+            self.tokenizer, [t for t in self.token_ids if t not in self.eos], skip_special_tokens=True
         )
         cuts = [index for s in self.stop if (index := self.text.find(s)) >= 0]
         if cuts:
@@ -124,8 +126,8 @@ class _Tracker(StoppingCriteria):
         self.on_event, self.cancelled = on_event, cancelled
 
     def __call__(
-        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object
-    ) -> torch.Tensor:
+        self, input_ids: torch.LongTensor, scores: tuple[torch.Tensor] | None, **kwargs: object
+    ) -> torch.BoolTensor:
         last = input_ids.shape[1] - self.prompt_length >= self.max_new_tokens
         for index, (row, token) in enumerate(zip(self.rows, input_ids[:, -1].tolist(), strict=True)):
             if row.finish is not None:
@@ -139,12 +141,13 @@ class _Tracker(StoppingCriteria):
         done = [row.finish is not None for row in self.rows]
         if self.cancelled is not None and self.cancelled.is_set():
             done = [True] * len(done)  # the client went away: stop computing
-        return torch.tensor(done, device=input_ids.device)
+        # transformers annotates the legacy tensor class, which no torch function is typed to return.
+        return cast(torch.BoolTensor, torch.tensor(done, device=input_ids.device))
 
 
 def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """What ends an answer: the tokenizer's eos and the model's generation eos (one id or several)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ids = {eos} if isinstance(eos := tokenizer.eos_token_id, int) else set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
@@ -173,7 +176,8 @@ def generate(
     if sampling.temperature > 0:
         processors.append(Sampler(sampling.temperature, sampling.top_p, generator))
     tracker = _Tracker(rows, len(prompt_ids), sampling.max_new_tokens, on_event, cancelled)
-    model.generate(  # type: ignore[operator]
+    # nn.Module types attributes as tensors or modules; a causal LM (or its PEFT wrapper) generates.
+    model.generate(  # pyright: ignore[reportCallIssue]
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         do_sample=False,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig, PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.hotswap import hotswap_adapter
 from pydantic import BaseModel, ValidationError
 from transformers import (
@@ -41,18 +41,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from api.errors import APIError
+from models.errors import APIError
 from models.inference import Target
 from models.lineage import LINEAGE_FILE, BaseModelRef, tokenizer_hash
 from models.registry import content_hash
 from models.settings import Settings
+from models.spec import METHODS
 from models.storage import LocalArtifactStore
 from worker.training.device import DeviceConfig, select_device
 from worker.training.loading import load_model, load_tokenizer, refuse_pickle_weights
 from worker.training.methods import get_method
 from worker.training.objectives.classification import LABELS_FILE
 
-HOT_SWAPPED = {"lora", "dora", "qlora"}
 log = logging.getLogger("ftjobs.inference")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
@@ -110,7 +110,9 @@ class Base:
             return
         for layer in self.layers:
             layer._active_adapter = [name]
-        self.peft.base_model.active_adapter = name
+        tuner = self.peft.base_model
+        assert isinstance(tuner, BaseTuner)  # LoRA's (LoraModel), as every hot-swapped adapter is a LoRA
+        tuner.active_adapter = name
         self.peft.active_adapter = name
 
     def swap_into_spare(self, directory: Path, device: str) -> str | None:
@@ -123,9 +125,10 @@ class Base:
         # ModelStore._load checked already, but hotswap_adapter would torch.load a pickle: check at the call.
         refuse_pickle_weights(directory)
         config = LoraConfig.from_pretrained(str(directory))
+        assert isinstance(config, LoraConfig)  # peft loads the class the file names: a LoRA
         self.spare = None
         try:
-            if config.use_dora != self.peft.peft_config[name].use_dora:
+            if config.use_dora != self.lora_config(name).use_dora:
                 # The layers differ, and a LoRA put in a DoRA slot would keep a zero magnitude.
                 raise ValueError("DoRA and LoRA slots differ")
             # peft checks the new config against the active adapter's. What it compares can differ here:
@@ -138,6 +141,14 @@ class Base:
             self.delete_adapter(name)
             return None
         return name
+
+    def lora_config(self, name: str) -> LoraConfig:
+        """The config of the adapter in slot `name`: every hot-swapped adapter is a LoRA."""
+        assert self.peft is not None
+        config = self.peft.peft_config[name]
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"adapter slot {name!r} holds a {type(config).__name__}, not a LoRA")
+        return config
 
     def release(self, name: str) -> None:
         """An evicted adapter's slot: kept as the spare if there is none, else deleted."""
@@ -240,7 +251,7 @@ class ModelStore:
             )
         method = target.method or lineage.training_type
         tokenizer_dir = directory if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
-        if method in HOT_SWAPPED and target.kind == "causal_lm":
+        if method in METHODS and METHODS[method].hot_swapped and target.kind == "causal_lm":
             base = self._base(target.base_path)
             tokenizer = self._tokenizer(target.base_path, tokenizer_dir) if tokenizer_dir else base.tokenizer
             name = base.swap_into_spare(directory, str(self.device.device))
@@ -251,8 +262,7 @@ class ModelStore:
                 else:
                     base.peft.load_adapter(directory, adapter_name=name)
                 base.refresh_layers()
-            assert base.peft is not None
-            base.shape = base.peft.peft_config[name]
+            base.shape = base.lora_config(name)
             self.background.submit(self._inject_spare, target.base_path)
             return AdapterEntry(target.base_path, name, tokenizer)
         tokenizer = load_tokenizer(str(tokenizer_dir or target.base_path))

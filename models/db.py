@@ -2,9 +2,10 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, MetaData, create_engine, event
+from pydantic import BaseModel
+from sqlalchemy import JSON, Dialect, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -19,6 +20,27 @@ NAMING_CONVENTION = {
 }
 
 JSONType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ModelJSON(TypeDecorator[M]):
+    """A JSON column read and written as one pydantic model: every value is validated on its way in and
+    out, so code never handles the raw dict. The stored JSON is the model's dump (no migration)."""
+
+    impl = JSONType
+    cache_ok = True
+
+    def __init__(self, model: type[M]) -> None:
+        super().__init__()
+        self.model = model
+
+    def process_bind_param(self, value: M | dict[str, Any] | None, dialect: Dialect) -> dict[str, Any] | None:
+        return None if value is None else self.model.model_validate(value).model_dump(mode="json")
+
+    def process_result_value(self, value: dict[str, Any] | None, dialect: Dialect) -> M | None:
+        return None if value is None else self.model.model_validate(value)
 
 
 class Base(DeclarativeBase):

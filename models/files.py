@@ -49,7 +49,7 @@ class FileRepository:
         self.session.flush()
         return file
 
-    def _visible(self, organization_id: str) -> Select[tuple[File]]:
+    def _visible(self, organization_id: str) -> Select[File]:
         """An organisation's files that have not expired (`expires_after`)."""
         now = int(time.time())
         return select(File).where(

@@ -4,86 +4,98 @@ OpenAI's three (`n_epochs`, `batch_size`, `learning_rate_multiplier`) keep their
 the method and optimisation extensions ride beside them in `method.supervised.hyperparameters`.
 """
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.objectives import BEST_METRIC, metric_name
-from models.spec import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Objective, ResolvedHyperparameters, TrainingType
+from models.objectives import BEST_METRIC, OPTION_OBJECTIVES, metric_name
+from models.spec import METHODS, Objective, ResolvedHyperparameters, TrainingType
 
 Auto = Literal["auto"]
 
-# What "auto" means, in one place (documented in docs/api.md). The base learning rate depends on how
-# many and which parameters train: a whole model needs small steps, a learned prompt large ones.
-BASE_LEARNING_RATE: dict[str, float] = {
-    "lora": 2e-4,
-    "dora": 2e-4,
-    "qlora": 2e-4,
-    "full": 2e-5,
-    "freeze": 5e-5,
-    "bitfit": 1e-3,
-    "ia3": 3e-3,
-    "prompt_tuning": 3e-2,
-    "prefix_tuning": 1e-2,
-    "p_tuning": 1e-2,
-    "feature_extraction": 1.0,  # no gradient steps: the logistic-regression head is solved directly
-}
+# What "auto" means, in one place (documented in docs/api.md); the base learning rate is the method's, every
+# other default is ResolvedHyperparameters'.
 DEFAULT_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
-DEFAULTS = {
-    "lora_r": 8,
-    "lora_alpha": 16.0,
-    "lora_dropout": 0.05,
-    "lora_target_modules": "all-linear",
-    "max_seq_length": 1024,
-    "warmup_ratio": 0.05,
-    "trainable_layers": 2,
-    "num_virtual_tokens": 20,
-    "gradient_accumulation_steps": 1,
-    "weight_decay": 0.0,
-    "max_grad_norm": 1.0,
-    "lr_scheduler": "linear",
-    "gradient_checkpointing": False,
-    "group_by_length": False,
-    "eval_steps": 0,
-    "early_stopping_patience": 0,
-    "generation_eval_samples": 16,
+APPLIES_TO: dict[str, frozenset[str]] = {
+    knob: frozenset(name for name, method in METHODS.items() if knob in method.knobs)
+    for knob in dict.fromkeys(knob for method in METHODS.values() for knob in method.knobs)
 }
-APPLIES_TO = {
-    **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"), LORA_FAMILY),
-    "trainable_layers": frozenset({"freeze"}),
-    "num_virtual_tokens": VIRTUAL_TOKEN_METHODS,
-}
+"""Each method-specific knob and the training types that accept it."""
+RESOLVED = ResolvedHyperparameters.model_fields
+
+
+def _extension(name: str, default: str | None = None) -> Any:
+    """A request field for an extension: unset by default, described by the resolved field it sets, what
+    it is limited to, and what it resolves to when unset."""
+    limits = [f"training_type {', '.join(sorted(APPLIES_TO[name]))}"] if name in APPLIES_TO else []
+    limits += [f"{', '.join(sorted(OPTION_OBJECTIVES[name]))} jobs"] if name in OPTION_OBJECTIVES else []
+    only = f" ({' and '.join(limits)} only)" if limits else ""
+    default = default or json.dumps(RESOLVED[name].default)
+    about = " ".join(str(RESOLVED[name].description).split())
+    return Field(None, description=f"Extension{only}: {about} Default: {default}.")
 
 
 class SupervisedHyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: Auto | Annotated[int, Field(strict=True, ge=1, le=50)] = "auto"
-    batch_size: Auto | Annotated[int, Field(strict=True, ge=1, le=256)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    n_epochs: Auto | Annotated[int, Field(strict=True, ge=1, le=50)] = Field(
+        "auto",
+        description=f"{RESOLVED['n_epochs'].description} auto: {DEFAULT_EPOCHS}, more for small files and "
+        "fewer for large ones (OpenAI's rule, docs/api.md).",
+    )
+    batch_size: Auto | Annotated[int, Field(strict=True, ge=1, le=256)] = Field(
+        "auto",
+        description=f"{RESOLVED['batch_size'].description} auto: one per 50 training examples, 1 to "
+        f"{MAX_AUTO_BATCH_SIZE}.",
+    )
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = Field(
+        "auto", description=f"{RESOLVED['learning_rate_multiplier'].description} auto: 1."
+    )
     # Extensions.
-    training_type: TrainingType = "lora"
-    learning_rate: Annotated[float, Field(gt=0, le=1)] | None = None
-    lora_r: Annotated[int, Field(strict=True, ge=1, le=1024)] | None = None
-    lora_alpha: Annotated[float, Field(gt=0, le=4096)] | None = None
-    lora_dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
-    lora_target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] | None = None
-    max_seq_length: Annotated[int, Field(strict=True, ge=16, le=131072)] | None = None
-    warmup_ratio: Annotated[float, Field(ge=0, le=1)] | None = None
-    trainable_layers: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = None
-    num_virtual_tokens: Annotated[int, Field(strict=True, ge=1, le=512)] | None = None
-    gradient_accumulation_steps: Annotated[int, Field(strict=True, ge=1, le=1024)] | None = None
-    weight_decay: Annotated[float, Field(ge=0, le=1)] | None = None
-    max_grad_norm: Annotated[float, Field(gt=0, le=1000)] | None = None
-    lr_scheduler: Literal["linear", "cosine", "constant"] | None = None
-    gradient_checkpointing: bool | None = None
-    packing: bool | None = None
-    group_by_length: bool | None = None
-    eval_steps: Annotated[int, Field(strict=True, ge=0)] | None = None
-    metric_for_best_checkpoint: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    early_stopping_patience: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = None
-    generation_eval_samples: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = None
+    training_type: TrainingType = Field(
+        RESOLVED["training_type"].default,
+        description=f"Extension: {RESOLVED['training_type'].description} Default: "
+        f"{RESOLVED['training_type'].default}.",
+    )
+    learning_rate: Annotated[float, Field(gt=0, le=1)] | None = _extension(
+        "learning_rate", "the training type's base rate times learning_rate_multiplier"
+    )
+    lora_r: Annotated[int, Field(strict=True, ge=1, le=1024)] | None = _extension("lora_r")
+    lora_alpha: Annotated[float, Field(gt=0, le=4096)] | None = _extension("lora_alpha")
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] | None = _extension("lora_dropout")
+    lora_target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] | None = (
+        _extension("lora_target_modules")
+    )
+    max_seq_length: Annotated[int, Field(strict=True, ge=16, le=131072)] | None = _extension("max_seq_length")
+    warmup_ratio: Annotated[float, Field(ge=0, le=1)] | None = _extension("warmup_ratio")
+    trainable_layers: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = _extension(
+        "trainable_layers"
+    )
+    num_virtual_tokens: Annotated[int, Field(strict=True, ge=1, le=512)] | None = _extension(
+        "num_virtual_tokens"
+    )
+    gradient_accumulation_steps: Annotated[int, Field(strict=True, ge=1, le=1024)] | None = _extension(
+        "gradient_accumulation_steps"
+    )
+    weight_decay: Annotated[float, Field(ge=0, le=1)] | None = _extension("weight_decay")
+    max_grad_norm: Annotated[float, Field(gt=0, le=1000)] | None = _extension("max_grad_norm")
+    lr_scheduler: Literal["linear", "cosine", "constant"] | None = _extension("lr_scheduler")
+    gradient_checkpointing: bool | None = _extension("gradient_checkpointing")
+    packing: bool | None = _extension("packing", "true for pretrain jobs, false for sft jobs")
+    group_by_length: bool | None = _extension("group_by_length")
+    eval_steps: Annotated[int, Field(strict=True, ge=0)] | None = _extension("eval_steps")
+    metric_for_best_checkpoint: Annotated[str, Field(min_length=1, max_length=64)] | None = _extension(
+        "metric_for_best_checkpoint",
+        ", ".join(f"{metric} for {objective}" for objective, metric in BEST_METRIC.items()),
+    )
+    early_stopping_patience: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = _extension(
+        "early_stopping_patience"
+    )
+    generation_eval_samples: Annotated[int, Field(strict=True, ge=0, le=1000)] | None = _extension(
+        "generation_eval_samples"
+    )
 
     def given(self) -> set[str]:
         """The fields a client set to a value (stored requests keep every field, unset ones as None)."""
@@ -93,10 +105,11 @@ class SupervisedHyperparameters(BaseModel):
 class DpoHyperparameters(SupervisedHyperparameters):
     """OpenAI's DPO hyperparameters (the supervised three and `beta`) with the same extensions."""
 
-    beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+    beta: Auto | Annotated[float, Field(gt=0, le=2)] = Field(
+        "auto", description=f"{RESOLVED['beta'].description} auto: {RESOLVED['beta'].default}."
+    )
 
 
-DEFAULT_BETA = 0.1
 HYPERPARAMETERS: dict[str, type[SupervisedHyperparameters]] = {
     "supervised": SupervisedHyperparameters,
     "dpo": DpoHyperparameters,
@@ -129,7 +142,8 @@ def auto_batch_size(n_examples: int) -> int:
 def resolve(
     requested: SupervisedHyperparameters, n_examples: int, objective: Objective
 ) -> ResolvedHyperparameters:
-    base = BASE_LEARNING_RATE[requested.training_type]
+    """What a job trains with: the values the client gave, "auto" worked out, the defaults for the rest."""
+    base = METHODS[requested.training_type].base_learning_rate
     multiplier = 1.0 if requested.learning_rate_multiplier == "auto" else requested.learning_rate_multiplier
     if requested.learning_rate is not None:
         # An explicit learning rate wins; the multiplier is shown relative to the base rate.
@@ -137,21 +151,34 @@ def resolve(
         multiplier = learning_rate / base
     else:
         learning_rate = base * multiplier
-    extras = {
-        k: getattr(requested, k) if getattr(requested, k) is not None else v for k, v in DEFAULTS.items()
-    }
-    beta = getattr(requested, "beta", "auto")
+    given = {k: v for k, v in requested.model_dump(include=requested.given()).items() if v != "auto"}
     return ResolvedHyperparameters(
-        training_type=requested.training_type,
-        # Raw text has no example boundaries worth padding; instruction data is packed on request.
-        packing=requested.packing if requested.packing is not None else objective == "pretrain",
-        metric_for_best_checkpoint=metric_name(
-            requested.metric_for_best_checkpoint or BEST_METRIC[objective]
-        ),
-        beta=DEFAULT_BETA if beta == "auto" else beta,
-        n_epochs=auto_epochs(n_examples) if requested.n_epochs == "auto" else requested.n_epochs,
-        batch_size=auto_batch_size(n_examples) if requested.batch_size == "auto" else requested.batch_size,
-        learning_rate_multiplier=multiplier,
-        learning_rate=learning_rate,
-        **extras,
+        **{
+            **given,
+            "n_epochs": auto_epochs(n_examples) if requested.n_epochs == "auto" else requested.n_epochs,
+            "batch_size": auto_batch_size(n_examples)
+            if requested.batch_size == "auto"
+            else requested.batch_size,
+            "learning_rate_multiplier": multiplier,
+            "learning_rate": learning_rate,
+            # Raw text has no example boundaries worth padding; instruction data is packed on request.
+            "packing": requested.packing if requested.packing is not None else objective == "pretrain",
+            "metric_for_best_checkpoint": metric_name(
+                requested.metric_for_best_checkpoint or BEST_METRIC[objective]
+            ),
+        }
     )
+
+
+def echoed(method_type: str, requested: dict[str, Any], resolved: ResolvedHyperparameters) -> dict[str, Any]:
+    """A started job's hyperparameters as its `method` shows them: the resolved values of the keys its
+    method type takes and its training type accepts, and of objective-only options only where the client
+    gave them (they were checked against the objective then). Sent back, they create the same job."""
+    given = HYPERPARAMETERS[method_type].model_validate(requested).given()
+    keys = {
+        key
+        for key in HYPERPARAMETERS[method_type].model_fields
+        if resolved.training_type in APPLIES_TO.get(key, (resolved.training_type,))
+        and (key not in OPTION_OBJECTIVES or key in given)
+    }
+    return resolved.model_dump(include=keys)

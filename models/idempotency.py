@@ -57,4 +57,4 @@ class IdempotencyRepository:
         stmt = delete(IdempotencyKey).where(IdempotencyKey.created_at <= int(time.time()) - RETENTION_SECONDS)
         if key is not None:
             stmt = stmt.where(IdempotencyKey.organization_id == organization_id, IdempotencyKey.key == key)
-        return self.session.execute(stmt).rowcount  # type: ignore[attr-defined]
+        return self.session.execute(stmt).rowcount  # pyright: ignore[reportAttributeAccessIssue]  # a DML statement gives a CursorResult

@@ -33,14 +33,27 @@ class InferenceRequest(BaseModel):
     model: str = Field(min_length=1)
 
 
+MIN_TEMPERATURE = 1e-5
+"""Below this (but 0, greedy) logits divided by the temperature overflow float32 and sampling fails."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What a torch generator accepts as a seed."""
+
+
 class _Sampling(InferenceRequest):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     stream: bool | None = None
     stream_options: dict[str, bool] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_above_the_floor(cls, temperature: float | None) -> float | None:
+        if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"the temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return temperature
 
     @field_validator("stop")
     @classmethod

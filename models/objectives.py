@@ -7,7 +7,7 @@ failed job; the runner applies the same rules again once the whole file has been
 
 from dataclasses import dataclass
 
-from models.spec import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, DataFormat, Objective
+from models.spec import METHODS, DataFormat, Objective
 
 OBJECTIVES: dict[tuple[str, str], Objective] = {
     ("supervised", "chat"): "sft",
@@ -39,18 +39,9 @@ BEST_METRIC: dict[Objective, str] = {
     "reward": "full_valid_reward_accuracy",
 }
 
-ALL_TRAINING_TYPES = frozenset(
-    {"full", "freeze", "bitfit", "ia3", *LORA_FAMILY, *VIRTUAL_TOKEN_METHODS}
-)  # every gradient-trained type
 TRAINING_TYPES: dict[Objective, frozenset[str]] = {
-    "sft": ALL_TRAINING_TYPES,
-    "pretrain": ALL_TRAINING_TYPES,
-    "dpo": ALL_TRAINING_TYPES,
-    "classification": ALL_TRAINING_TYPES | {"feature_extraction"},
-    "token_classification": ALL_TRAINING_TYPES,
-    # A decoder scores its last non-padding token, found from input_ids; a learned prompt is fed as
-    # embeddings, so right-padded rows would be scored at their padding.
-    "reward": ALL_TRAINING_TYPES - VIRTUAL_TOKEN_METHODS,
+    objective: frozenset(name for name, method in METHODS.items() if objective in method.objectives)
+    for objective in EVAL_METRICS
 }
 OPTION_OBJECTIVES: dict[str, frozenset[Objective]] = {
     "packing": frozenset({"sft", "pretrain"}),

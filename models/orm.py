@@ -16,7 +16,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.db import Base, JSONType
+from models.db import Base, JSONType, ModelJSON
+from models.spec import ResolvedHyperparameters
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; Postgres gets a BIGINT identity.
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
@@ -104,7 +105,9 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(32))
     method: Mapped[dict[str, Any]] = mapped_column(JSONType)
     """The method as requested (hyperparameters may say "auto")."""
-    hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    hyperparameters: Mapped[ResolvedHyperparameters | None] = mapped_column(
+        ModelJSON(ResolvedHyperparameters)
+    )
     """Resolved hyperparameters, set when the job starts."""
     suffix: Mapped[str | None] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(BigInteger)

@@ -11,7 +11,7 @@ T = TypeVar("T")
 
 def page(
     session: Session,
-    stmt: Select[tuple[T]],
+    stmt: Select[T],
     seq: InstrumentedAttribute[Any],
     *,
     after_seq: int | None,

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from models.auth import Organizations
 from models.orm import File, Job, JobCheckpoint
 
+
 class QuotaExceeded(Exception):
     code = "storage_quota_exceeded"
 

@@ -1,15 +1,19 @@
 """Service settings, read from `FTJOBS_*` environment variables (one place for every knob)."""
 
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_ADMIN_KEY_CHARS = 32
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore")
+    # Errors don't echo what was given: some settings are secrets.
+    model_config = SettingsConfigDict(env_prefix="FTJOBS_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(
         default=Path("data"), description="Root for the SQLite file, artifacts and base models."
@@ -37,14 +41,37 @@ class Settings(BaseSettings):
         default=None,
         description="Server log level (debug, info, warning...); unset: info, warning for `ftjobs up`.",
     )
+    api_docs: bool = Field(
+        default=False,
+        description="Serve Swagger UI at /docs and ReDoc at /redoc; their pages load scripts from "
+        "cdn.jsdelivr.net, so they are off unless asked for.",
+    )
 
     admin_key: SecretStr | None = Field(
         default=None,
-        description="The admin key (manages organisations and keys); unset: one is generated and printed "
-        "once at first start.",
+        description="The admin key (manages organisations and keys): at least 32 random characters, refused "
+        "at start otherwise; unset: one is generated and printed once at first start.",
     )
+
+    @field_validator("admin_key")
+    @classmethod
+    def _strong_admin_key(cls, key: SecretStr | None) -> SecretStr | None:
+        """Anyone who reaches the API may guess the admin key: it must be long and random."""
+        if key is not None and not _strong(key.get_secret_value()):
+            raise ValueError(
+                f"the admin key must be at least {MIN_ADMIN_KEY_CHARS} random characters; make one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return key
+
     rate_limit_per_minute: int = Field(
         default=600, ge=0, description="Requests per API key per minute (0: no limit); 429 above."
+    )
+    auth_failures_per_minute: int = Field(
+        default=60,
+        ge=0,
+        description="Failed authentications (401s) per client address per minute (0: no limit); above it, "
+        "that address gets 429 without its key being checked.",
     )
     rate_limit_storage: str = Field(
         default="memory://",
@@ -96,7 +123,9 @@ class Settings(BaseSettings):
         "but allowed by `ftjobs up` on a loopback host, where only this machine reaches the API.",
     )
     webhook_timeout_seconds: float = Field(
-        default=10.0, gt=0, description="Connect and read timeout of one webhook delivery attempt."
+        default=10.0,
+        gt=0,
+        description="The most one webhook delivery attempt takes, from connecting to the end of the answer.",
     )
     webhook_poll_seconds: float = Field(
         default=1.0, gt=0, description="How often each process's webhook sender looks for due deliveries."
@@ -164,6 +193,12 @@ class Settings(BaseSettings):
     @property
     def tensorboard_root(self) -> Path:
         return self.tensorboard_dir or self.data_dir / "tensorboard"
+
+
+def _strong(key: str) -> bool:
+    """Long, and with no repeats for zlib to shrink (a word written four times, a run of one character):
+    a rough test, but random keys (hex, base64, digits) always pass it, and typed-in ones rarely."""
+    return len(key) >= MIN_ADMIN_KEY_CHARS and len(zlib.compress(key.encode(), 9)) >= len(key.encode())
 
 
 @lru_cache

@@ -5,10 +5,11 @@ writes one `ChildMessage` per line on an inherited pipe. Training code imports o
 `models/`.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 DataFormat = Literal[
     "chat", "prompt_completion", "text", "classification", "token_classification", "preference"
@@ -30,8 +31,64 @@ TrainingType = Literal[
     "p_tuning",
     "feature_extraction",
 ]
-LORA_FAMILY: frozenset[str] = frozenset({"lora", "dora", "qlora"})
-VIRTUAL_TOKEN_METHODS: frozenset[str] = frozenset({"prompt_tuning", "prefix_tuning", "p_tuning"})
+ALL_OBJECTIVES: frozenset[Objective] = frozenset(get_args(Objective))
+LORA_KNOBS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What the API, the runner, the pre-flight, the trainer and the inference server know of a training
+    method; its code (how it prepares, saves and loads a model) is `worker/training/methods/<name>.py`."""
+
+    family: Literal["lora", "virtual_token", "adapter", "base_weights", "features"]
+    """lora: low-rank adapters (mergeable, hot-swapped); virtual_token: a learned prompt; adapter: another
+    PEFT adapter; base_weights: the base's own weights train (float32 master weights); features: no
+    gradient steps (a classifier solved on frozen embeddings)."""
+    base_learning_rate: float
+    """What `learning_rate_multiplier` scales: a whole model needs small steps, a learned prompt large
+    ones."""
+    objectives: frozenset[Objective] = ALL_OBJECTIVES
+    knobs: tuple[str, ...] = ()
+    """The hyperparameter extensions only this method (and those that share them) accepts."""
+
+    @property
+    def hot_swapped(self) -> bool:
+        """Served as an adapter swapped per request on a shared base, rather than as a dedicated model."""
+        return self.family == "lora"
+
+    @property
+    def trains_base_weights(self) -> bool:
+        return self.family == "base_weights"
+
+
+# A decoder scores its last non-padding token, found from input_ids; a learned prompt is fed as
+# embeddings, so right-padded rows would be scored at their padding: no reward models.
+_PROMPT_OBJECTIVES = ALL_OBJECTIVES - {"reward"}
+METHODS: dict[str, MethodTraits] = {
+    "lora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
+    "dora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
+    "qlora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
+    "full": MethodTraits("base_weights", 2e-5),
+    "freeze": MethodTraits("base_weights", 5e-5, knobs=("trainable_layers",)),
+    "bitfit": MethodTraits("base_weights", 1e-3),
+    "ia3": MethodTraits("adapter", 3e-3),
+    "prompt_tuning": MethodTraits("virtual_token", 3e-2, _PROMPT_OBJECTIVES, ("num_virtual_tokens",)),
+    "prefix_tuning": MethodTraits("virtual_token", 1e-2, _PROMPT_OBJECTIVES, ("num_virtual_tokens",)),
+    "p_tuning": MethodTraits("virtual_token", 1e-2, _PROMPT_OBJECTIVES, ("num_virtual_tokens",)),
+    # The logistic-regression head is solved directly: the rate is never used.
+    "feature_extraction": MethodTraits("features", 1.0, frozenset({"classification"})),
+}
+"""Every training method, one row each: `TrainingType` lists the same names."""
+if set(METHODS) != set(get_args(TrainingType)):
+    raise TypeError(f"TrainingType and METHODS disagree: {set(METHODS) ^ set(get_args(TrainingType))}")
+
+
+def family(name: str) -> frozenset[str]:
+    return frozenset(method for method, traits in METHODS.items() if traits.family == name)
+
+
+LORA_FAMILY = family("lora")
+VIRTUAL_TOKEN_METHODS = family("virtual_token")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 """Weight files that are pickles, which can run code when loaded: base models and artifacts hold safetensors
 only, and nothing pulls, loads or serves these."""
@@ -49,45 +106,68 @@ def greater_is_better(metric: str) -> bool:
 
 
 class ResolvedHyperparameters(BaseModel):
-    """Concrete values a job trains with ("auto" already resolved)."""
+    """Concrete values a job trains with ("auto" already resolved). Each field's default is what an unset
+    request field resolves to (the one place defaults live); its docstring is the request field's
+    description in the OpenAPI schema (`models.hyperparameters`)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     training_type: TrainingType = "lora"
+    """How the model's weights are adapted (docs/methods.md compares the methods)."""
     n_epochs: int
+    """Passes over the training file."""
     batch_size: int
+    """Examples per optimizer step (before gradient accumulation)."""
     learning_rate_multiplier: float
+    """Scales the training type's base learning rate."""
     learning_rate: float
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    lora_target_modules: list[str] | Literal["all-linear"]
-    max_seq_length: int
-    warmup_ratio: float
+    """The learning rate itself; given, it overrides the multiplier, which is then shown relative to the
+    base rate."""
+    lora_r: int = 8
+    """Rank of the low-rank adapters."""
+    lora_alpha: float = 16.0
+    """Scale of the adapters' update (applied as lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """The linear layers that get adapters, by module name, or every linear layer but the head."""
+    max_seq_length: int = 1024
+    """Tokens per example; longer examples are truncated (a `warn` event says how many), raw text is cut
+    into chunks of this length."""
+    warmup_ratio: float = 0.05
+    """Share of the steps over which the learning rate warms up linearly."""
     trainable_layers: int = 2
-    """freeze: how many of the last transformer layers train (0: only the head)."""
+    """How many of the last transformer layers train (0: only the head)."""
     num_virtual_tokens: int = 20
-    """prompt_tuning, prefix_tuning, p_tuning: length of the learned prompt."""
+    """Length of the learned prompt."""
     # Optimisation.
     gradient_accumulation_steps: int = 1
+    """Batches whose gradients add up to one optimizer step; the loss is averaged over the whole step."""
     weight_decay: float = 0.0
+    """AdamW weight decay, on matrices only (never on biases and norms)."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this norm."""
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """How the learning rate moves after warmup."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more time (qlora always does)."""
     # Batching.
     packing: bool = False
-    """sft, pretrain: examples share rows up to max_seq_length, never attending across each other."""
+    """Examples share rows up to max_seq_length, never attending across each other."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding), in a seeded order."""
     # Evaluation.
     eval_steps: int = 0
     """Also evaluate (and checkpoint) every N optimizer steps; 0: at each epoch end only."""
     metric_for_best_checkpoint: str = "full_valid_loss"
+    """The full-evaluation metric (with or without `full_valid_`) that names the best checkpoint."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without improving metric_for_best_checkpoint (0: never)."""
     generation_eval_samples: int = 16
-    """sft: validation examples whose assistant answer is checked by exact match of a greedy generation."""
+    """Validation examples whose assistant answer is checked by exact match of a greedy generation."""
     # Preference objectives.
     beta: float = 0.1
-    """dpo: how far the tuned policy may move from the base (higher: more conservative)."""
+    """How far the tuned policy may move from the base (higher: more conservative)."""
 
 
 class DataError(Exception):

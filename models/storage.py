@@ -15,6 +15,7 @@ _CHUNK = 1 << 20
 class ArtifactStore(Protocol):
     def put_stream(self, key: str, source: BinaryIO) -> tuple[int, str]:
         """Store a stream under `key`; return (size in bytes, sha256 hex)."""
+        ...
 
     def open(self, key: str) -> BinaryIO: ...
 
@@ -25,6 +26,7 @@ class ArtifactStore(Protocol):
 
     def local_path(self, key: str) -> Path:
         """A local path holding the object or directory (downloaded first for remote stores)."""
+        ...
 
     def delete(self, key: str) -> None:
         """Remove an object or a directory prefix; missing keys are fine."""

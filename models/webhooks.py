@@ -19,7 +19,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal, get_args
@@ -94,10 +94,22 @@ class UnsafeURL(ValueError):
     """A URL webhooks may not be sent to, and why."""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
 def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Globally routable unicast: not loopback, private, link-local (cloud metadata), shared or reserved."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    """Globally routable unicast: not loopback, private, link-local (cloud metadata), shared or reserved.
+    An IPv6 address that carries an IPv4 one is judged by it, as a NAT64 or 6to4 gateway forwards it."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return False  # a site's own NAT64 prefix: it reaches that site's IPv4 network
+        embedded = address.ipv4_mapped or address.sixtofour  # ::ffff:127.0.0.1, 2002:7f00:1::
+        if embedded is None and (address in _NAT64 or address in _IPV4_COMPATIBLE):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)  # 64:ff9b::7f00:1, ::127.0.0.1
+        if embedded is not None:
+            address = embedded
     return address.is_global and not address.is_multicast
 
 
@@ -247,41 +259,58 @@ class WebhookRepository:
             self.session, stmt, WebhookDelivery.seq, after_seq=after.seq if after else None, limit=limit
         )
 
-    def claim(self, now: float, *, limit: int, lease: float) -> Sequence[Claim]:
-        """Up to `limit` due deliveries, taken for `lease` seconds (counted as an attempt now, so a sender
-        that dies mid-send still uses one up). Concurrent senders skip each other's rows (Postgres's
-        SKIP LOCKED; SQLite has one writer at a time)."""
+    def claim(
+        self,
+        now: float,
+        *,
+        lease: float,
+        limit: int,
+        skip_endpoints: Collection[str] = (),
+        skip_organizations: Collection[str] = (),
+        admit: Callable[[WebhookEndpoint], bool] = lambda _: True,
+    ) -> Sequence[Claim]:
+        """Up to `limit` due deliveries, oldest first, taken for `lease` seconds (counted as an attempt now,
+        so a sender that dies mid-send still uses one up). The sender's bounds: none of the skipped
+        endpoints' or organisations', and only those `admit` takes a place for. Concurrent senders skip
+        each other's rows (Postgres's SKIP LOCKED; SQLite has one writer at a time)."""
         due = (WebhookDelivery.status == DeliveryStatus.PENDING.value) & (
             WebhookDelivery.next_attempt_at <= now
         )
         if self.session.scalar(select(WebhookDelivery.id).where(due).limit(1)) is None:
             return []  # the common case, and no write lock taken for it
-        batch = (
-            select(WebhookDelivery.id)
-            .where(due)
+        # A few times `limit`, so that one endpoint's backlog doesn't fill the batch; skipping the full
+        # endpoints and organisations in SQL keeps a big backlog of theirs from hiding everyone else's.
+        rows = self.session.execute(
+            select(WebhookDelivery.id, WebhookEndpoint)
+            .outerjoin(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+            .where(
+                due,
+                WebhookDelivery.endpoint_id.not_in(list(skip_endpoints)),
+                WebhookEndpoint.organization_id.not_in(list(skip_organizations))
+                | WebhookEndpoint.id.is_(None),
+            )
             .order_by(WebhookDelivery.next_attempt_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+            .limit(4 * limit)
+            .with_for_update(skip_locked=True, of=WebhookDelivery)
+        ).all()
+        # An endpoint deleted while its job was finishing: its late delivery goes with it.
+        orphans = [delivery_id for delivery_id, endpoint in rows if endpoint is None]
+        if orphans:
+            self.session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(orphans)))
+        chosen: dict[str, WebhookEndpoint] = {}
+        for delivery_id, endpoint in rows:
+            if len(chosen) < limit and endpoint is not None and admit(endpoint):
+                chosen[delivery_id] = endpoint
+        if not chosen:
+            return []
         claimed = self.session.scalars(
             update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_(batch), due)  # `due` again: rechecked on a row another claim moved
+            .where(WebhookDelivery.id.in_(list(chosen)), due)  # `due` again: a row another claim moved
             .values(attempts=WebhookDelivery.attempts + 1, next_attempt_at=now + lease)
             .returning(WebhookDelivery),
             execution_options={"synchronize_session": False},
         ).all()
-        wanted = {delivery.endpoint_id for delivery in claimed}
-        endpoints = {
-            endpoint.id: endpoint
-            for endpoint in self.session.scalars(
-                select(WebhookEndpoint).where(WebhookEndpoint.id.in_(wanted))
-            )
-        }
-        # An endpoint deleted while its job was finishing: its late delivery goes with it.
-        orphans = [delivery.id for delivery in claimed if delivery.endpoint_id not in endpoints]
-        if orphans:
-            self.session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(orphans)))
-        return [Claim(d, endpoints[d.endpoint_id]) for d in claimed if d.endpoint_id in endpoints]
+        return [Claim(delivery, chosen[delivery.id]) for delivery in claimed]
 
     def record(self, delivery: WebhookDelivery, **values: object) -> bool:
         """Write an attempt's outcome, unless the delivery was claimed again since (its lease ran out)."""

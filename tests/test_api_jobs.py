@@ -2,18 +2,26 @@
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 from fastapi.testclient import TestClient
+from openai.types.fine_tuning import FineTuningJob
 
 from models.db import session_scope
 from models.files import FileRepository
+from models.jobs import JobRepository
 from models.registry import ModelRegistry
+from models.settings import Settings
+from models.spec import ResolvedHyperparameters
 from models.states import JobStatus, transition
 from models.storage import LocalArtifactStore
 from tests.conftest import RecordingDispatcher, Tenant
+from tests.jobs_helpers import chat_lines
 from tests.test_api_files import assert_error, upload
+from worker.runner import JobRunner
 
 JOB_FIELDS = {
     "id", "object", "created_at", "model", "status", "training_file", "validation_file", "fine_tuned_model",
@@ -161,6 +169,27 @@ def test_create_errors(client: TestClient, registered_model: str, training_file:
     )
     assert_error(bad_json, 400)
     assert_error(client.post("/v1/fine_tuning/jobs", json=[1, 2]), 400)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "encode"),
+    [
+        ("application/x-www-form-urlencoded", lambda fields: "&".join(f"{k}={v}" for k, v in fields.items())),
+        ("text/plain", json.dumps),
+        (None, json.dumps),
+    ],
+)
+def test_a_json_route_refuses_other_content_types(
+    client: TestClient, registered_model: str, training_file: str, content_type: str | None, encode
+) -> None:
+    """As OpenAI does, even for a body that would be valid as JSON; uploads (multipart) are another route."""
+    fields = {"model": registered_model, "training_file": training_file}
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/v1/fine_tuning/jobs", content=encode(fields).encode(), headers=headers)
+    error = assert_error(response, 400, None, "unsupported_content_type")
+    assert "only accepts 'application/json'" in error["message"]
+    assert (f"'Content-Type: {content_type}'" if content_type else "no Content-Type") in error["message"]
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
 
 
 def test_results_files_cannot_train(
@@ -383,3 +412,90 @@ def test_encoder_models_cannot_train_generative_objectives(
         assert_error(create(client, "tiny-bert", training_file, method=body_method), 400, "model")
     classification = upload(client, CLASSIFICATION * 10).json()["id"]
     assert create(client, "tiny-bert", classification).status_code == 200
+
+
+def refs(schema: object) -> Iterator[str]:
+    """The names of the components a JSON schema refers to."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            yield schema["$ref"].rsplit("/", 1)[-1]
+        for value in schema.values():
+            yield from refs(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            yield from refs(item)
+
+
+def test_every_field_of_the_create_request_is_described(client: TestClient) -> None:
+    components = client.app.openapi()["components"]["schemas"]  # type: ignore[attr-defined]
+    undescribed, seen, pending = [], set(), ["JobCreate"]
+    while pending:
+        name = pending.pop()
+        seen.add(name)
+        properties = components[name].get("properties", {})
+        undescribed += [
+            f"{name}.{field}" for field, schema in properties.items() if not schema.get("description")
+        ]
+        pending += [ref for ref in refs(properties) if ref not in seen]
+    assert {"Method", "SupervisedHyperparameters", "DpoHyperparameters", "WandbIntegration"} <= seen
+    assert undescribed == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"method": {"type": "supervised", "dpo": {"hyperparameters": {"beta": 0.5}}}}, "method.dpo"),
+        ({"method": {"type": "dpo", "supervised": {}}}, "method.supervised"),
+        ({"method": {"type": "supervised", "reward_model": {}}}, "method.reward_model"),
+        ({"export_merged": "yes"}, "export_merged"),
+        ({"export_merged": 1}, "export_merged"),
+        ({"export_merged": "true"}, "export_merged"),
+    ],
+)
+def test_method_objects_of_another_type_and_non_boolean_export_merged_are_400(
+    client: TestClient, registered_model: str, training_file: str, body: dict, param: str
+) -> None:
+    assert_error(create(client, registered_model, training_file, **body), 400, param)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_started_jobs_own_method_creates_the_same_job_again(
+    client: TestClient,
+    settings: Settings,
+    session_factory,  # type: ignore[no-untyped-def]
+    registered_model: str,
+) -> None:
+    """A LoRA job resolves every knob, but echoes only its own: no `beta` (dpo), `trainable_layers`
+    (freeze), `num_virtual_tokens` (prompt methods), nor `packing` it was not given (sft and pretrain only),
+    so its `method`, sent back through the openai client, is accepted and resolves to the same values."""
+    api = openai.OpenAI(
+        base_url="http://testserver/v1",
+        api_key=client.headers["Authorization"].removeprefix("Bearer "),
+        http_client=client,
+        max_retries=0,
+    )
+    runner = JobRunner(settings, session_factory, LocalArtifactStore(settings.artifacts_root))
+    training_file = upload(client, chat_lines(10)).json()["id"]
+
+    def run(method: dict) -> FineTuningJob:
+        job = api.fine_tuning.jobs.create(model=registered_model, training_file=training_file, method=method)  # type: ignore[arg-type]
+        runner.run(job.id)
+        return api.fine_tuning.jobs.retrieve(job.id)
+
+    given = {"n_epochs": 1, "batch_size": 4, "max_seq_length": 512, "lora_r": 4}
+    job = run({"type": "supervised", "supervised": {"hyperparameters": given}})
+    assert job.status == "succeeded", job.error
+    echoed = job.method.model_dump(exclude_none=True)["supervised"]["hyperparameters"]
+    assert given.items() <= echoed.items() and echoed["training_type"] == "lora"
+    assert {"lora_alpha", "learning_rate", "warmup_ratio"} <= set(echoed)
+    assert not {"beta", "trainable_layers", "num_virtual_tokens", "packing"} & set(echoed)
+
+    clone = run(job.method.model_dump(exclude_none=True))
+    assert clone.status == "succeeded", clone.error
+    assert clone.method.model_dump() == job.method.model_dump()
+    assert clone.hyperparameters == job.hyperparameters
+    with session_scope(session_factory) as session:
+        rows = [JobRepository(session).get(job.id), JobRepository(session).get(clone.id)]
+        resolved = [row.hyperparameters for row in rows if row is not None]
+    assert all(isinstance(hp, ResolvedHyperparameters) for hp in resolved) and resolved[0] == resolved[1]

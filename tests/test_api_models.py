@@ -87,6 +87,9 @@ def test_models_list_retrieve_download_and_delete(
         files[f"{root}/adapter_model.safetensors"] == (adapter_dir / "adapter_model.safetensors").read_bytes()
     )
     assert any(name.startswith(f"{root}/tokenizer") for name in files)
+    # The base is named as registered: the server's directory for it is nobody else's business.
+    assert json.loads(files[f"{root}/adapter_config.json"])["base_model_name_or_path"] == registered_model
+    assert [name for name, data in files.items() if str(tiny_model_dir).encode() in data] == []
     checkpoint_files = members(client, step_3)
     assert any(name.endswith("adapter_model.safetensors") for name in checkpoint_files)
     assert not [name for name in checkpoint_files if "/trainer/" in name or name.endswith("COMPLETE")]
@@ -128,7 +131,7 @@ def test_inference_routes_check_the_request_and_the_model(
         assert bad.value.body["param"] == "temperature"  # type: ignore[index]
         with pytest.raises(openai.NotFoundError) as missing:
             api.chat.completions.create(model="ft:tiny-llama:local::nothere", messages=messages)  # type: ignore[arg-type]
-        assert missing.value.body["param"] == "model"  # type: ignore[index]
+        assert missing.value.body["param"] == "model" and missing.value.code == "model_not_found"  # type: ignore[index]
         with pytest.raises(openai.InternalServerError) as down:
             api.chat.completions.create(model=registered_model, messages=messages)  # type: ignore[arg-type]
         assert down.value.status_code == 503 and down.value.body["code"] == "inference_unavailable"  # type: ignore[index]
@@ -168,6 +171,7 @@ def test_a_merged_export_is_published_verified_and_downloadable(
     for fmt in ("adapter", "merged"):
         (tmp_path / fmt).mkdir()
         for name, content in members(client, tuned, fmt).items():
+            assert str(tiny_model_dir).encode() not in content, name  # named as registered; still loads below
             (tmp_path / fmt / Path(name).name).write_bytes(content)
     assert json.loads((tmp_path / "merged" / "lineage.json").read_text())["job_id"] == job.id
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", use_safetensors=True)

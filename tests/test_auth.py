@@ -1,18 +1,22 @@
 """API keys: Bearer authentication on every /v1 route, keys stored only as hashes, revocation, the admin
-key and its routes, and the per-key rate limit (in memory and shared through Redis)."""
+key (long and random, or refused at start) and its routes, the per-key rate limit (in memory and shared
+through Redis), and the per-address limit on failed authentications."""
 
 import hashlib
 import re
+import secrets
 from collections.abc import Iterator
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
 
 from api.main import create_app
+from cli.main import app as cli_app
 from models.auth import ApiKeys
 from models.db import session_scope
 from models.orm import ApiKey
@@ -20,7 +24,7 @@ from models.settings import Settings
 from tests.conftest import RecordingDispatcher, Tenant, make_tenant
 from tests.test_api_files import LINE, assert_error, upload
 
-ADMIN = "an-admin-key-from-the-environment"
+ADMIN = "an-admin-key-from-the-environment-Xq7Lp2Vz9K"
 
 
 def protected_routes(client: TestClient) -> list[tuple[str, str]]:
@@ -32,6 +36,14 @@ def protected_routes(client: TestClient) -> list[tuple[str, str]]:
         if path.startswith("/v1/")
         for method in operations
     ]
+
+
+@pytest.fixture
+def client(settings: Settings, tenant: Tenant) -> Iterator[TestClient]:
+    """The conftest's, without the limit on failed authentications: these tests fail hundreds."""
+    unlimited = settings.model_copy(update={"auth_failures_per_minute": 0})
+    with TestClient(create_app(unlimited, RecordingDispatcher()), headers=tenant.headers) as client:
+        yield client
 
 
 def test_every_route_refuses_a_missing_malformed_unknown_or_revoked_key(
@@ -175,3 +187,39 @@ def test_an_unreachable_limit_store_lets_requests_through(settings: Settings, te
     )
     with TestClient(create_app(down, RecordingDispatcher()), headers=tenant.headers) as client:
         assert [client.get("/v1/files").status_code for _ in range(3)] == [200] * 3
+
+
+def test_failed_authentications_are_limited_per_client_address(settings: Settings, tenant: Tenant) -> None:
+    app = create_app(settings.model_copy(update={"auth_failures_per_minute": 3}), RecordingDispatcher())
+    guesser = TestClient(app, client=("203.0.113.7", 40000))
+    neighbour = TestClient(app, client=("203.0.113.8", 40000), headers=tenant.headers)
+    with guesser, neighbour:
+        for guess in ("sk-ftj-AAAAAAAAAAAA-" + "x" * 43, ADMIN, ""):
+            assert_error(guesser.get("/v1/files", headers={"Authorization": f"Bearer {guess}"}), 401)
+        # Over the limit, the address's next request is refused before its key is checked: a right guess
+        # can't be told from a wrong one.
+        refused = guesser.get("/v1/files", headers=tenant.headers)
+        error = assert_error(refused, 429, code="rate_limit_exceeded")
+        assert "3 failed authentications a minute from your address" in error["message"]
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert neighbour.get("/v1/files").status_code == 200  # per address
+        for _ in range(5):  # successes don't count
+            assert neighbour.get("/v1/files").status_code == 200
+        api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=guesser, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            api.files.list()
+
+
+def test_a_weak_admin_key_is_refused_at_start() -> None:
+    for weak in ("short-admin-key", "password" * 4, "a" * 64, "admin-" * 6):
+        with pytest.raises(ValidationError) as refused:
+            Settings(admin_key=weak)  # type: ignore[arg-type]
+        assert "at least 32 random characters" in str(refused.value) and weak not in str(refused.value)
+    for strong in (secrets.token_hex(16), secrets.token_urlsafe(32), ADMIN):
+        assert Settings(admin_key=strong).admin_key.get_secret_value() == strong  # type: ignore[arg-type,union-attr]
+    started = CliRunner().invoke(cli_app, ["api"], env={"FTJOBS_ADMIN_KEY": "password" * 4})
+    assert started.exit_code == 2 and started.stdout == ""
+    assert started.stderr.splitlines() == [
+        "Error: FTJOBS_ADMIN_KEY: the admin key must be at least 32 random characters; make one with "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+    ]

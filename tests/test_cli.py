@@ -65,7 +65,7 @@ def test_keys_create_list_and_revoke(tmp_path: Path) -> None:
 
 # The API's commands, against a real server.
 
-ADMIN_KEY = "sk-ftjadmin-cli-test-admin-key"
+ADMIN_KEY = "sk-ftjadmin-cli-test-9fQ2xL7vKp3RtZ8mWc4NbJ6h"  # FTJOBS_ADMIN_KEY must look random
 FAST = ["-p", "n_epochs=1", "-p", "batch_size=4", "--hyperparameters", '{"max_seq_length": 512}']
 
 

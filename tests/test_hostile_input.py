@@ -3,9 +3,11 @@ runs code from what it loads (no remote code, no pickles). API tests run on Post
 
 import ast
 import io
+import re
 import tarfile
 import time
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from safetensors.torch import load_file
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedModel
 
+from api.main import create_app
 from models.db import session_scope
+from models.inference import MIN_TEMPERATURE
 from models.settings import Settings
 from models.spec import PICKLE_SUFFIXES
 from models.states import JobStatus, transition
@@ -189,6 +193,13 @@ REFUSED = [
     ({"suffix": ""}, "suffix"),
     ({"suffix": "my model"}, "suffix"),
     ({"suffix": "my\nmodel"}, "suffix"),
+    ({"suffix": "../../x"}, "suffix"),
+    ({"suffix": "a..b"}, "suffix"),
+    ({"suffix": "x/content"}, "suffix"),
+    ({"suffix": "%2e%2e"}, "suffix"),
+    ({"suffix": 'a"b<script>'}, "suffix"),
+    ({"suffix": "模型🚀"}, "suffix"),
+    ({"suffix": "café"}, "suffix"),
     ({"seed": 2147483648}, "seed"),
     ({"seed": 1.5}, "seed"),
     ({"seed": "7"}, "seed"),
@@ -222,11 +233,12 @@ def test_the_limits_themselves_are_accepted(
 ) -> None:
     metadata = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
     hyperparameters = {"n_epochs": 50, "batch_size": 256, "learning_rate_multiplier": 1e-9}
-    body = {"metadata": metadata, "suffix": "s" * 64, "seed": 2147483647, "hyperparameters": hyperparameters}
+    suffix = "Model-v1.2_" + "s" * 53
+    body = {"metadata": metadata, "suffix": suffix, "seed": 2147483647, "hyperparameters": hyperparameters}
     response = create(client, registered_model, training_file, **body)
     assert response.status_code == 200, response.text
     job = response.json()
-    assert (job["metadata"], job["user_provided_suffix"], job["seed"]) == (metadata, "s" * 64, 2147483647)
+    assert (job["metadata"], job["user_provided_suffix"], job["seed"]) == (metadata, suffix, 2147483647)
     assert create(client, registered_model, training_file, seed=0).json()["seed"] == 0
 
 
@@ -355,6 +367,20 @@ def test_loaders_refuse_pickle_weights(method_name: str, tiny_model_dir: Path, t
         method.load(base, tmp_path)
 
 
+def publish(settings: Settings, session_factory: sessionmaker[Session], job_id: str, name: str) -> Path:
+    """Make `job_id` succeed as `name`, with an adapter of one `adapter_config.json` the caller may add to."""
+    key = f"jobs/{job_id}/attempt-1/adapter"
+    artifact = settings.artifacts_root / key
+    artifact.mkdir(parents=True)
+    (artifact / "adapter_config.json").write_text("{}")
+    published = {"fine_tuned_model": name, "adapter_key": key, "finished_at": int(time.time())}
+    with session_scope(session_factory) as session:
+        assert transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED)
+        assert transition(session, job_id, from_=JobStatus.QUEUED, to=JobStatus.RUNNING)
+        assert transition(session, job_id, from_=JobStatus.RUNNING, to=JobStatus.SUCCEEDED, values=published)
+    return artifact
+
+
 def test_a_published_model_with_pickle_weights_is_never_served_or_downloaded_as_pickle(
     client: TestClient,
     registered_model: str,
@@ -365,16 +391,9 @@ def test_a_published_model_with_pickle_weights_is_never_served_or_downloaded_as_
     """Whatever put `adapter_model.bin` into an artifact, the API refuses to have it served (so the inference
     server, whose hot-swap loads through peft, never sees it) and leaves it out of the download."""
     job_id = create(client, registered_model, training_file).json()["id"]
-    key, name = f"jobs/{job_id}/attempt-1/adapter", f"ft:{registered_model}:local::{job_id[6:14]}"
-    artifact = settings.artifacts_root / key
-    artifact.mkdir(parents=True)
-    (artifact / "adapter_config.json").write_text("{}")
+    name = f"ft:{registered_model}:local::{job_id[6:14]}"
+    artifact = publish(settings, session_factory, job_id, name)
     torch.save({"weight": torch.zeros(1)}, artifact / "adapter_model.bin")
-    published = {"fine_tuned_model": name, "adapter_key": key, "finished_at": int(time.time())}
-    with session_scope(session_factory) as session:
-        assert transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED)
-        assert transition(session, job_id, from_=JobStatus.QUEUED, to=JobStatus.RUNNING)
-        assert transition(session, job_id, from_=JobStatus.RUNNING, to=JobStatus.SUCCEEDED, values=published)
 
     chat = {"model": name, "messages": [{"role": "user", "content": "hi"}]}
     error = assert_error(client.post("/v1/chat/completions", json=chat), 400, "model", "model_not_supported")
@@ -385,3 +404,78 @@ def test_a_published_model_with_pickle_weights_is_never_served_or_downloaded_as_
         members = {Path(member.name).name for member in archive.getmembers()}
     assert members == {"adapter_config.json"}
     assert not {Path(m).suffix for m in members} & set(PICKLE_SUFFIXES)
+
+
+def test_a_model_named_outside_latin_1_downloads_with_an_ascii_file_name_and_the_exact_one_encoded(
+    client: TestClient,
+    registered_model: str,
+    training_file: str,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+) -> None:
+    """Suffixes are ASCII now, but a model published before that rule keeps its name: headers are Latin-1,
+    so the name once made the download a 500 (and a quote ended `filename="…"` early)."""
+    job_id = create(client, registered_model, training_file).json()["id"]
+    name = f'ft:{registered_model}:local:模型🚀"x:{job_id[6:14]}'
+    publish(settings, session_factory, job_id, name)
+    download = client.get(f"/v1/models/{quote(name, safe=':')}/content")
+    assert download.status_code == 200, download.text
+    disposition = download.headers["content-disposition"]
+    # RFC 6266: an ASCII `filename` for old clients, the exact name in `filename*` for the others.
+    parts = re.fullmatch(r"attachment; filename=\"[A-Za-z0-9._-]+\"; filename\*=UTF-8''(\S+)", disposition)
+    assert parts is not None, disposition
+    assert unquote(parts[1]) == f"{name.replace(':', '_')}-adapter.tar.gz"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"seed": 2**64}, "seed"),
+        ("/v1/chat/completions", {"seed": -(2**70)}, "seed"),
+        ("/v1/chat/completions", {"temperature": 1e-300}, "temperature"),
+        ("/v1/completions", {"seed": 2**64, "stream": True}, "seed"),
+        ("/v1/completions", {"temperature": MIN_TEMPERATURE / 2}, "temperature"),
+    ],
+)
+def test_sampling_parameters_a_generator_cannot_take_are_400s(
+    client: TestClient, registered_model: str, path: str, body: dict[str, object], param: str
+) -> None:
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    assert_error(client.post(path, json={"model": registered_model, **prompt, **body}), 400, param)
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["metadata%5Bk%00%5D=v", "metadata%5Bk%5D=v%00", "&".join(f"metadata%5Bk{i}%5D=v" for i in range(2000))],
+    ids=["nul-key", "nul-value", "2000-filters"],
+)
+def test_metadata_filters_no_job_could_match_are_400s(client: TestClient, query: str) -> None:
+    assert_error(client.get(f"/v1/fine_tuning/jobs?{query}"), 400, "metadata")
+
+
+def test_as_many_metadata_filters_as_a_job_has_pairs_find_it(
+    client: TestClient, registered_model: str, training_file: str
+) -> None:
+    metadata = {f"k{i}": "v" for i in range(16)}
+    job_id = create(client, registered_model, training_file, metadata=metadata).json()["id"]
+    found = client.get("/v1/fine_tuning/jobs", params={f"metadata[{k}]": v for k, v in metadata.items()})
+    assert [job["id"] for job in found.json()["data"]] == [job_id]
+
+
+@pytest.mark.parametrize("path", ["/", "/dashboard/index.html", "/dashboard/app.js", "/dashboard/style.css"])
+def test_every_dashboard_file_is_sent_with_the_security_headers(client: TestClient, path: str) -> None:
+    # The same page at /dashboard/index.html once went without them, and could be framed signed in.
+    response = client.get(path)
+    assert response.status_code == 200
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_api_docs_pages_are_off_unless_asked_for(settings: Settings) -> None:
+    # Their pages load Swagger UI and ReDoc from a CDN, on the dashboard's origin.
+    with TestClient(create_app(settings, RecordingDispatcher())) as client:
+        assert [client.get(path).status_code for path in ("/docs", "/redoc")] == [404, 404]
+        assert client.get("/openapi.json").status_code == 200  # the dashboard's create form reads it
+    asked = settings.model_copy(update={"api_docs": True})
+    with TestClient(create_app(asked, RecordingDispatcher())) as client:
+        assert [client.get(path).status_code for path in ("/docs", "/redoc")] == [200, 200]

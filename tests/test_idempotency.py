@@ -94,3 +94,29 @@ def test_keys_expire_after_a_day(client: TestClient, registered_model: str, sess
         session.execute(update(IdempotencyKey).values(created_at=IdempotencyKey.created_at - 24 * 3600))
         assert IdempotencyRepository(session).expire() == 1
         assert session.scalar(select(func.count()).select_from(IdempotencyKey)) == 0
+
+
+def test_a_replay_does_not_show_a_webhook_secret_again(client: TestClient, session_factory) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from models.db import session_scope
+    from models.orm import IdempotencyKey
+
+    def post(url: str, key: str, body: dict[str, object]):  # type: ignore[no-untyped-def]
+        return client.post(url, json=body, headers={"Idempotency-Key": key})
+
+    body = {"url": "https://hooks.example.com/x"}
+    created = post("/v1/webhook_endpoints", "create", body)
+    replayed = post("/v1/webhook_endpoints", "create", body)
+    rotate = f"/v1/webhook_endpoints/{created.json()['id']}/rotate_secret"
+    rotated = post(rotate, "rotate", {"keep_old_secret_active_for_24_hours": True})
+    replayed_rotation = post(rotate, "rotate", {"keep_old_secret_active_for_24_hours": True})
+    secrets = [created.json()["signing_secret"], rotated.json()["signing_secret"]]
+    assert all(secret.startswith("whsec_") for secret in secrets)
+    for first, again in [(created, replayed), (rotated, replayed_rotation)]:
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json() == first.json() | {"signing_secret": None}  # the same endpoint, no secret
+    assert len(client.get("/v1/webhook_endpoints").json()["data"]) == 1
+    with session_scope(session_factory) as session:
+        stored = [row.response for row in session.scalars(select(IdempotencyKey))]
+    assert len(stored) == 2 and not any(secret in str(stored) for secret in secrets)

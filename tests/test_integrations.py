@@ -11,6 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.db import session_scope
+from models.jobs import JobRepository
 from models.settings import Settings
 from models.storage import LocalArtifactStore
 from tests.jobs_helpers import chat_lines
@@ -144,6 +146,7 @@ def test_a_job_logs_its_hyperparameters_and_curves_to_all_three(
     runner: JobRunner,  # noqa: F811
     registered_model: str,
     settings: Settings,
+    session_factory: sessionmaker[Session],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")  # the trainer inherits the worker's environment
@@ -151,7 +154,11 @@ def test_a_job_logs_its_hyperparameters_and_curves_to_all_three(
     runner.run(job.id)
     done = client.get(f"/v1/fine_tuning/jobs/{job.id}").json()
     assert done["status"] == "succeeded", done["error"]
-    resolved = done["method"]["supervised"]["hyperparameters"]
+    with session_scope(session_factory) as session:
+        row = JobRepository(session).get(job.id)
+        assert row is not None and row.hyperparameters is not None
+        resolved = row.hyperparameters.model_dump()  # all of them: the job echoes only its method's keys
+    assert done["method"]["supervised"]["hyperparameters"].items() <= resolved.items()
     curves = job_curves(client, job.id)
     assert set(curves["train_loss"]) == {1, 2, 3} and set(curves["full_valid_loss"]) == {0, 3}  # baseline: 0
     events = openai_client(client).fine_tuning.jobs.list_events(job.id, limit=100)

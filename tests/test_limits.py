@@ -1,12 +1,16 @@
 """Quotas from settings: unfinished jobs per organisation (429 with Retry-After), examples per file and
 tokens per training file (the job fails with the data's own error code)."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
+from api.webhooks.service import MAX_ENDPOINTS
 from models.settings import Settings
 from models.storage import LocalArtifactStore
 from tests.conftest import RecordingDispatcher, Tenant, make_tenant
@@ -66,3 +70,38 @@ def test_a_training_file_over_a_size_limit_fails_its_job(
     assert job["status"] == "failed"
     assert job["error"]["code"] == code and job["error"]["param"] == "training_file"
     assert message in job["error"]["message"]
+
+
+CONCURRENT_CREATES = 32
+
+
+def _create_concurrently(client: TestClient, path: str, body: dict[str, object]) -> list[int]:
+    """The status of `CONCURRENT_CREATES` identical creates sent at once, each from its own thread."""
+    start = threading.Barrier(CONCURRENT_CREATES)
+
+    def create(_: int) -> int:
+        start.wait()
+        return client.post(path, json=body).status_code
+
+    with ThreadPoolExecutor(CONCURRENT_CREATES) as pool:
+        return list(pool.map(create, range(CONCURRENT_CREATES)))
+
+
+def test_concurrent_creates_never_pass_the_unfinished_jobs_cap(
+    settings: Settings, registered_model: str, tenant: Tenant
+) -> None:
+    # SQLite ignores FOR UPDATE: without its write lock taken before the count, creates raced past the cap.
+    limited = settings.model_copy(update={"max_active_jobs": 4})
+    with TestClient(create_app(limited, RecordingDispatcher()), headers=tenant.headers) as client:
+        body = {"model": registered_model, "training_file": upload(client, chat_lines(12))}
+        statuses = _create_concurrently(client, "/v1/fine_tuning/jobs", body)
+        assert sorted(statuses) == [200] * 4 + [429] * (CONCURRENT_CREATES - 4)
+        assert len(client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]) == 4
+
+
+def test_concurrent_creates_never_pass_the_webhook_endpoints_cap(settings: Settings, tenant: Tenant) -> None:
+    with TestClient(create_app(settings, RecordingDispatcher()), headers=tenant.headers) as client:
+        body = {"url": "https://hooks.example.com/ftjobs"}
+        statuses = _create_concurrently(client, "/v1/webhook_endpoints", body)
+        assert sorted(statuses) == [200] * MAX_ENDPOINTS + [400] * (CONCURRENT_CREATES - MAX_ENDPOINTS)
+        assert len(client.get("/v1/webhook_endpoints", params={"limit": 100}).json()["data"]) == MAX_ENDPOINTS

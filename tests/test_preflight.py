@@ -6,21 +6,28 @@ creation's own 400s."""
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import LlamaConfig
 
+from api.preflight.service import HISTORY_JOBS, throughput
 from inference.app import create_app as create_inference_app
+from inference.preflight.memory import estimate_job_memory
 from models.db import session_scope
+from models.jobs import CompletedData, JobRepository, StartedData
+from models.orm import Job, JobEvent
 from models.preflight import Device
 from models.registry import ModelRegistry
 from models.settings import Settings
-from models.spec import ResolvedHyperparameters, TrainingSpec
+from models.spec import DeviceInfo, ResolvedHyperparameters, TrainingSpec
+from models.states import JobStatus
 from models.storage import LocalArtifactStore
 from tests.conftest import Tenant, make_tenant
 from tests.test_api_models import openai_client
@@ -29,7 +36,6 @@ from tests.tiny_model import build_tiny_bert
 from worker.runner import JobRunner
 from worker.training.data import Example
 from worker.training.loading import load_tokenizer
-from worker.training.preflight import estimate_job_memory
 
 SYSTEM = {"role": "system", "content": "Answer in one short sentence."}
 SHORT = [
@@ -156,6 +162,78 @@ def test_counts_are_the_jobs_and_the_duration_its_measured_throughput(
     answer = api.post("/v1/fine_tuning/preflight", json=refused)
     assert answer.json()["error"]["code"] == "invalid_file_purpose"
     assert (answer.status_code, answer.json()) == same_as_creation(api, refused)
+
+
+def history_job(
+    session: Session, *, started_at: int, training_type: str = "lora", status: JobStatus = JobStatus.SUCCEEDED
+) -> str:
+    """Test setup only: a job as the runner leaves it once it has run."""
+    job_id = f"ftjob-{time.perf_counter_ns()}"
+    method = {"type": "supervised", "supervised": {"hyperparameters": {}}}
+    session.add(
+        Job(
+            id=job_id,
+            organization_id="org-local",
+            model="base",
+            training_file="file-x",
+            status=status.value,
+            method=method,
+            hyperparameters=ResolvedHyperparameters(
+                training_type=training_type,
+                n_epochs=1,
+                batch_size=1,
+                learning_rate_multiplier=1.0,
+                learning_rate=2e-4,
+            ),
+            seed=1,
+            result_files=[],
+            created_at=started_at - 1,
+            started_at=started_at,
+            finished_at=started_at + 60,
+            attempt=1,
+        )
+    )
+    session.flush()
+    JobRepository(session).add_event(job_id, "Created fine-tuning job", data={})
+    return job_id
+
+
+def test_the_history_reads_the_event_data_the_runner_writes(session_factory: sessionmaker[Session]) -> None:
+    """The device and throughput come from the runner's typed event data, on Postgres and SQLite alike;
+    other events, unmeasured runs and other training types are left out."""
+    cpu = DeviceInfo(type="cpu", name="CPU (2 cores)", total_bytes=2**34)
+    with session_scope(session_factory) as session:
+        repo = JobRepository(session)
+        assert repo.latest_device(jobs=HISTORY_JOBS) is None
+        measured = history_job(session, started_at=1000)
+        started = StartedData(total_steps=3, n_train_examples=12, truncated_examples=4, device=cpu)
+        repo.add_event(measured, "Training 12 examples in 3 steps on CPU (2 cores)", data=started)
+        repo.add_event(measured, "Step 3/3", type="metrics", data={"step": 3, "elapsed_seconds": 1.0})
+        repo.add_event(measured, "done", data=CompletedData(trained_tokens=1200, elapsed_seconds=8.0))
+        # A later job whose trainer reported no device, and whose run was not timed.
+        unmeasured = history_job(session, started_at=2000)
+        repo.add_event(unmeasured, "Training", data=StartedData(total_steps=3, n_train_examples=12))
+        repo.add_event(unmeasured, "done", data=CompletedData(trained_tokens=1200))
+        other = history_job(session, started_at=500, training_type="dora")
+        repo.add_event(other, "done", data=CompletedData(trained_tokens=50, elapsed_seconds=1.0))
+        running = history_job(session, started_at=600, status=JobStatus.RUNNING)
+        repo.add_event(running, "done", data=CompletedData(trained_tokens=50, elapsed_seconds=1.0))
+    with session_scope(session_factory) as session:
+        repo = JobRepository(session)
+        # Stored with the keys docs/api.md lists for the event.
+        assert session.scalar(select(JobEvent.data).where(JobEvent.message.startswith("Training 12"))) == {
+            "total_steps": 3,
+            "n_train_examples": 12,
+            "truncated_examples": 4,
+            "device": {"type": "cpu", "name": "CPU (2 cores)", "total_bytes": 2**34},
+        }
+        assert repo.latest_device(jobs=HISTORY_JOBS) == cpu
+        assert repo.latest_device(jobs=1) is None  # the latest job to start reported none
+        assert throughput(session, "base", "supervised", "lora") == (1200 / 8.0, 1)
+        assert throughput(session, "base", "supervised", "dora") == (50.0, 1)
+        assert throughput(session, "other-base", "supervised", "lora") == (None, 0)
+        # The latest lora job to finish was not timed.
+        assert repo.measured_throughputs("base", "supervised", "lora", jobs=1) == []
 
 
 def rendered_answers(tokenizer: Any, messages: list[dict[str, Any]]) -> str:

@@ -1,10 +1,12 @@
 """Webhooks on both databases, to a real HTTP receiver on 127.0.0.1: job events arrive once, in OpenAI's
 shape, and the official openai client's `webhooks.unwrap` verifies them; failing receivers are retried with
 growing delays, then given up on; events reach only the subscribed endpoints of the job's organisation;
-two senders on Postgres don't send one event twice; private addresses are refused unless allowed; the
-endpoint routes work through `client.webhooks`."""
+two senders on Postgres don't send one event twice; a receiver that drips its answer is cut off at the
+attempt's deadline and doesn't delay another organisation's events; private addresses are refused unless
+allowed; the endpoint routes work through `client.webhooks`."""
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +37,7 @@ from tests.jobs_helpers import chat_lines, wait_for
 from tests.test_api_models import openai_client
 from tests.test_runner import create_job, runner  # noqa: F401 (runner: a fixture)
 from worker.runner import JobRunner
-from worker.webhooks import SNIPPET_CHARS, WebhookSender
+from worker.webhooks import PER_ENDPOINT, PER_ORGANIZATION, SNIPPET_CHARS, WebhookSender
 
 ALL = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
 BASE = 0.05
@@ -97,6 +99,60 @@ def receiver() -> Iterator[Receiver]:
     yield receiver
     receiver.server.shutdown()
     receiver.server.server_close()
+
+
+class Tarpit:
+    """A receiver that reads the request, then answers a byte every `drip` seconds, for `lasts` seconds:
+    each read of the sender's gets a byte well within its timeout (finding 2 of the security review)."""
+
+    def __init__(self, drip: float = 0.2, lasts: float = 15) -> None:
+        self.drip, self.lasts = drip, lasts
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.closed = threading.Event()
+        self.lock = threading.Lock()
+        self.open = self.most_open = self.requests = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}/tarpit"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with self.lock:
+            self.requests += 1
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+        answer = b"HTTP/1.1 200 OK\r\nx-slow: " + b"a" * 10_000
+        with connection:
+            connection.recv(65536)
+            for byte in answer[: int(self.lasts / self.drip)]:
+                if self.closed.wait(self.drip):
+                    break
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    break  # the sender hung up
+        with self.lock:
+            self.open -= 1
+
+    def close(self) -> None:
+        self.closed.set()
+        self.server.close()
+
+
+@pytest.fixture
+def tarpit() -> Iterator[Tarpit]:
+    tarpit = Tarpit()
+    yield tarpit
+    tarpit.close()
 
 
 @pytest.fixture
@@ -360,6 +416,81 @@ def test_two_senders_on_postgres_deliver_each_event_once(
     assert all(d.status == "delivered" and d.attempts == 1 for d in deliveries(session_factory))
 
 
+def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_answers(
+    client: TestClient,
+    tenant: Tenant,
+    tarpit: Tarpit,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+) -> None:
+    register(client, tarpit.url)
+    ended_job(session_factory, tenant.id, JobStatus.CANCELLED)
+    sender = WebhookSender(settings.model_copy(update={"webhook_timeout_seconds": 1}), session_factory)
+    started = time.monotonic()
+    assert sender.run_once() == 1
+    assert time.monotonic() - started < 2  # the tarpit would hold it for 15 s, 0.2 s a byte
+    assert tarpit.requests == 1
+    (delivery,) = deliveries(session_factory)
+    assert (delivery.status, delivery.last_status_code) == ("pending", None)
+    assert delivery.last_error == "Timed out: no complete answer within 1 s."
+
+
+def test_one_organisations_slow_receivers_dont_delay_anothers_events(
+    client: TestClient,
+    tenant: Tenant,
+    tarpit: Tarpit,
+    receiver: Receiver,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+) -> None:
+    for _ in range(3):  # more places than one organisation may hold
+        register(client, tarpit.url)
+    for _ in range(4):
+        ended_job(session_factory, tenant.id, JobStatus.FAILED)
+    other = make_tenant(session_factory, "other-team")
+    client.post("/v1/webhook_endpoints", json={"url": receiver.url}, headers=other.headers)
+    theirs = ended_job(session_factory, other.id, JobStatus.SUCCEEDED)  # due after all of the above
+    sender = WebhookSender(
+        settings.model_copy(update={"webhook_timeout_seconds": 10, "webhook_poll_seconds": 0.05}),
+        session_factory,
+    )
+    started = time.monotonic()
+    stop = sender.start()
+    try:
+        wait_for(lambda: len(receiver.requests) == 1, 5, "the other organisation's event")
+        assert time.monotonic() - started < 2
+        assert [event["data"]["id"] for event in receiver.events()] == [theirs]
+        assert 0 < tarpit.most_open <= PER_ORGANIZATION  # the tarpit's organisation held its share only
+    finally:
+        stop.set()
+        tarpit.close()  # its attempts end now, before the database goes
+        wait_for(lambda: not sender.endpoints_sending, 5, "the attempts in flight")
+
+
+def test_a_failing_endpoint_is_backed_off_alone(
+    client: TestClient,
+    tenant: Tenant,
+    receiver: Receiver,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+) -> None:
+    failing = register(client, receiver.url + "/failing")
+    receiver.answers = [500, 500]
+    for _ in range(4):
+        ended_job(session_factory, tenant.id, JobStatus.FAILED)
+    sender = WebhookSender(settings.model_copy(update={"webhook_retry_base_seconds": 60}), session_factory)
+    assert sender.run_once() == PER_ENDPOINT  # its share of the places, both answered 500
+    other = make_tenant(session_factory, "other-team")
+    client.post("/v1/webhook_endpoints", json={"url": receiver.url}, headers=other.headers)
+    theirs = ended_job(session_factory, other.id, JobStatus.SUCCEEDED)
+    # The failing endpoint's two other deliveries are due, but it rests until its retry: only the other
+    # organisation's event goes.
+    assert sender.run_once() == 1
+    assert receiver.events()[-1]["data"]["id"] == theirs
+    waiting = [d for d in deliveries(session_factory) if d.endpoint_id == failing["id"] and d.attempts == 0]
+    assert len(waiting) == 2 and all(d.status == "pending" for d in waiting)
+
+
 def test_private_addresses_are_refused_unless_allowed(
     settings: Settings, tenant: Tenant, receiver: Receiver, session_factory: sessionmaker[Session]
 ) -> None:
@@ -372,6 +503,10 @@ def test_private_addresses_are_refused_unless_allowed(
             "http://hooks.localhost/x",
             "http://[::1]/x",
             "http://[::ffff:127.0.0.1]/x",
+            "http://[::127.0.0.1]/x",  # IPv4-compatible
+            "http://[64:ff9b::7f00:1]/x",  # NAT64
+            "http://[64:ff9b:1::a00:1]/x",  # local-use NAT64
+            "http://[2002:7f00:1::]/x",  # 6to4
             "http://169.254.169.254/latest/meta-data",
             "http://10.1.2.3/x",
             "http://192.168.0.1/x",
@@ -386,7 +521,12 @@ def test_private_addresses_are_refused_unless_allowed(
             response = client.post("/v1/webhook_endpoints", json={"url": url})
             assert response.status_code == 400, (url, response.text)
             assert response.json()["error"]["param"] == "url", url
-        for url in ["https://hooks.example.com/x", "http://93.184.215.14/x"]:
+        for url in [
+            "https://hooks.example.com/x",
+            "http://93.184.215.14/x",
+            "http://[64:ff9b::5db8:d70e]/x",  # NAT64 of a public address
+            "http://[2002:5db8:d70e::]/x",
+        ]:
             accepted = client.post("/v1/webhook_endpoints", json={"url": url})
             assert accepted.status_code == 200, accepted.text
             client.delete(f"/v1/webhook_endpoints/{accepted.json()['id']}")

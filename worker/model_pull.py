@@ -204,8 +204,9 @@ def _convert_gguf(src_dir: Path, gguf_file: str, model_dir: Path) -> None:
     )
     # Loading de-quantizes to float32, but the model still carries GGUF quantization state, which makes
     # save_pretrained refuse and would make later loads expect a GGUF file.
-    model.hf_quantizer = None
-    del model.config.quantization_config
+    # transformers sets both attributes at run time, so its classes do not declare them.
+    model.hf_quantizer = None  # pyright: ignore[reportArgumentType]
+    del model.config.quantization_config  # pyright: ignore[reportAttributeAccessIssue]
     model.save_pretrained(model_dir)  # safetensors is the only format transformers 5 writes
     tokenizer.save_pretrained(model_dir)  # also writes the chat template
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import session_scope
@@ -81,19 +81,15 @@ class Reconciler:
                 locked = session.scalar(text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": _SWEEP_LOCK})
                 if not locked:
                     return result  # another process is sweeping right now
-            for job in self._expired_leases(session, now):
+            repo = JobRepository(session)
+            for job in repo.expired_leases(now=now, lease_seconds=self.settings.lease_seconds):
                 self._recover(session, job, now, result)
-            result.woken = self._wake_waiting(session, now)
+            woken = repo.redispatch_waiting(now=now, redispatch_seconds=self.settings.redispatch_seconds)
+            result.woken = list(woken)
             IdempotencyRepository(session).expire()
         for job_id in result.woken:  # requeued jobs are among them
             self.dispatcher.submit(job_id)
         return result
-
-    def _expired_leases(self, session: Session, now: float) -> list[Job]:
-        # A claim always sets the lease; COALESCE still reaps a row that somehow has none.
-        lease_end = func.coalesce(Job.lease_expires_at, Job.started_at + self.settings.lease_seconds, 0)
-        stmt = select(Job).where(Job.status == JobStatus.RUNNING.value, lease_end < now)
-        return list(session.scalars(stmt))
 
     def _recover(self, session: Session, job: Job, now: float, result: Sweep) -> None:
         reason = f"Attempt {job.attempt} stopped reporting (its worker died or lost the database)"
@@ -102,22 +98,6 @@ class Reconciler:
             result.requeued.append(job.id)
         elif outcome == "failed":
             result.failed.append(job.id)
-
-    def _wake_waiting(self, session: Session, now: float) -> list[str]:
-        """Waiting jobs not woken for a while; the interval grows with the job's age (few duplicates)."""
-        waited = now - func.coalesce(Job.dispatched_at, 0)
-        backoff = func.max if session.get_bind().dialect.name == "sqlite" else func.greatest
-        interval = backoff(
-            self.settings.redispatch_seconds, func.coalesce(Job.dispatched_at, 0) - Job.created_at
-        )
-        waiting = [JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value]
-        stmt = (
-            update(Job)
-            .where(Job.status.in_(waiting), or_(Job.dispatched_at.is_(None), waited > interval))
-            .values(dispatched_at=now)
-            .returning(Job.id)
-        )
-        return list(session.scalars(stmt))
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.reconcile_seconds):

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,7 +25,7 @@ from models.auth import Organizations
 from models.db import session_scope
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
-from models.jobs import JobRepository
+from models.jobs import CompletedData, JobRepository, StartedData
 from models.lineage import write_lineage
 from models.logs import job_context
 from models.objectives import Mismatch, check, objective_for
@@ -173,9 +172,7 @@ class JobRunner:
                 attempt=job.attempt,
                 values={
                     "attempt": attempt,
-                    "hyperparameters": resolve(
-                        data.requested, data.summary.n_examples, data.objective
-                    ).model_dump(),
+                    "hyperparameters": resolve(data.requested, data.summary.n_examples, data.objective),
                     "started_at": int(now),
                     "lease_owner": f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}",
                     "heartbeat_at": now,
@@ -302,7 +299,7 @@ class Attempt:
                 output_dir=str(self.workdir / "output"),
                 stop_file=str(self.workdir / "STOP"),
                 seed=job.seed,
-                hyperparameters=job.hyperparameters,  # type: ignore[arg-type]
+                hyperparameters=job.hyperparameters,
                 checkpoint_every_steps=self.settings.checkpoint_every_steps,
                 resume_from=str(self.store.local_path(latest.storage_key)) if latest else None,
                 export_merged=job.export_merged,
@@ -362,19 +359,17 @@ class Attempt:
     ) -> bool:
         """Heartbeat (plus `values`) only while the job is running on this attempt (or, with `paused_too`,
         was paused on it)."""
-        now = time.time()
-        statuses = (
-            [JobStatus.RUNNING.value, JobStatus.PAUSED.value] if paused_too else [JobStatus.RUNNING.value]
+        if session is None:
+            with session_scope(self.runner.session_factory) as own:
+                return self._fenced_update(values, own, paused_too=paused_too)
+        return JobRepository(session).renew_lease(
+            self.job_id,
+            self.attempt,
+            now=time.time(),
+            lease_seconds=self.settings.lease_seconds,
+            paused_too=paused_too,
+            values=values,
         )
-        stmt = (
-            update(Job)
-            .where(Job.id == self.job_id, Job.attempt == self.attempt, Job.status.in_(statuses))
-            .values(heartbeat_at=now, lease_expires_at=now + self.settings.lease_seconds, **values)
-        )
-        if session is not None:
-            return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
-        with session_scope(self.runner.session_factory) as own:
-            return own.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
 
     def _record(self, message: ChildMessage) -> bool:
         """Store one progress message; False when the job is no longer ours to write."""
@@ -399,8 +394,7 @@ class Attempt:
             elif isinstance(message, CheckpointMessage):
                 expired = self._save_checkpoint(session, message)
             elif isinstance(message, StartedMessage):
-                # Its device, kept in the event's data, is what the pre-flight estimate sizes jobs for.
-                repo.add_event(self.job_id, _started_text(message), data=message.model_dump(exclude={"type"}))
+                repo.add_event(self.job_id, _started_text(message), data=StartedData.model_validate(message))
             elif isinstance(message, LogMessage):
                 if message.level == "error":
                     self.last_error = message
@@ -426,7 +420,7 @@ class Attempt:
         job = repo.get(self.job_id)
         assert job is not None and job.hyperparameters is not None
         evaluation = dict(job.evaluation or {})
-        evaluation["metric"] = job.hyperparameters["metric_for_best_checkpoint"]
+        evaluation["metric"] = job.hyperparameters.metric_for_best_checkpoint
         result = {"step": message.step, "metrics": message.metrics, "details": message.details}
         evaluation["baseline" if message.baseline else "tuned"] = result
         if "baseline" in evaluation and "tuned" in evaluation:
@@ -464,7 +458,7 @@ class Attempt:
             )
         )
         evaluation = dict(job.evaluation or {})
-        metric = job.hyperparameters["metric_for_best_checkpoint"]
+        metric = job.hyperparameters.metric_for_best_checkpoint
         best, value = evaluation.get("best_checkpoint"), message.metrics.get(metric)
         if value is not None and (best is None or _improves(metric, value, best["value"])):
             best = {"id": checkpoint.id, "step": message.step, "metric": metric, "value": value}
@@ -526,9 +520,9 @@ class Attempt:
                 log.info("job %s succeeded: %s", self.job_id, name)
                 repo = JobRepository(session)
                 repo.add_event(self.job_id, f"New fine-tuned model created: {name}")
-                # The throughput the pre-flight estimate measures durations by (api/preflight).
-                throughput = {"trained_tokens": done.trained_tokens, "elapsed_seconds": done.elapsed_seconds}
-                repo.add_event(self.job_id, "The job has successfully completed", data=throughput)
+                repo.add_event(
+                    self.job_id, "The job has successfully completed", data=CompletedData.model_validate(done)
+                )
                 return
             session.rollback()
             # A retry after a commit whose reply was lost finds its own success: keep what it published.

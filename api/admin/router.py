@@ -13,9 +13,9 @@ from api.admin.schemas import (
     OrganizationUpdate,
 )
 from api.deps import AdminDep, SessionDep, SettingsDep
-from api.errors import APIError, not_found
 from api.pagination import ListPage, list_page
 from models.auth import ApiKeys, InvalidName, Organizations
+from models.errors import APIError, not_found
 from models.orm import Organization
 from models.quota import StorageQuota
 from models.settings import Settings

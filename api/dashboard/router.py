@@ -6,6 +6,8 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
+from starlette.types import Scope
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = "/dashboard"
@@ -21,6 +23,16 @@ SECURITY_HEADERS = {
 router = APIRouter(include_in_schema=False)
 
 
+class _StaticFiles(StaticFiles):
+    """The page is served at /dashboard/index.html too, where it works as at `/`: every file carries the
+    headers, so no address of the dashboard can be framed or run scripts from elsewhere."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+
 @router.get("/")
 def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
@@ -29,4 +41,4 @@ def index() -> FileResponse:
 def mount(app: FastAPI) -> None:
     """Serve the page at `/` and its scripts and styles under /dashboard/."""
     app.include_router(router)
-    app.mount(ASSETS, StaticFiles(directory=STATIC), name="dashboard")
+    app.mount(ASSETS, _StaticFiles(directory=STATIC), name="dashboard")

@@ -5,8 +5,8 @@ from typing import BinaryIO
 from sqlalchemy.orm import Session
 
 from api.deps import on_commit
-from api.errors import APIError, not_found
 from api.pagination import cursor
+from models.errors import APIError, not_found
 from models.files import FileRepository
 from models.orm import File
 from models.quota import QuotaExceeded, StorageQuota

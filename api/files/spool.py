@@ -15,9 +15,9 @@ from python_multipart.multipart import FormParserError, MultipartParser, parse_o
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import OrgDep, SettingsDep
-from api.errors import APIError
 from api.files.service import quota_exceeded
 from models.db import session_scope
+from models.errors import APIError
 from models.quota import QuotaExceeded, StorageQuota, Usage
 
 if TYPE_CHECKING:

@@ -11,8 +11,9 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.deps import OrgDep, SessionDep, StoreDep
-from api.errors import RETRY_AFTER_SECONDS, APIError
+from api.errors import RETRY_AFTER_SECONDS
 from api.registry import service as model_service
+from models.errors import APIError
 from models.inference import (
     ChatCompletionRequest,
     ClassificationRequest,
@@ -22,6 +23,7 @@ from models.inference import (
 )
 from models.settings import Settings
 from models.storage import ArtifactStore
+from models.versions import ModelVersions
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -62,7 +64,15 @@ def inference_unavailable(client: httpx.Client, error: httpx.TransportError) -> 
 def _forward(
     client: httpx.Client, session: Session, store: ArtifactStore, org: str, path: str, body: InferenceRequest
 ) -> StreamingResponse:
-    target = model_service.target(store, model_service.get(session, org, body.model))
+    version = ModelVersions(session).get(org, body.model)
+    if version is None:  # OpenAI's code on these routes; /v1/models/{id} says not_found, as for any id
+        raise APIError(
+            f"The model {body.model!r} does not exist or you do not have access to it.",
+            status_code=404,
+            param="model",
+            code="model_not_found",
+        )
+    target = model_service.target(store, version)
     payload = Forwarded(target=target, request=body.model_dump(exclude_none=True))
     forwarded = client.build_request("POST", f"/internal/{path}", json=payload.model_dump(mode="json"))
     try:

@@ -4,11 +4,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from api.deps import DispatcherDep, OrgDep, SessionDep, SettingsDep, StoreDep
-from api.errors import APIError
 from api.idempotency import IdempotencyDep
 from api.jobs import service as job_service
-from api.jobs.schemas import FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate
+from api.jobs.schemas import (
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobEvent,
+    JobCreate,
+    check_metadata,
+)
 from api.pagination import After, Limit, ListPage, list_page
+from models.errors import APIError
 from models.states import JobStatus
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -22,6 +28,10 @@ def _metadata_filter(request: Request) -> tuple[dict[str, str] | None, bool]:
     for key, value in request.query_params.multi_items():
         if match := _METADATA_KEY.match(key):
             pairs[match.group(1)] = value
+    try:
+        check_metadata(pairs)
+    except ValueError as error:
+        raise APIError(f"Invalid metadata filter: {error}.", param="metadata") from None
     no_metadata = request.query_params.get("metadata") == "null"
     if no_metadata and pairs:
         raise APIError("Use either metadata=null or metadata[key]=value filters, not both.", param="metadata")

@@ -1,39 +1,68 @@
 """Fine-tuning job shapes, field for field as OpenAI's, with our extensions as extra keys."""
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from models.hyperparameters import DpoHyperparameters, SupervisedHyperparameters
+from models.hyperparameters import DpoHyperparameters, SupervisedHyperparameters, echoed
 from models.orm import Job
 
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 MAX_INTEGRATIONS, MAX_TRACKER_NAME, MAX_TRACKER_TAGS, MAX_TRACKER_TAG = 5, 128, 20, 64
 WANDB_FORBIDDEN = "/\\#?%:"
 """Characters W&B refuses in project and entity names."""
+SUFFIX = re.compile(r"^[A-Za-z0-9._-]+$")
 RESERVED_TAG_PREFIXES = ("mlflow.", "ftjobs.")
 """MLflow's system tags and ours (the job id): a user's tag must not pass for them."""
 
 
+REQUEST = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+"""Request bodies: unknown keys are a 400, and each field's docstring is its description in /docs."""
+
+
 class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
     hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
+    """What the job trains with; unset keys resolve when it starts."""
 
 
 class DpoMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+    """What the job trains with; unset keys resolve when it starts."""
 
 
 class Method(BaseModel):
     """OpenAI's `method`; `reward_model` (reward modelling on preference pairs) is our extension."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
     type: Literal["supervised", "dpo", "reinforcement", "reward_model"]
+    """The method; its settings go in the key of the same name (`reinforcement` is not supported yet)."""
     supervised: SupervisedMethod | None = None
+    """Settings of a supervised job (chat, prompt/completion, raw text, classification, NER files)."""
     dpo: DpoMethod | None = None
+    """Settings of a DPO job (preference files)."""
     reinforcement: dict[str, Any] | None = None
+    """Settings of a reinforcement job (refused: not supported yet)."""
     reward_model: SupervisedMethod | None = None
+    """Extension: settings of a reward-model job (preference files)."""
+
+    @field_validator("supervised", "dpo", "reinforcement", "reward_model")
+    @classmethod
+    def _settings_of_its_type(cls, value: object, info: ValidationInfo) -> object:
+        method_type = info.data.get("type")
+        if value is not None and method_type is not None and info.field_name != method_type:
+            raise ValueError(f"a {method_type} method takes no {info.field_name!r} object")
+        return value
 
 
 def _printable(value: str) -> str:
@@ -69,27 +98,34 @@ MlflowTagValue = Annotated[str, Field(max_length=MAX_METADATA_VALUE), AfterValid
 
 
 class WandbIntegration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
     project: WandbName
+    """The W&B project the run goes to."""
     name: TrackerName | None = None
+    """The run's display name (default: W&B's)."""
     entity: WandbName | None = None
+    """The team or user owning the run (default: the key's)."""
     tags: Annotated[list[TrackerTag], Field(max_length=MAX_TRACKER_TAGS)] | None = None
+    """Tags on the run."""
 
 
 class MlflowIntegration(BaseModel):
     """Extension. The experiment is created if new, under the organisation's name (`{org}/{name}`, or `{org}`
     alone); where the tracking server is, is the operator's setting."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
     experiment_name: TrackerName | None = None
+    """The experiment under the organisation's name (default: the organisation's own)."""
     run_name: TrackerName | None = None
+    """The run's name (default: MLflow's)."""
     tags: Annotated[dict[MlflowTagKey, MlflowTagValue], Field(max_length=MAX_TRACKER_TAGS)] | None = None
+    """Tags on the run (keys must not start with `mlflow.` or `ftjobs.`)."""
 
 
 class TensorboardIntegration(BaseModel):
     """Extension, with nothing to choose: the job's logs go to the operator's directory, one per job."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
 
 INTEGRATION_SETTINGS: dict[str, type[BaseModel]] = {
@@ -102,11 +138,15 @@ INTEGRATION_SETTINGS: dict[str, type[BaseModel]] = {
 class Integration(BaseModel):
     """OpenAI's `{type: "wandb", wandb: {...}}`; `mlflow` and `tensorboard` are extensions in its shape."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
     type: Literal["wandb", "mlflow", "tensorboard"]
+    """The tracker; its settings go in the key of the same name."""
     wandb: WandbIntegration | None = None
+    """Settings of a W&B run (required for `wandb`)."""
     mlflow: MlflowIntegration | None = None
+    """Extension: settings of an MLflow run."""
     tensorboard: TensorboardIntegration | None = None
+    """Extension: TensorBoard takes no settings."""
 
     @model_validator(mode="after")
     def _settings_of_its_type(self) -> "Integration":
@@ -125,29 +165,38 @@ class Integration(BaseModel):
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
+    """The registered base model to fine-tune (`client.models.list()` shows them)."""
     training_file: Annotated[str, Field(min_length=1, max_length=64)]
+    """The id of an uploaded `fine-tune` file; its format says what the job learns (docs/api.md)."""
     validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    """The id of an uploaded `fine-tune` file in the same format: the base and every checkpoint are
+    evaluated on it."""
     method: Method | None = None
+    """How to train: `{"type": t, t: {"hyperparameters": {...}}}` (default: supervised with defaults)."""
     hyperparameters: SupervisedHyperparameters | None = None
     """Deprecated in favour of `method`; accepted as the supervised method's hyperparameters."""
     suffix: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    """Up to 64 characters added to the fine-tuned model's name (no `:` or whitespace)."""
     seed: Annotated[int, Field(strict=True, ge=0, le=2147483647)] | None = None
+    """Makes the job reproducible (default: a random seed, shown on the job)."""
     integrations: Annotated[list[Integration], Field(max_length=MAX_INTEGRATIONS)] | None = None
     """Trackers that also log the job's hyperparameters and metrics (docs/integrations.md)."""
     metadata: dict[str, str] | None = None
-    export_merged: bool = False
+    """Up to 16 key-value pairs to tag and filter jobs by (keys up to 64 characters, values up to 512)."""
+    export_merged: Annotated[bool, Field(strict=True)] = False
     """Extension: also publish the adapter merged into its base as a whole model, verified against the
     adapter (lora, dora and qlora; docs/models.md)."""
 
     @field_validator("suffix")
     @classmethod
     def _suffix_chars(cls, value: str | None) -> str | None:
-        # The suffix is one `:`-separated segment of the fine_tuned_model name.
-        if value is not None and (":" in value or any(ch.isspace() or not ch.isprintable() for ch in value)):
-            raise ValueError("the suffix must not contain ':', whitespace or control characters")
+        # One `:`-separated segment of the fine_tuned_model name, which travels in URL paths (where `/`,
+        # `%` and dot segments would change it) and in a download's file name.
+        if value is not None and (not SUFFIX.match(value) or ".." in value):
+            raise ValueError("the suffix may hold only A-Z, a-z, 0-9, '.', '_' and '-', and not '..'")
         return value
 
     @field_validator("integrations")
@@ -162,19 +211,24 @@ class JobCreate(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        if len(value) > MAX_METADATA_PAIRS:
-            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
-        for key, item in value.items():
-            if not 1 <= len(key) <= MAX_METADATA_KEY:
-                raise ValueError(f"keys must be 1 to {MAX_METADATA_KEY} characters")
-            if len(item) > MAX_METADATA_VALUE:
-                raise ValueError(f"values must be at most {MAX_METADATA_VALUE} characters")
-            if "\0" in key + item:
-                # Postgres cannot store it (SQLite can): refused on both, so metadata means the same on each.
-                raise ValueError("keys and values must not contain NUL characters")
+        if value is not None:
+            check_metadata(value)
         return value
+
+
+def check_metadata(pairs: dict[str, str]) -> None:
+    """A job's metadata limits (ValueError), which also bound the `metadata[key]=value` filters that search
+    it: a filter no job's metadata could match is a mistake, and each one is a term of the query."""
+    if len(pairs) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs")
+    for key, item in pairs.items():
+        if not 1 <= len(key) <= MAX_METADATA_KEY:
+            raise ValueError(f"keys must be 1 to {MAX_METADATA_KEY} characters")
+        if len(item) > MAX_METADATA_VALUE:
+            raise ValueError(f"values must be at most {MAX_METADATA_VALUE} characters")
+        if "\0" in key + item:
+            # Postgres cannot store it (SQLite can): refused on both, so metadata means the same on each.
+            raise ValueError("keys and values must not contain NUL characters")
 
 
 class JobError(BaseModel):
@@ -214,7 +268,9 @@ class FineTuningJob(BaseModel):
     def of(cls, job: Job) -> "FineTuningJob":
         # Until the job starts, the requested values (possibly "auto") are shown; then the resolved ones.
         method_type = job.method["type"]
-        hyperparameters = job.hyperparameters or job.method[method_type]["hyperparameters"]
+        requested = job.method[method_type]["hyperparameters"]
+        resolved = job.hyperparameters
+        hyperparameters = echoed(method_type, requested, resolved) if resolved else requested
         method = {"type": method_type, method_type: {"hyperparameters": hyperparameters}}
         return cls(
             id=job.id,

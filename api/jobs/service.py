@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from sqlalchemy.orm import Session
 
 from api.deps import on_commit
-from api.errors import APIError, not_found
 from api.jobs.schemas import JobCreate
 from api.pagination import cursor
 from models import ids
 from models.auth import Organizations
+from models.errors import APIError, not_found
 from models.files import FileRepository
 from models.hyperparameters import APPLIES_TO, HYPERPARAMETERS, SupervisedHyperparameters, inapplicable_key
 from models.jobs import JobRepository

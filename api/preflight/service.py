@@ -6,21 +6,18 @@ from typing import Any
 
 import httpx
 from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import APIError, ErrorResponse
 from api.inference.router import inference_unavailable
 from api.jobs.schemas import JobCreate
 from api.jobs.service import check_request
 from api.preflight.schemas import Duration, Preflight
+from models.errors import APIError, ErrorResponse
 from models.files import FileRepository
-from models.orm import Job, JobEvent
+from models.jobs import JobRepository
 from models.preflight import PreflightFile, PreflightReport, PreflightRequest
 from models.registry import ModelRegistry
 from models.settings import Settings
-from models.spec import DeviceInfo
-from models.states import JobStatus
 from models.storage import ArtifactStore
 
 HISTORY_JOBS = 20
@@ -54,7 +51,8 @@ def estimate(
         validation_file=file(body.validation_file) if body.validation_file else None,
         max_file_examples=settings.max_file_examples,
         max_file_tokens=settings.max_file_tokens,
-        device=latest_device(session),
+        # Of any organisation's jobs: it is the service's hardware.
+        device=JobRepository(session).latest_device(jobs=HISTORY_JOBS),
     )
     rate, based_on = throughput(session, body.model, method_type, training_type)
     report = ask(client, request)
@@ -76,46 +74,19 @@ def estimate(
     return Preflight.model_validate(fields)
 
 
-def latest_device(session: Session) -> DeviceInfo | None:
-    """The device the latest job to start trained on, of any organisation: it is the service's hardware, and
-    the runner keeps it in the job's "Training …" event (worker/runner.py)."""
-    started = (
-        select(Job.id).where(Job.started_at.is_not(None)).order_by(Job.started_at.desc()).limit(HISTORY_JOBS)
-    )
-    events = (
-        select(JobEvent.data)
-        .where(JobEvent.job_id.in_(started), JobEvent.type == "message")
-        .order_by(JobEvent.seq.desc())
-    )
-    for data in session.scalars(events):
-        if data and data.get("device"):
-            return DeviceInfo.model_validate(data["device"])
-    return None
-
-
 def throughput(
     session: Session, model: str, method_type: str, training_type: str
 ) -> tuple[float | None, int]:
     """Tokens per second of the training loop over the latest succeeded jobs of this base model, method and
     training type, and how many jobs that is. Throughput is the hardware's, so every organisation's jobs
-    count; only this aggregate is shown. The runner keeps each job's measure in its last event."""
-    same = (
-        select(Job.id)
-        .where(
-            Job.model == model,
-            Job.status == JobStatus.SUCCEEDED.value,
-            Job.method["type"].as_string() == method_type,
-            Job.hyperparameters["training_type"].as_string() == training_type,
-        )
-        .order_by(Job.finished_at.desc())
-        .limit(HISTORY_JOBS)
+    count; only this aggregate is shown."""
+    measured = JobRepository(session).measured_throughputs(
+        model, method_type, training_type, jobs=HISTORY_JOBS
     )
-    events = select(JobEvent.data).where(JobEvent.job_id.in_(same), JobEvent.type == "message")
-    measured = [data for data in session.scalars(events) if data and data.get("elapsed_seconds")]
-    seconds = sum(data["elapsed_seconds"] for data in measured)
+    seconds = sum(job.elapsed_seconds or 0.0 for job in measured)
     if not seconds:
         return None, 0
-    return sum(data["trained_tokens"] for data in measured) / seconds, len(measured)
+    return sum(job.trained_tokens for job in measured) / seconds, len(measured)
 
 
 def ask(client: httpx.Client, request: PreflightRequest) -> PreflightReport:

@@ -1,4 +1,6 @@
+import re
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
@@ -8,6 +10,8 @@ from api.registry import service
 from api.registry.archive import stream_tar_gz
 from api.registry.schemas import ArtifactFormat, Model, ModelDeleted, ModelList
 from models.versions import ModelVersions
+
+UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -35,11 +39,22 @@ def download_model(
     version = service.get(session, org, model)
     directory = store.local_path(service.artifact_key(version, format))
     root = version.id.replace(":", "_").replace("/", "_")
+    # Saving records the base by the directory it was loaded from: the archive names it as registered.
+    renames = {version.base.path: version.base.name} if version.base is not None else {}
     return StreamingResponse(
-        stream_tar_gz(directory, root),
+        stream_tar_gz(directory, root, renames),
         media_type="application/gzip",
-        headers={"content-disposition": f'attachment; filename="{root}-{format}.tar.gz"'},
+        headers={"content-disposition": attachment(f"{root}-{format}.tar.gz")},
     )
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition naming `filename` (RFC 6266): headers are Latin-1 and a quote would end the
+    name, so `filename` is an ASCII stand-in and `filename*` carries the name itself, UTF-8 encoded."""
+    fallback = UNSAFE_IN_FILENAME.sub("_", filename)
+    if fallback == filename:
+        return f'attachment; filename="{filename}"'
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @router.get("/{model:path}")

@@ -3,8 +3,8 @@
 from sqlalchemy.orm import Session
 
 from api.deps import on_commit
-from api.errors import APIError, not_found
 from api.registry.schemas import ArtifactFormat, Model
+from models.errors import APIError, not_found
 from models.inference import ModelKind, Target
 from models.lineage import Lineage, read_lineage
 from models.objectives import GENERATIVE
@@ -57,7 +57,12 @@ def delete(session: Session, store: ArtifactStore, org: str, model_id: str) -> N
             code="permission_denied",
         )
     keys = ModelVersions(session).delete(version)
-    on_commit(session, lambda: [store.delete(key) for key in keys])
+
+    def delete_bytes() -> None:
+        for key in keys:
+            store.delete(key)
+
+    on_commit(session, delete_bytes)
 
 
 def artifact_key(version: ModelVersion, fmt: ArtifactFormat) -> str:

@@ -24,6 +24,8 @@ from models.webhooks import EVENT_TYPES
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 ENDPOINT = "/webhook_endpoints/{webhook_endpoint_id}"
+SHOWN_ONCE = ["signing_secret"]
+"""Null in an Idempotency-Key's replay: the secret is shown once, and stored only to sign."""
 
 
 @router.get("/webhook_event_types")
@@ -40,10 +42,11 @@ def create_endpoint(
     org: OrgDep,
     idempotency: IdempotencyDep,
 ) -> Any:
-    """Register a URL for job events; the signing secret is in this response only."""
+    """Register a URL for job events; the signing secret is in this response only (not in a replay)."""
     return idempotency.run(
         lambda: body.model_dump_json().encode(),
         lambda: WebhookEndpointWithSecret.of(service.create(session, settings, org, body)),
+        shown_once=SHOWN_ONCE,
     )
 
 
@@ -89,13 +92,15 @@ def rotate_secret(
     idempotency: IdempotencyDep,
     body: RotateSecret | None = None,
 ) -> Any:
-    """A new signing secret, shown in this response only; the old one signs too for 24 hours if asked."""
+    """A new signing secret, shown in this response only (not in a replay); the old one signs too for 24
+    hours if asked."""
     keep_old = body is not None and body.keep_old_secret_active_for_24_hours
     return idempotency.run(
         lambda: str(keep_old).encode(),
         lambda: WebhookEndpointWithSecret.of(
             service.rotate_secret(session, org, webhook_endpoint_id, keep_old)
         ),
+        shown_once=SHOWN_ONCE,
     )
 
 

@@ -68,7 +68,8 @@ class WebhookEndpointObject(BaseModel):
 class WebhookEndpointWithSecret(WebhookEndpointObject):
     """Only when the endpoint is created or its secret rotated: the secret is not shown again."""
 
-    signing_secret: str
+    signing_secret: str | None
+    """Null in an Idempotency-Key replay: the secret is shown once, and not kept with the key."""
 
     @classmethod
     def of(cls, endpoint: WebhookEndpoint) -> "WebhookEndpointWithSecret":

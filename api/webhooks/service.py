@@ -5,11 +5,11 @@ from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
-from api.errors import APIError, not_found
 from api.pagination import cursor
 from api.webhooks.schemas import WebhookEndpointCreate, WebhookEndpointUpdate
 from models import ids
 from models.auth import Organizations
+from models.errors import APIError, not_found
 from models.orm import WebhookDelivery, WebhookEndpoint
 from models.settings import Settings
 from models.webhooks import UnsafeURL, WebhookRepository, check_url, new_secret

@@ -9,8 +9,10 @@ import torch
 from fastapi.testclient import TestClient
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from transformers import PreTrainedTokenizerFast
 
-from inference.engine import Engine, chat_prompt_ids
+from api.errors import APIError
+from inference.engine import Engine, chat_prompt_ids, text_prompts
 from models.inference import ChatCompletionRequest, ChatMessage
 from tests.inference.conftest import (
     MESSAGES,
@@ -24,6 +26,7 @@ from tests.inference.conftest import (
     target,
     training_prompt_ids,
 )
+from tests.tiny_model import build_tokenizer
 from worker.training.data import tokenize_prompt_completion
 from worker.training.loading import load_tokenizer
 
@@ -58,6 +61,16 @@ def test_chat_prompt_is_the_prompt_training_scores_the_answer_after(base_dir: Pa
     ]
     served = chat_prompt_ids(tokenizer, [ChatMessage.model_validate(m) for m in parts])
     assert served == training_prompt_ids(tokenizer, [{"role": "user", "content": "What is the sky?"}])
+
+
+def test_an_empty_prompt_starts_from_bos_or_eos_and_without_either_is_a_400() -> None:
+    tokenizer = build_tokenizer()  # eos, no bos
+    assert text_prompts(["", "one"])(tokenizer) == [[tokenizer.eos_token_id], tokenizer("one")["input_ids"]]
+    bare = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    assert bare.bos_token_id is None and bare.eos_token_id is None
+    with pytest.raises(APIError) as refused:
+        text_prompts([""])(bare)
+    assert (refused.value.status_code, refused.value.param) == (400, "prompt")
 
 
 def test_an_artifact_is_prompted_with_its_own_tokenizer_chat_template(

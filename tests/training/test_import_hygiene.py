@@ -11,7 +11,11 @@ FORBIDDEN_ROOTS = {"sqlalchemy", "celery", "fastapi", "api"}
 
 
 def test_training_child_imports_no_service_modules() -> None:
-    code = "import json, sys, worker.training.__main__; print(json.dumps(sorted(sys.modules)))"
+    # What the child loads: its entry point, then (once it has read the spec) the training loops.
+    code = (
+        "import json, sys, worker.training.__main__, worker.training.recipe,"
+        " worker.training.feature_extraction; print(json.dumps(sorted(sys.modules)))"
+    )
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

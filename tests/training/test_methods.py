@@ -5,7 +5,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
 
 import bitsandbytes as bnb
 import pytest
@@ -15,7 +14,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
-from models.spec import ResolvedHyperparameters, TrainingType
+from models.spec import METHODS as TRAITS
+from models.spec import ResolvedHyperparameters
+from worker.training import methods as methods_package
 from worker.training.data import IGNORE_INDEX
 from worker.training.device import bnb_4bit_config, select_device
 from worker.training.loading import count_parameters, load_model
@@ -27,7 +28,7 @@ from worker.training.methods.qlora import keep_training_layout
 from worker.training.objectives.causal_lm import token_stats
 
 DEVICE = select_device()
-METHODS: list[str] = [name for name in get_args(TrainingType) if name != "feature_extraction"]
+METHODS: list[str] = [name for name, traits in TRAITS.items() if traits.family != "features"]
 """Every method trained by gradient steps (feature_extraction fits a classifier head instead)."""
 N_VIRTUAL = 4
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
@@ -308,14 +309,18 @@ def test_loaders_refuse_another_methods_artifact(tiny_model_dir: Path, tmp_path:
         load_freeze(load_base(tiny_model_dir, method), tmp_path)
 
 
-def test_registry_covers_every_training_type_and_rejects_unknown_names() -> None:
+def test_registry_and_table_agree_and_refuse_unknown_or_duplicate_names() -> None:
     assert [get_method(name).name for name in METHODS] == METHODS
+    modules = {path.stem for path in Path(methods_package.__file__).parent.glob("[!_]*.py")}
+    assert modules == set(METHODS)  # one module per gradient-trained row, and no module without one
     assert get_method("lora").prepare is apply_lora
     for name in ("no_such_method", "../lora", "", "_tensors"):
         with pytest.raises(ValueError, match="unknown training method"):
             get_method(name)
     with pytest.raises(ValueError, match="registered twice"):
         register("lora")(apply_lora)
+    with pytest.raises(ValueError, match="'sparse_lora' has no row in models.spec.METHODS"):
+        register("sparse_lora")(apply_lora)
 
 
 @pytest.mark.parametrize(

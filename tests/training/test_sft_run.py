@@ -128,6 +128,7 @@ def start_child(spec: TrainingSpec) -> tuple[subprocess.Popen[bytes], int]:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",  # three children share the machine; also keeps the two seeded runs alike
+        "PYTHONPROFILEIMPORTTIME": "1",  # every module the child imports, on stderr
     }
     with open(workdir / "stderr.log", "w") as stderr:
         process = subprocess.Popen(
@@ -266,6 +267,17 @@ def test_events_follow_the_training_protocol(runs: dict[str, Run]) -> None:
     tokenizer = load_tokenizer(run.spec.base_model_path)
     data = load_dataset(run.spec.training_file, "chat", tokenizer, 128)
     assert completed.trained_tokens == EPOCHS * sum(len(e.input_ids) for e in data.examples)
+
+
+def test_a_lora_child_neither_loads_bitsandbytes_nor_shows_known_library_noise(runs: dict[str, Run]) -> None:
+    stderr = (Path(runs["first"].spec.stop_file).parent / "stderr.log").read_text()
+    lines = stderr.splitlines()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")]
+
+    assert {"peft", "transformers"} <= set(imported)
+    # peft still tries `import bitsandbytes` (a line of its own, refused); loading it would list its modules.
+    assert not [name for name in imported if name.startswith("bitsandbytes.")]
+    assert "is_gradient_checkpointing" not in stderr
 
 
 def test_results_csv_has_one_row_per_step(runs: dict[str, Run]) -> None:

@@ -10,9 +10,8 @@ import traceback
 from pathlib import Path
 
 from models.spec import DataError, LogMessage, TrainingSpec
-from worker.training import feature_extraction, recipe
 from worker.training.events import EventWriter
-from worker.training.trackers import Trackers
+from worker.training.quiet import hide_known_library_noise, skip_bitsandbytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     events = EventWriter(args.events_fd)
     try:
         spec = TrainingSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
+        hide_known_library_noise()
+        if spec.hyperparameters.training_type != "qlora":
+            skip_bitsandbytes()
+        # Imported only now: they load peft, which would load bitsandbytes before the line above.
+        from worker.training import feature_extraction, recipe
+        from worker.training.trackers import Trackers
+
         with Trackers(spec, events):
             # Feature extraction fits a classifier head in one solve: no steps for the recipe's loop.
             if spec.hyperparameters.training_type == "feature_extraction":

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from models.spec import DataFormat
 from worker.training.batching import pack
+from worker.training.tokens import render_chat
 
 IGNORE_INDEX = -100
 
@@ -135,9 +136,7 @@ def tokenize_chat(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any]) ->
     tools = record.get("tools")
 
     def render(conversation: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(
-            conversation, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        return render_chat(tokenizer, conversation, tools=tools, add_generation_prompt=add_generation_prompt)
 
     text = render(messages)
     spans: list[tuple[int, int]] = []

@@ -247,7 +247,8 @@ def export_merged(
         if getattr(base.config, "quantization_config", None) is not None:
             # Merging into a quantised base requantises the merged weights: lossy, and not a float model.
             raise ValueError("base_loader must load the unquantised base; a merged export is a float model")
-        reference = adapter_on(base.to(torch.float32), adapted)
+        # transformers types `to` as torch's unbound Module.to (functools.wraps), missing `self`.
+        reference = adapter_on(base.to(torch.float32), adapted)  # pyright: ignore[reportArgumentType]
         check_same_base(reference, adapted)
         expected = prompt_logits(reference, prompts)
         with reference.disable_adapter():

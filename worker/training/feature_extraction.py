@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from worker.training.loading import load_model, load_tokenizer
 from worker.training.metrics import classification_report
 from worker.training.objectives.classification import Classification, Example, encode, pad, write_label_map
 from worker.training.recipe import write_results_csv
+from worker.training.tokens import pad_token_id
 
 HEAD_FILE = "head.safetensors"
 CONFIG_FILE = "feature_extraction.json"
@@ -110,7 +112,7 @@ def run(spec: TrainingSpec, events: EventWriter) -> None:
     events.log(f"feature_extraction on {device.device.type}: a logistic regression on mean-pooled embeddings")
 
     def features(split: Sequence[Example]) -> np.ndarray:
-        return embed(model, [example.input_ids for example in split], tokenizer.pad_token_id, hp.batch_size)
+        return embed(model, [example.input_ids for example in split], pad_token_id(tokenizer), hp.batch_size)
 
     def labels(split: Sequence[Example]) -> list[int]:
         return [example.label for example in split]
@@ -125,7 +127,9 @@ def run(spec: TrainingSpec, events: EventWriter) -> None:
     if valid:
         x_valid = features(valid)
         majority = DummyClassifier(strategy="prior").fit(x_train, labels(train))
-        baseline, details = score(majority.predict_proba(x_valid), labels(valid), spec.labels)
+        # scikit-learn is untyped: predict_proba's list return is for multi-output fits, not this one.
+        probabilities = cast(np.ndarray, majority.predict_proba(x_valid))
+        baseline, details = score(probabilities, labels(valid), spec.labels)
         history.append((0, full_valid(baseline)))
         events.emit(EvaluationMessage(step=0, baseline=True, metrics=history[0][1], details=details))
         evaluation, details = score(head.predict_proba(x_valid), labels(valid), spec.labels)
@@ -185,7 +189,7 @@ class FeatureClassifier:
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         rows = [encode(self.tokenizer, text, self.max_seq_length)[0]["input_ids"] for text in texts]
-        features = embed(self.model, rows, self.tokenizer.pad_token_id, LOAD_BATCH_SIZE)
+        features = embed(self.model, rows, pad_token_id(self.tokenizer), LOAD_BATCH_SIZE)
         return head_probabilities(features, self.coef, self.intercept)
 
     def predict(self, texts: Sequence[str]) -> list[str]:

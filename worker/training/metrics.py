@@ -3,8 +3,12 @@
 Pure functions of labels and predictions: each returns the metrics a full evaluation reports (names as in
 `models.objectives.EVAL_METRICS`) and the details that are not one number. A ratio with nothing to divide
 by (precision of a class never predicted) is 0, never a warning.
+
+Both libraries are untyped: their results are read through numpy (scalars or arrays by `average`), and
+pyright infers `zero_division` as a string from its "warn" default.
 """
 
+import numpy as np
 from seqeval.metrics.sequence_labeling import get_entities
 from seqeval.metrics.sequence_labeling import precision_recall_fscore_support as entity_scores
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
@@ -24,13 +28,12 @@ def classification_report(y_true: list[int], y_pred: list[int], labels: list[str
     missing from a small validation file would otherwise count as an F1 of 0 that no model can improve.
     """
     ids = list(range(len(labels)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=ids, zero_division=0
+    precision, recall, f1, support = map(
+        np.asarray,
+        precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0),  # pyright: ignore[reportArgumentType]
     )
-    metrics = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
+    macro_f1 = f1_score(y_true, y_pred, average="macro", zero_division=0)  # pyright: ignore[reportArgumentType]
+    metrics = {"accuracy": float(accuracy_score(y_true, y_pred)), "macro_f1": float(macro_f1)}
     details = {
         "labels": list(labels),
         "per_class": {
@@ -51,9 +54,15 @@ def entity_report(true_tags: list[list[str]], pred_tags: list[list[str]]) -> tup
     type of its own: a run of equal bare tags is one entity, as if each were `I-PER`.
     """
     true, pred = _chunk_tags(true_tags), _chunk_tags(pred_tags)
-    precision, recall, f1, support = entity_scores(true, pred, average="micro", zero_division=0)
+    precision, recall, f1, support = map(
+        np.asarray,
+        entity_scores(true, pred, average="micro", zero_division=0),  # pyright: ignore[reportArgumentType]
+    )
     types = sorted({entity[0] for entity in [*get_entities(true), *get_entities(pred)]})
-    per_type = entity_scores(true, pred, average=None, zero_division=0)
+    per_type = [
+        np.asarray(values)
+        for values in entity_scores(true, pred, average=None, zero_division=0)  # pyright: ignore[reportArgumentType]
+    ]
     metrics = {"entity_precision": float(precision), "entity_recall": float(recall), "entity_f1": float(f1)}
     details = {
         "entity_support": int(support),

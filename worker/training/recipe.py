@@ -16,6 +16,7 @@ from torch import nn
 from transformers import get_scheduler, set_seed
 
 from models.spec import (
+    METHODS,
     CheckpointMessage,
     CompletedMessage,
     DataError,
@@ -42,8 +43,6 @@ from worker.training.loading import count_parameters, load_tokenizer
 from worker.training.methods import get_method, untouched
 from worker.training.objectives import Example, get_objective
 
-BASE_TRAINING_TYPES = frozenset({"full", "freeze", "bitfit"})
-"""Methods that update the base model's own weights (so they need float32 master weights)."""
 EXPORT_PROMPTS = 8
 """Rows a merged export is verified on: enough to cover varied inputs, few enough to cost seconds."""
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -63,7 +62,7 @@ class Recipe:
     def setup(self) -> None:
         set_seed(self.spec.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.device = select_device(trains_base_weights=self.hp.training_type in BASE_TRAINING_TYPES)
+        self.device = select_device(trains_base_weights=METHODS[self.hp.training_type].trains_base_weights)
         self.tokenizer = load_tokenizer(self.spec.base_model_path)
         self.objective = get_objective(self.spec.objective)(
             self.spec, self.tokenizer, self.device, self.events
@@ -95,7 +94,8 @@ class Recipe:
         self.model = self.method.prepare(base, hp)
         if hp.gradient_checkpointing:
             # Non-reentrant checkpointing needs no requires-grad hook on frozen embeddings (adapters).
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # nn.Module types attributes as tensors or modules; transformers models (and PEFT's) have this.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # pyright: ignore[reportCallIssue]
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.events.log(
             f"{hp.training_type} on {self.device.device.type} ({self.device.dtype}): "
@@ -329,8 +329,7 @@ class Recipe:
         """The adapter merged into a fresh copy of the base, verified on up to EXPORT_PROMPTS held-out rows
         (training rows without a validation file); a mismatch raises and fails the job."""
         rows = (self.valid_examples or self.train_examples)[:EXPORT_PROMPTS]
-        # A preference pair stands for its preferred row.
-        prompts = [getattr(row, "chosen", row).input_ids for row in rows]
+        prompts = [row.input_ids for row in rows]
         report = export_merged(
             self.model,
             self.hp.training_type,

@@ -1,8 +1,10 @@
 """Training methods: how a base model is loaded, made trainable and saved.
 
-Each method lives in `methods/<name>.py` and registers its `prepare` function with `@register("<name>")`,
-naming any loading or saving it does differently, and how serving rebuilds the model from its artifact
-(`load`). `get_method` imports that module on first use, so a method's own dependencies (bitsandbytes, ...)
+A method is one row of `models.spec.METHODS` (its traits: family, objectives, base learning rate, knobs,
+how it is served) and one module, `methods/<name>.py`, that registers its `prepare` function with
+`@register("<name>")`, naming any loading or saving it does differently, and how serving rebuilds the model
+from its artifact (`load`). A name without a row, or registered twice, is refused when its module is
+imported. `get_method` imports that module on first use, so a method's own dependencies (bitsandbytes, ...)
 load only when chosen.
 
 The base arrives with its objective's head: a pretrained LM head (causal LM objectives) or a new, randomly
@@ -25,7 +27,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from models.spec import ResolvedHyperparameters
+from models.spec import METHODS, ResolvedHyperparameters
 from worker.training.device import DeviceConfig
 from worker.training.loading import refuse_pickle_weights
 
@@ -136,6 +138,9 @@ def register(
     load_options: LoadOptionsFn = no_load_options,
     load: LoadFn = load_peft,
 ) -> Callable[[PrepareFn], PrepareFn]:
+    if name not in METHODS:
+        raise ValueError(f"training method {name!r} has no row in models.spec.METHODS")
+
     def decorator(prepare: PrepareFn) -> PrepareFn:
         if name in _REGISTRY:
             raise ValueError(f"training method {name!r} is registered twice")

@@ -12,7 +12,7 @@ def lora_config(model: PreTrainedModel, hp: ResolvedHyperparameters, use_dora: b
     """The adapter shape shared by lora, dora and qlora."""
     return LoraConfig(
         r=hp.lora_r,
-        lora_alpha=hp.lora_alpha,
+        lora_alpha=hp.lora_alpha,  # pyright: ignore[reportArgumentType]  # peft says int; scaling = alpha / r
         lora_dropout=hp.lora_dropout,
         target_modules=hp.lora_target_modules,
         use_dora=use_dora,

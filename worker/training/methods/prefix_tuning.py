@@ -7,6 +7,7 @@ Llama attends to it even with `use_cache=False`, which is how the recipe calls t
 
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from peft.tuners.prefix_tuning import PrefixEncoder
 from transformers import PreTrainedModel
 
 from models.spec import ResolvedHyperparameters
@@ -16,10 +17,12 @@ from worker.training.methods import peft_options, register
 @register("prefix_tuning")
 def apply_prefix_tuning(model: PreTrainedModel, hp: ResolvedHyperparameters) -> PeftModel:
     config = PrefixTuningConfig(num_virtual_tokens=hp.num_virtual_tokens, **peft_options(model))
-    model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    [encoder] = peft_model.prompt_encoder.values()
+    assert isinstance(encoder, PrefixEncoder)
     # PEFT draws the prefix from N(0, 1), which swamps real keys and values: SmolLM2-135M's loss on plain
     # text goes from 1.15 to 10.8 before any training. Zeros start near the base (1.69) and still get
     # gradients (the prefix takes a share of the attention).
     with torch.no_grad():
-        model.prompt_encoder[model.active_adapter].embedding.weight.zero_()
-    return model
+        encoder.embedding.weight.zero_()
+    return peft_model

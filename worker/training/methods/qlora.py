@@ -8,7 +8,7 @@ simply the device's training dtype. A new classifier head stays in full precisio
 
 from typing import Any
 
-import bitsandbytes as bnb
+from bitsandbytes.nn.modules import Linear4bit
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import PreTrainedModel
@@ -30,7 +30,7 @@ def keep_training_layout(model: nn.Module) -> None:
     every training step after the first validation would get silently wrong gradients. It also fails on
     layers whose width is not a multiple of 64."""
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
 
 
@@ -41,7 +41,7 @@ def unquantize_new_head(model: PreTrainedModel) -> None:
     and the 4-bit layer cannot run them."""
     for head in new_head(model):
         for name, module in list(model.get_submodule(head).named_modules(prefix=head)):
-            if isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is None:
+            if isinstance(module, Linear4bit) and getattr(module.weight, "quant_state", None) is None:
                 linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
                 linear.weight, linear.bias = module.weight, module.bias
                 model.set_submodule(name, linear)

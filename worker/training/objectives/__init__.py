@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -26,10 +26,21 @@ class Example(Protocol):
     @property
     def length(self) -> int:
         """Tokens the example takes in a batch (for length grouping and padding)."""
+        ...
 
     @property
     def units(self) -> int:
         """What its loss is averaged over: trained tokens, one example, one pair."""
+        ...
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The row a merged export is verified on."""
+        ...
+
+
+E = TypeVar("E", bound=Example)
+"""An objective's own kind of example."""
 
 
 @dataclass
@@ -45,7 +56,7 @@ class BatchStats:
     """Real (non-padding) tokens the batch fed the model."""
 
 
-class Objective(ABC):
+class Objective(ABC, Generic[E]):
     accuracy: str = "mean_token_accuracy"
     """What `correct / units` is called in step metrics: train_{accuracy}, valid_{accuracy}."""
     truncated: int = 0
@@ -71,27 +82,27 @@ class Objective(ABC):
         """The base model with this objective's head; `options` are the method's `from_pretrained` extras."""
 
     @abstractmethod
-    def load_examples(self, path: str, split: str) -> Sequence[Example]:
+    def load_examples(self, path: str, split: str) -> Sequence[E]:
         """A validated JSONL file as examples; `split` ("training" or "validation") names it in warnings.
         Training examples may be packed; validation examples never are."""
 
     @abstractmethod
-    def batch_stats(self, model: nn.Module, examples: Sequence[Example]) -> BatchStats:
+    def batch_stats(self, model: nn.Module, examples: Sequence[E]) -> BatchStats:
         """Collate `examples` onto the device and run the model (with grad if the caller has it on)."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, examples: Sequence[Example]) -> tuple[Metrics, Details]:
+    def evaluate(self, model: nn.Module, examples: Sequence[E]) -> tuple[Metrics, Details]:
         """A full evaluation, in eval mode without grad: metric names as in `models.objectives.EVAL_METRICS`
         (the recipe adds the `full_valid_` prefix), and details that are not one number."""
 
-    def before_training(self, model: nn.Module, examples: Sequence[Example]) -> None:  # noqa: B027
+    def before_training(self, model: nn.Module, examples: Sequence[E]) -> None:  # noqa: B027
         """Work on the untouched model before the first step (DPO's reference log-probabilities)."""
 
     def save_extras(self, directory: Path) -> None:  # noqa: B027
         """Anything the artifact needs besides the method's weights and the tokenizer (a label map)."""
 
 
-ObjectiveClass = type[Objective]
+ObjectiveClass = type[Objective[Any]]
 _REGISTRY: dict[str, ObjectiveClass] = {}
 _MODULES = {
     "sft": "causal_lm",

@@ -19,6 +19,7 @@ from models.spec import Details, Metrics
 from worker.training.data import IGNORE_INDEX, Example, collate, load_dataset, pack_examples
 from worker.training.loading import load_model
 from worker.training.objectives import BatchStats, Objective, register
+from worker.training.tokens import decode, pad_token_id
 
 MAX_ANSWER_TOKENS = 256
 """Exact-match generation stops here: a longer answer cannot match anyway once it runs past this."""
@@ -37,7 +38,8 @@ def _logits_only_where(model: nn.Module, trained: torch.Tensor) -> Iterator[None
         at[:, hidden.shape[1] - trained.shape[1] - 1 : -1] = trained
         return (hidden[at].unsqueeze(0),)
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    # nn.Module types attributes as tensors or modules; a transformers model (or its PEFT wrapper) has this.
+    handle = model.get_output_embeddings().register_forward_pre_hook(select)  # pyright: ignore[reportCallIssue]
     try:
         yield
     finally:
@@ -64,7 +66,7 @@ def token_stats(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 
 @register("sft", "pretrain")
-class CausalLM(Objective):
+class CausalLM(Objective[Example]):
     def load_model(self, **options: Any) -> PreTrainedModel:
         return load_model(self.spec.base_model_path, self.device, **options)
 
@@ -90,7 +92,7 @@ class CausalLM(Objective):
     def batch_stats(self, model: nn.Module, examples: Sequence[Example]) -> BatchStats:
         batch = {
             name: tensor.to(self.device.device)
-            for name, tensor in collate(examples, self.tokenizer.pad_token_id).items()
+            for name, tensor in collate(examples, pad_token_id(self.tokenizer)).items()
         }
         loss_sum, correct, units = token_stats(model, batch)
         return BatchStats(loss_sum, units, correct, sum(example.length for example in examples))
@@ -130,14 +132,15 @@ class CausalLM(Objective):
             assert example.prompt_ids is not None and example.answer is not None
             answer_tokens = len(self.tokenizer(example.answer, add_special_tokens=False)["input_ids"])
             prompt = torch.tensor([example.prompt_ids], device=self.device.device)
-            output = model.generate(
+            # nn.Module types attributes as tensors or modules; a causal LM (or its PEFT wrapper) generates.
+            output = model.generate(  # pyright: ignore[reportCallIssue]
                 input_ids=prompt,
                 attention_mask=torch.ones_like(prompt),
                 max_new_tokens=min(answer_tokens + 8, MAX_ANSWER_TOKENS),
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-            text = self.tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True)
+            text = decode(self.tokenizer, output[0, prompt.shape[1] :], skip_special_tokens=True)
             generations.append(
                 {
                     "expected": example.answer,

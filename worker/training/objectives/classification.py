@@ -30,6 +30,7 @@ from worker.training.device import DeviceConfig
 from worker.training.loading import load_model
 from worker.training.metrics import classification_report
 from worker.training.objectives import BatchStats, Objective, register
+from worker.training.tokens import pad_token_id
 
 LABELS_FILE = "labels.json"
 
@@ -99,7 +100,7 @@ def pad(rows: Sequence[list[int]], value: int, left: bool = False) -> tuple[torc
     return padded, mask
 
 
-def log_truncated(objective: Objective, count: int, split: str) -> None:
+def log_truncated(objective: Objective[Any], count: int, split: str) -> None:
     if count:
         objective.events.log(
             f"{count} {split} examples exceed max_seq_length={objective.hp.max_seq_length} and were "
@@ -109,7 +110,7 @@ def log_truncated(objective: Objective, count: int, split: str) -> None:
 
 
 @register("classification")
-class Classification(Objective):
+class Classification(Objective[Example]):
     accuracy = "accuracy"
     pad_left = False
     """Decoders read their last position, so their rows are padded on the left to end in a real token (also
@@ -121,7 +122,7 @@ class Classification(Objective):
         model = load_classifier(
             self.spec,
             self.device,
-            self.tokenizer.pad_token_id,
+            pad_token_id(self.tokenizer),
             AutoModelForSequenceClassification,
             **options,
         )
@@ -143,7 +144,7 @@ class Classification(Objective):
 
     def logits(self, model: nn.Module, examples: Sequence[Example]) -> torch.Tensor:
         input_ids, attention_mask = pad(
-            [example.input_ids for example in examples], self.tokenizer.pad_token_id, left=self.pad_left
+            [example.input_ids for example in examples], pad_token_id(self.tokenizer), left=self.pad_left
         )
         device = self.device.device
         output = model(

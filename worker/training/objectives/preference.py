@@ -27,6 +27,7 @@ from worker.training.loading import load_model
 from worker.training.methods import untouched
 from worker.training.objectives import BatchStats, Objective, register
 from worker.training.objectives.causal_lm import trained_logits
+from worker.training.tokens import pad_token_id, render_chat
 
 REWARD_MODEL_FILE = "reward_model.json"
 
@@ -49,6 +50,11 @@ class Pair:
     def units(self) -> int:
         return 1
 
+    @property
+    def input_ids(self) -> list[int]:
+        """A pair stands for its preferred row (where a merged export is verified)."""
+        return self.chosen.input_ids
+
 
 def tokenize_pair(
     tokenizer: PreTrainedTokenizerBase, record: dict[str, Any]
@@ -60,13 +66,11 @@ def tokenize_pair(
     inputs = record["input"]
     messages = [template_message(message) for message in inputs["messages"]]
     tools = inputs.get("tools")
-    prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    prompt = render_chat(tokenizer, messages, tools=tools, add_generation_prompt=True)
     answers = []
     for which in ("preferred", "non_preferred"):
         [message] = record.get(f"{which}_output") or record[f"{which}_completion"]
-        text = tokenizer.apply_chat_template(
-            [*messages, template_message(message)], tools=tools, tokenize=False
-        )
+        text = render_chat(tokenizer, [*messages, template_message(message)], tools=tools)
         if not text.startswith(prompt):
             raise ValueError(
                 "the chat template does not render the input with its generation prompt as a prefix of the "
@@ -99,7 +103,7 @@ def pair_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tenso
     return -F.logsigmoid(chosen - rejected).sum(), int((chosen > rejected).sum())
 
 
-class PairObjective(Objective):
+class PairObjective(Objective[Pair]):
     """Loading, batching and evaluation shared by DPO and reward modelling; each gives the rewards."""
 
     accuracy = "reward_accuracy"
@@ -149,7 +153,7 @@ class PairObjective(Objective):
     def collate_rows(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
         """Preferred rows first, then non-preferred ones: one right-padded batch of 2 * len(pairs) rows."""
         rows = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
-        batch = collate(rows, self.tokenizer.pad_token_id)
+        batch = collate(rows, pad_token_id(self.tokenizer))
         return {name: tensor.to(self.device.device) for name, tensor in batch.items()}
 
 

@@ -29,6 +29,7 @@ from worker.training.objectives.classification import (
     pad,
     write_label_map,
 )
+from worker.training.tokens import pad_token_id
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,12 @@ def tokenize_words(
 
 
 @register("token_classification")
-class TokenClassification(Objective):
+class TokenClassification(Objective[Example]):
     accuracy = "accuracy"
 
     def load_model(self, **options: Any) -> PreTrainedModel:
         return load_classifier(
-            self.spec, self.device, self.tokenizer.pad_token_id, AutoModelForTokenClassification, **options
+            self.spec, self.device, pad_token_id(self.tokenizer), AutoModelForTokenClassification, **options
         )
 
     def load_examples(self, path: str, split: str) -> Sequence[Example]:
@@ -102,7 +103,7 @@ class TokenClassification(Objective):
         """Per-position logits of the right-padded batch (padding never changes a real position's output:
         encoders mask it out, decoders only look back) and the labels."""
         input_ids, attention_mask = pad(
-            [example.input_ids for example in examples], self.tokenizer.pad_token_id
+            [example.input_ids for example in examples], pad_token_id(self.tokenizer)
         )
         labels, _ = pad([example.labels for example in examples], IGNORE_INDEX)
         device = self.device.device
