@@ -1,5 +1,5 @@
-"""`ftjobs admin`: organisations and their API keys over the API, with the admin key (FTJOBS_ADMIN_KEY).
-`ftjobs keys` does the same on the server machine, straight in the database."""
+"""`ftjobs admin`: organisations, their storage quotas and their API keys over the API, with the admin key
+(FTJOBS_ADMIN_KEY). `ftjobs keys` does the same for keys on the server machine, straight in the database."""
 
 from typing import Annotated, Any
 
@@ -8,14 +8,17 @@ import typer
 from cli.client import DEFAULT_BASE_URL, BaseUrl, client, json_object, segment
 from cli.output import Json, err, show
 
-app = typer.Typer(help="Organisations and API keys, over the API with the admin key.", no_args_is_help=True)
-orgs_app = typer.Typer(help="Organisations.", no_args_is_help=True)
+app = typer.Typer(
+    help="Organisations, storage quotas and API keys, over the API with the admin key.", no_args_is_help=True
+)
+orgs_app = typer.Typer(help="Organisations and their storage quotas.", no_args_is_help=True)
 keys_app = typer.Typer(help="Organisations' API keys.", no_args_is_help=True)
 app.add_typer(orgs_app, name="orgs")
 app.add_typer(keys_app, name="keys")
 
 Org = Annotated[str, typer.Argument(metavar="ORG", help="The organisation's id or name.")]
 KEY_COLUMNS = ("id", "name", "redacted_value", "created_at", "last_used_at", "revoked_at")
+ORG_COLUMNS = ("id", "name", "storage_used_bytes", "storage_limit_bytes", "created_at")
 
 
 @orgs_app.command("create")
@@ -27,8 +30,30 @@ def create_org(name: str, as_json: Json = False, base_url: BaseUrl = DEFAULT_BAS
 
 @orgs_app.command("list")
 def list_orgs(as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
-    """List organisations."""
-    show(_organizations(base_url), as_json, ("id", "name", "created_at"))
+    """List organisations, with the bytes each stores and its limit (0: none)."""
+    show(_organizations(base_url), as_json, ORG_COLUMNS)
+
+
+@orgs_app.command("get")
+def get_org(org: Org, as_json: Json = False, base_url: BaseUrl = DEFAULT_BASE_URL) -> None:
+    """Show an organisation, with its storage use and limit."""
+    path = f"/admin/organizations/{segment(_org_id(org, base_url))}"
+    show(client(base_url, admin=True).get(path, cast_to=object), as_json)
+
+
+@orgs_app.command("set-quota")
+def set_quota(
+    org: Org,
+    quota: Annotated[str, typer.Argument(metavar="BYTES", help="0: no limit; 'default': the server's.")],
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+) -> None:
+    """Set how many bytes an organisation's files, fine-tuned models and checkpoints may hold."""
+    if quota != "default" and not quota.isdigit():
+        raise typer.BadParameter("a number of bytes, or 'default'", param_hint="BYTES")
+    body = {"storage_quota_bytes": None if quota == "default" else int(quota)}
+    path = f"/admin/organizations/{segment(_org_id(org, base_url))}"
+    show(client(base_url, admin=True).post(path, body=body, cast_to=object), as_json)
 
 
 @keys_app.command("create")

@@ -47,6 +47,8 @@ class Organization(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     """The organisation segment of its fine-tuned model names (`ft:{base}:{name}:{suffix}:{id}`)."""
     created_at: Mapped[int] = mapped_column(BigInteger)
+    storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """Most bytes its files and artifacts may hold (0: no limit); None: the server's default."""
 
 
 class ApiKey(Base):
@@ -125,6 +127,8 @@ class Job(Base):
     export_merged: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """Extension: also publish the adapter merged into its base, verified (see docs/models.md)."""
     merged_key: Mapped[str | None] = mapped_column(String(256))
+    artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """Size of the published adapter and merged export: what they count against the storage quota."""
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     """Baseline vs tuned metrics and the best checkpoint (see docs/evaluation.md), kept up to date."""
     # Reliability: each run is an attempt; a worker holds the job through a renewed lease.
@@ -165,6 +169,8 @@ class JobCheckpoint(Base):
     metrics: Mapped[dict[str, float]] = mapped_column(JSONType)
     fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(300))
     storage_key: Mapped[str] = mapped_column(String(256))
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """Its size in the artifact store, counted against the storage quota."""
 
 
 class IdempotencyKey(Base):

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         description="Largest JSON body of every other route, the inference server's too (413 above, before "
         "it is parsed). A chat request with a 128k-token context is well under 1 MB.",
     )
+    storage_quota_bytes: int = Field(
+        default=100 * 1024**3,
+        ge=0,
+        description="Bytes an organisation's files and job artifacts may hold, unless the admin set its own "
+        "limit (0: no limit); uploads get a 413 above, jobs that would publish above it fail.",
+    )
     max_file_examples: int = Field(
         default=1_000_000, ge=1, description="Most examples in a training or validation file."
     )

@@ -12,7 +12,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +30,7 @@ from models.lineage import write_lineage
 from models.logs import job_context
 from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint
+from models.quota import QuotaExceeded, StorageQuota, directory_bytes
 from models.registry import ModelRegistry, is_generative
 from models.settings import Settings
 from models.spec import (
@@ -453,6 +454,7 @@ class Attempt:
                 metrics={"step": float(message.step), **message.metrics},
                 fine_tuned_model_checkpoint=name,
                 storage_key=key,
+                bytes=directory_bytes(Path(message.path)),
             )
         )
         evaluation = dict(job.evaluation or {})
@@ -481,9 +483,12 @@ class Attempt:
         for key, path in published.items():
             self.store.put_dir(key, Path(path))
         results_key = None
+        artifact_bytes = sum(directory_bytes(Path(path)) for path in published.values())
+        adding = artifact_bytes + directory_bytes(Path(done.results_csv))
         with session_scope(self.runner.session_factory) as session:
             job = JobRepository(session).get(self.job_id)
             assert job is not None
+            self._reserve_storage(session, job, published, adding)
             with open(done.results_csv, "rb") as csv:
                 results = FileRepository(session).store(
                     self.store,
@@ -506,6 +511,7 @@ class Attempt:
                     "result_files": [results.id],
                     "adapter_key": adapter_key,
                     "merged_key": merged_key,
+                    "artifact_bytes": artifact_bytes,
                     "finished_at": int(time.time()),
                     "estimated_finish": None,
                 },
@@ -526,6 +532,17 @@ class Attempt:
         if not ours:
             for key in published:
                 self.store.delete(key)
+
+    def _reserve_storage(self, session: Session, job: Job, published: Iterable[str], adding: int) -> None:
+        """Fail the job, discarding what it stored, if its artifacts don't fit its organisation's quota."""
+        if (job.status, job.attempt) != (JobStatus.RUNNING, self.attempt):
+            return  # not ours any more, or a retried publish that already succeeded: the CAS sorts it out
+        try:
+            StorageQuota(session, self.settings.storage_quota_bytes).reserve(job.organization_id, adding)
+        except QuotaExceeded as exc:
+            for key in published:
+                self.store.delete(key)
+            raise JobFailed(exc.code, f"The fine-tuned model was not published: {exc}") from exc
 
 
 def _improves(metric: str, value: float, best: float) -> bool:

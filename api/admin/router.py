@@ -1,5 +1,5 @@
-"""Extension: organisations and their API keys, managed with the admin key (`ftjobs keys` does the same
-from the server's shell)."""
+"""Extension: organisations, their storage quotas and their API keys, managed with the admin key (`ftjobs
+keys` does the same from the server's shell)."""
 
 from fastapi import APIRouter
 from sqlalchemy.orm import Session
@@ -10,28 +10,55 @@ from api.admin.schemas import (
     ApiKeyObject,
     OrganizationCreate,
     OrganizationObject,
+    OrganizationUpdate,
 )
-from api.deps import AdminDep, SessionDep
+from api.deps import AdminDep, SessionDep, SettingsDep
 from api.pagination import ListPage, list_page
 from models.auth import ApiKeys, InvalidName, Organizations
 from models.errors import APIError, not_found
 from models.orm import Organization
+from models.quota import StorageQuota
+from models.settings import Settings
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
 @router.post("/organizations")
-def create_organization(body: OrganizationCreate, session: SessionDep, _: AdminDep) -> OrganizationObject:
+def create_organization(
+    body: OrganizationCreate, session: SessionDep, settings: SettingsDep, _: AdminDep
+) -> OrganizationObject:
     try:
         organization = Organizations(session).create(body.name)
     except InvalidName as exc:
         raise APIError(str(exc), param="name", code="invalid_organization_name") from exc
-    return OrganizationObject.model_validate(organization)
+    return _organization_object(session, settings, organization)
 
 
 @router.get("/organizations")
-def list_organizations(session: SessionDep, _: AdminDep) -> ListPage[OrganizationObject]:
-    return list_page(Organizations(session).list(), False, OrganizationObject.model_validate)
+def list_organizations(
+    session: SessionDep, settings: SettingsDep, _: AdminDep
+) -> ListPage[OrganizationObject]:
+    organizations = Organizations(session).list()
+    return list_page(organizations, False, lambda org: _organization_object(session, settings, org))
+
+
+@router.get("/organizations/{organization_id}")
+def retrieve_organization(
+    organization_id: str, session: SessionDep, settings: SettingsDep, _: AdminDep
+) -> OrganizationObject:
+    """An organisation, with its storage use and limit."""
+    return _organization_object(session, settings, _organization(session, organization_id))
+
+
+@router.post("/organizations/{organization_id}")
+def update_organization(
+    organization_id: str, body: OrganizationUpdate, session: SessionDep, settings: SettingsDep, _: AdminDep
+) -> OrganizationObject:
+    """Set the organisation's storage limit. Stored bytes over a lowered limit stay; new uploads and jobs'
+    artifacts are refused until deletions bring the use under it."""
+    organization = _organization(session, organization_id)
+    organization.storage_quota_bytes = body.storage_quota_bytes
+    return _organization_object(session, settings, organization)
 
 
 @router.post("/organizations/{organization_id}/api_keys")
@@ -58,6 +85,20 @@ def revoke_api_key(key_id: str, session: SessionDep, _: AdminDep) -> ApiKeyObjec
         raise not_found("API key", key_id, "key_id")
     keys.revoke(key)
     return ApiKeyObject.model_validate(key)
+
+
+def _organization_object(
+    session: Session, settings: Settings, organization: Organization
+) -> OrganizationObject:
+    usage = StorageQuota(session, settings.storage_quota_bytes).usage(organization.id)
+    return OrganizationObject.model_validate(
+        {
+            **{column: getattr(organization, column) for column in ("id", "name", "created_at")},
+            "storage_quota_bytes": organization.storage_quota_bytes,
+            "storage_limit_bytes": usage.limit,
+            "storage_used_bytes": usage.used,
+        }
+    )
 
 
 def _organization(session: Session, organization_id: str) -> Organization:

@@ -16,6 +16,21 @@ class OrganizationObject(BaseModel):
     object: Literal["organization"] = "organization"
     name: str
     created_at: int
+    storage_quota_bytes: int | None = Field(
+        description="The organisation's own storage limit (0: none); null: the server's default applies."
+    )
+    storage_limit_bytes: int = Field(description="The storage limit in force (0: none).")
+    storage_used_bytes: int = Field(
+        description="Bytes its files, fine-tuned models and checkpoints hold in the artifact store."
+    )
+
+
+class OrganizationUpdate(BaseModel):
+    storage_quota_bytes: int | None = Field(
+        ge=0,
+        description="Most bytes its files, fine-tuned models and checkpoints may hold (0: no limit); null: "
+        "the server's default (FTJOBS_STORAGE_QUOTA_BYTES).",
+    )
 
 
 class ApiKeyCreate(BaseModel):

@@ -1,56 +1,67 @@
-import hashlib
 from collections.abc import Iterator
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
-from api.deps import OrgDep, SessionDep, StoreDep
+from api.deps import OrgDep, SessionDep, SettingsDep, StoreDep
 from api.files import service as file_service
-from api.files.schemas import FileDeleted, FileObject
+from api.files.schemas import UPLOAD_BODY, FileDeleted, FileObject, UploadForm
+from api.files.spool import SpooledUpload, UploadDep
 from api.idempotency import IdempotencyDep
 from api.pagination import After, Limit, ListPage, list_page
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FileObject)
+@router.post("", response_model=FileObject, openapi_extra={"requestBody": UPLOAD_BODY})
 def upload_file(
-    file: UploadFile,
+    upload: UploadDep,
     session: SessionDep,
     store: StoreDep,
+    settings: SettingsDep,
     org: OrgDep,
     idempotency: IdempotencyDep,
-    purpose: Annotated[str, Form()],
-    expires_after_anchor: Annotated[Literal["created_at"] | None, Form(alias="expires_after[anchor]")] = None,
-    expires_after_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
 ) -> Any:
     """Upload a JSONL file for fine-tuning."""
+    form = _form(upload)
+    file = upload.file
+    assert file is not None  # _form checked it
 
     def store_upload() -> FileObject:
         stored = file_service.upload(
             session,
             store,
             organization_id=org,
-            source=file.file,
-            filename=file.filename,
-            purpose=purpose,
-            expires_after_seconds=expires_after_seconds,
+            source=file,
+            size=upload.size,
+            filename=upload.filename,
+            purpose=form.purpose,
+            expires_after_seconds=form.expires_after_seconds,
+            quota_bytes=settings.storage_quota_bytes,
         )
         return FileObject.model_validate(stored)
 
     def request() -> bytes:
-        return f"{purpose}\0{file.filename}\0{expires_after_seconds}\0{_sha256(file.file)}".encode()
+        return f"{form.purpose}\0{upload.filename}\0{form.expires_after_seconds}\0{upload.sha256}".encode()
 
     return idempotency.run(request, store_upload)
 
 
-def _sha256(source: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    while chunk := source.read(1 << 20):
-        digest.update(chunk)
-    source.seek(0)
-    return digest.hexdigest()
+def _form(upload: SpooledUpload) -> UploadForm:
+    """The form fields, validated as FastAPI validates a declared form (a 400 naming the field)."""
+    errors = []
+    if upload.file is None:
+        errors.append({"type": "missing", "loc": ("body", "file"), "msg": "Field required", "input": None})
+    try:
+        form = UploadForm.model_validate(upload.fields)
+    except ValidationError as exc:
+        errors += [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+    if errors:
+        raise RequestValidationError(errors)
+    return form
 
 
 @router.get("")

@@ -9,6 +9,7 @@ from api.pagination import cursor
 from models.errors import APIError, not_found
 from models.files import FileRepository
 from models.orm import File
+from models.quota import QuotaExceeded, StorageQuota
 from models.storage import ArtifactStore
 
 UPLOAD_PURPOSES = ("fine-tune",)
@@ -22,15 +23,22 @@ def _clean_filename(name: str | None) -> str:
     return name[:255] or "upload.jsonl"
 
 
+def quota_exceeded(exc: QuotaExceeded) -> APIError:
+    # 413, not 429: the SDKs retry a 429, and sending the same bytes again can't fit any better.
+    return APIError(str(exc), status_code=413, param="file", code=exc.code)
+
+
 def upload(
     session: Session,
     store: ArtifactStore,
     *,
     organization_id: str,
     source: BinaryIO,
+    size: int,
     filename: str | None,
     purpose: str,
     expires_after_seconds: int | None,
+    quota_bytes: int,
 ) -> File:
     if purpose not in UPLOAD_PURPOSES:
         raise APIError(f"Invalid purpose {purpose!r}: ftjobs accepts 'fine-tune' files.", param="purpose")
@@ -39,6 +47,10 @@ def upload(
             f"expires_after[seconds] must be between {MIN_EXPIRY} and {MAX_EXPIRY}.",
             param="expires_after[seconds]",
         )
+    try:
+        StorageQuota(session, quota_bytes).reserve(organization_id, size)
+    except QuotaExceeded as exc:
+        raise quota_exceeded(exc) from exc
     return FileRepository(session).store(
         store,
         organization_id=organization_id,
