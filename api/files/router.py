@@ -55,11 +55,12 @@ def _form(upload: SpooledUpload) -> UploadForm:
     errors = []
     if upload.file is None:
         errors.append({"type": "missing", "loc": ("body", "file"), "msg": "Field required", "input": None})
+    form: UploadForm | None = None
     try:
         form = UploadForm.model_validate(upload.fields)
     except ValidationError as exc:
         errors += [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
-    if errors:
+    if errors or form is None:
         raise RequestValidationError(errors)
     return form
 
