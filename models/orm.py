@@ -130,6 +130,8 @@ class Job(Base):
     artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
     """Size of the published adapter and merged export: what they count against the storage quota."""
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    compute: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    """The request's `compute` (devices, nodes, device class); None for one device."""
     """Baseline vs tuned metrics and the best checkpoint (see docs/evaluation.md), kept up to date."""
     # Reliability: each run is an attempt; a worker holds the job through a renewed lease.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
