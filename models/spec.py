@@ -53,6 +53,10 @@ class MethodTraits:
     shares_base: bool = False
     """Served as an adapter on its base, batched with other adapters and the base itself (peft's mixed
     adapter batches), rather than as a dedicated model; peft can't mix DoRA adapters."""
+    parallel: Literal["ddp", "fsdp", "single"] = "ddp"
+    """How a job on several devices trains: ddp replicates the model and sums the (small) trained tensors'
+    gradients across ranks; fsdp would shard a whole model's weights (not built yet: such a job takes one
+    device); single never runs on more than one."""
 
     @property
     def trains_base_weights(self) -> bool:
@@ -66,15 +70,15 @@ METHODS: dict[str, MethodTraits] = {
     "lora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS, shares_base=True),
     "dora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS),
     "qlora": MethodTraits("lora", 2e-4, knobs=LORA_KNOBS, shares_base=True),
-    "full": MethodTraits("base_weights", 2e-5),
-    "freeze": MethodTraits("base_weights", 5e-5, knobs=("trainable_layers",)),
+    "full": MethodTraits("base_weights", 2e-5, parallel="fsdp"),
+    "freeze": MethodTraits("base_weights", 5e-5, knobs=("trainable_layers",), parallel="fsdp"),
     "bitfit": MethodTraits("base_weights", 1e-3),
     "ia3": MethodTraits("adapter", 3e-3),
     "prompt_tuning": MethodTraits("virtual_token", 3e-2, _PROMPT_OBJECTIVES, ("num_virtual_tokens",)),
     "prefix_tuning": MethodTraits("virtual_token", 1e-2, _PROMPT_OBJECTIVES, ("num_virtual_tokens",)),
     "p_tuning": MethodTraits("virtual_token", 1e-2, _PROMPT_OBJECTIVES, ("num_virtual_tokens",)),
     # The logistic-regression head is solved directly: the rate is never used.
-    "feature_extraction": MethodTraits("features", 1.0, frozenset({"classification"})),
+    "feature_extraction": MethodTraits("features", 1.0, frozenset({"classification"}), parallel="single"),
 }
 """Every training method, one row each: `TrainingType` lists the same names."""
 if set(METHODS) != set(get_args(TrainingType)):
@@ -233,6 +237,8 @@ class TrainingSpec(BaseModel):
     """Refuse a training file that tokenizes to more (`settings.max_file_tokens`)."""
     trackers: list[Tracker] = []
     """Where the job's hyperparameters and metric curves are also logged (worker/training/trackers.py)."""
+    devices: int = 1
+    """Ranks on this machine, one per device (docs/distributed.md); 1 runs the plain child."""
 
 
 Metrics = dict[str, float]

@@ -1,7 +1,9 @@
 """A training child process: spawn it, read its messages, stop it. No database here.
 
 The child runs `python -m worker.training` in its own session (process group), so a cancel can end
-it and everything it started; it reports on an inherited pipe, one JSON message per line.
+it and everything it started; it reports on an inherited pipe, one JSON message per line. A job on several
+devices runs `python -m worker.training.launch` instead, which starts one rank per device; the ranks die
+with it (docs/distributed.md).
 """
 
 import ctypes
@@ -29,6 +31,16 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def visible_devices() -> int:
+    """The GPUs this process may use (`CUDA_VISIBLE_DEVICES` narrows them), or 1 without any: the CPU.
+    Read without torch, which the worker's own process never loads."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([device for device in visible.split(",") if device.strip()]))
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return max(1, len(list(gpus.iterdir()))) if gpus.is_dir() else 1
+
+
 class TrainingProcess:
     def __init__(self, spec: TrainingSpec, workdir: Path) -> None:
         self.spec = spec
@@ -36,17 +48,13 @@ class TrainingProcess:
         spec_path.write_text(spec.model_dump_json(indent=2))
         self.log_path = workdir / "train.log"
         read_fd, write_fd = os.pipe()
+        trainer = ["worker.training", "--spec", str(spec_path), "--events-fd", str(write_fd)]
+        if spec.devices > 1:
+            launch = ["worker.training.launch", "--nproc", str(spec.devices)]
+            trainer = [*launch, "--run-id", f"{spec.job_id}-{workdir.name}", *trainer[1:]]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "worker.training",
-                    "--spec",
-                    str(spec_path),
-                    "--events-fd",
-                    str(write_fd),
-                ],
+                [sys.executable, "-m", *trainer],
                 pass_fds=(write_fd,),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

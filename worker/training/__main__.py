@@ -1,7 +1,8 @@
 """`python -m worker.training --spec SPEC.json --events-fd N`: run one training job as a child process.
 
-Events go to fd N as JSON lines; library logs and tracebacks go to stderr. Exit 0 on success or on an
-honoured stop file, 1 after reporting an error event.
+Events go to fd N as JSON lines (or, for a rank started by `worker.training.launch`, to `--events-path`;
+only rank 0 writes); library logs and tracebacks go to stderr. Exit 0 on success or on an honoured stop
+file, 1 after reporting an error event.
 """
 
 import argparse
@@ -10,6 +11,8 @@ import traceback
 from pathlib import Path
 
 from models.spec import DataError, LogMessage, TrainingSpec
+from worker.child import die_with_parent
+from worker.training import distributed
 from worker.training.events import EventWriter
 from worker.training.quiet import hide_known_library_noise, skip_bitsandbytes
 
@@ -17,12 +20,21 @@ from worker.training.quiet import hide_known_library_noise, skip_bitsandbytes
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.training", description=__doc__)
     parser.add_argument("--spec", type=Path, required=True, help="TrainingSpec JSON file")
-    parser.add_argument("--events-fd", type=int, required=True, help="inherited file descriptor for events")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--events-fd", type=int, help="inherited file descriptor for events")
+    target.add_argument("--events-path", help="a path to open for events (ranks of a launched job)")
     args = parser.parse_args(argv)
 
-    events = EventWriter(args.events_fd)
+    if distributed.world_size() > 1:
+        # The launcher starts ranks in sessions of their own: without this they would outlive it.
+        die_with_parent()
+    events = EventWriter(args.events_fd if args.events_path is None else args.events_path)
+    if not distributed.is_main():
+        events = EventWriter(None)
     try:
         spec = TrainingSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
+        if not distributed.is_main():
+            spec = spec.model_copy(update={"trackers": []})  # one tracker run per job, rank 0's
         hide_known_library_noise()
         if spec.hyperparameters.training_type != "qlora":
             skip_bitsandbytes()
@@ -30,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         from worker.training import feature_extraction, recipe
         from worker.training.trackers import Trackers
 
+        distributed.start()
         with Trackers(spec, events):
             # Feature extraction fits a classifier head in one solve: no steps for the recipe's loop.
             if spec.hyperparameters.training_type == "feature_extraction":
@@ -44,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         # One line: the runner shows it to the user as the job's error.
         events.emit(LogMessage(level="error", message=f"{type(exc).__name__}: {' '.join(str(exc).split())}"))
         return 1
+    finally:
+        distributed.finish()
     return 0
 
 

@@ -28,6 +28,7 @@ from models.spec import (
     TrainingSpec,
     greater_is_better,
 )
+from worker.training import distributed
 from worker.training.batching import epoch_batches
 from worker.training.checkpoint import (
     Progress,
@@ -167,7 +168,7 @@ class Recipe:
             done = first_batch if epoch == first_epoch else 0
             # `done` ends on a step: a multiple of the accumulation, or the epoch's last (shorter) step.
             for index in range(math.ceil(done / hp.gradient_accumulation_steps), len(steps)):
-                if (request := self._stop_request()) is not None:
+                if (request := distributed.agree_on_stop(self._stop_request())) is not None:
                     if request == "pause":
                         self._checkpoint()
                     self.events.emit(StoppedMessage(step=progress.step))
@@ -223,7 +224,10 @@ class Recipe:
         return patience > 0 and progress.evaluations_since_best >= patience
 
     def _stop_request(self) -> str | None:
-        """The stop file's content when it exists: "pause" asks for a checkpoint first."""
+        """The stop file's content when it exists: "pause" asks for a checkpoint first. Rank 0 reads it
+        and tells the others (`distributed.agree_on_stop`)."""
+        if not distributed.is_main():
+            return None
         try:
             return Path(self.spec.stop_file).read_text(encoding="utf-8", errors="replace").strip()
         except FileNotFoundError:
@@ -231,17 +235,23 @@ class Recipe:
 
     def _train_step(self, batches: list[list[Example]]) -> Metrics:
         """One optimizer step over `batches` (gradient accumulation): the loss is averaged over the units
-        of the whole step, exactly as one large batch would average it."""
+        of the whole step, exactly as one large batch would average it. With several ranks each trains
+        its share of every batch and the gradients are summed: the same step, whatever the world size."""
         units = sum(example.units for batch in batches for example in batch)
-        loss_total, correct = 0.0, 0
+        loss_total, correct, tokens = 0.0, 0, 0
         for batch in batches:
+            if not (share := distributed.share(batch)):
+                continue  # fewer examples than ranks: this rank adds zero gradients
             with self.device.autocast():
-                stats = self.objective.batch_stats(self.model, batch)
+                stats = self.objective.batch_stats(self.model, share)
             loss = stats.loss_sum / units
             self.scaler.scale(loss).backward()
             loss_total += loss.item()
             correct += stats.correct
-            self.progress.trained_tokens += stats.tokens
+            tokens += stats.tokens
+        distributed.sum_gradients(self.trainable)
+        loss_total, correct, tokens = distributed.sum_across([loss_total, correct, tokens])
+        self.progress.trained_tokens += int(tokens)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(self.trainable, self.hp.max_grad_norm)
         self.scaler.step(self.optimizer)
@@ -284,6 +294,13 @@ class Recipe:
         step = self.progress.step
         if step == self.last_checkpoint_step:
             return
+        self.last_checkpoint_step = step
+        # The replicas are identical: rank 0 writes, the others wait so that no rank runs ahead of it.
+        if distributed.is_main():
+            self._write_checkpoint(step)
+        distributed.barrier()
+
+    def _write_checkpoint(self, step: int) -> None:
         path = self.output_dir / "checkpoints" / f"step-{step}"
         save_checkpoint(
             path,
@@ -297,7 +314,6 @@ class Recipe:
         )
         self.tokenizer.save_pretrained(path)  # every checkpoint is servable with its chat template
         self.objective.save_extras(path)
-        self.last_checkpoint_step = step
         self.events.emit(CheckpointMessage(step=step, path=str(path), metrics=self.progress.history[-1][1]))
 
     def save(self) -> None:
@@ -375,5 +391,7 @@ def run(spec: TrainingSpec, events: EventWriter) -> None:
     recipe = Recipe(spec, events)
     recipe.setup()
     recipe.baseline()
-    if recipe.fit():
+    # Evaluations run whole on every rank (identical replicas, identical results: early stopping agrees
+    # everywhere); only rank 0 reports them and publishes.
+    if recipe.fit() and distributed.is_main():
         recipe.save()
