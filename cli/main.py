@@ -25,7 +25,7 @@ from models.migrate import open_database
 from models.queue import CeleryDispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
-from worker.child import die_with_parent
+from worker.child import die_with_parent, visible_devices
 from worker.reconciler import Reconciler
 from worker.training.quiet import hide_known_library_noise
 from worker.webhooks import WebhookSender
@@ -50,6 +50,14 @@ app.add_typer(admin.app, name="admin")
 api_models.register(models_app)
 
 DataDir = Annotated[Path | None, typer.Option(help="Data directory (default: $FTJOBS_DATA_DIR or ./data).")]
+Devices = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=64,
+        help="Devices one job may train on (default: $FTJOBS_DEVICES, else the GPUs it sees, 1 on CPU).",
+    ),
+]
 
 
 def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
@@ -76,6 +84,7 @@ def up(
     port: int = 8000,
     inference_port: Annotated[int, typer.Option(help="The inference server's port (0: any free one).")] = 0,
     data_dir: DataDir = None,
+    devices: Devices = None,
 ) -> None:
     """Run everything on one machine: API + in-process dispatcher, SQLite, local artifacts, and an inference
     server in a child process."""
@@ -88,6 +97,8 @@ def up(
     inference_port = inference_port or _free_port()
     token = secrets.token_urlsafe(32)  # so only this API's requests reach its inference server
     settings = _settings(data_dir, inference_url=f"http://127.0.0.1:{inference_port}", inference_token=token)
+    # The API and the runner share this process: the API refuses jobs asking more than the runner has.
+    settings = settings.model_copy(update={"devices": devices or settings.devices or visible_devices()})
     if settings.webhook_allow_private_urls is None:
         # Bound to loopback, only this machine reaches the API: a webhook to a local address reaches nothing
         # its caller couldn't reach anyway, and local receivers are what one machine has.
@@ -162,8 +173,10 @@ def _free_port() -> int:
 
 
 @app.command()
-def worker(loglevel: str | None = None) -> None:
-    """Run a Celery worker that trains jobs (one at a time; run one per GPU)."""
+def worker(loglevel: str | None = None, devices: Devices = None) -> None:
+    """Run a Celery worker that trains jobs (one at a time, each on up to --devices devices)."""
+    if devices is not None:  # the Celery task builds its runner from the environment
+        os.environ["FTJOBS_DEVICES"] = str(devices)
     from celery.signals import setup_logging
 
     from worker.tasks import app as celery_app

@@ -105,6 +105,14 @@ class Settings(BaseSettings):
         description="Most tokens in a training file, counted with the base's tokenizer.",
     )
     embedded_workers: int = Field(default=1, ge=1, description="Concurrent jobs in embedded mode.")
+    devices: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Devices one job may train on (`ftjobs worker|up --devices`); the API refuses a job "
+        "asking for more. Unset: a worker uses the GPUs it sees (1 on CPU), and the API leaves the check "
+        "to the worker (docs/distributed.md).",
+    )
     worker_queue: str = Field(default="ftjobs", description="Celery queue that training workers consume.")
     heartbeat_seconds: float = Field(
         default=2.0, gt=0, description="How often a running job reports liveness."

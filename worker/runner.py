@@ -49,7 +49,7 @@ from models.spec import (
 from models.states import JobStatus, transition
 from models.storage import ArtifactStore
 from models.validation import DataError, FileSummary, validate_job_files
-from worker.child import TrainingProcess
+from worker.child import TrainingProcess, visible_devices
 from worker.integrations import trackers
 from worker.reconciler import retry_or_fail
 
@@ -288,6 +288,14 @@ class Attempt:
             latest = JobRepository(session).latest_checkpoint(job.id)
             if training is None or (job.validation_file and validation is None) or model is None:
                 raise JobFailed("file_not_found", "A file or the base model of this job no longer exists.")
+            devices = (job.compute or {}).get("devices", 1)
+            available = self.settings.devices or visible_devices()
+            if devices > available:
+                raise JobFailed(
+                    "invalid_compute",
+                    f"compute.devices is {devices}, but this worker trains on at most {available}.",
+                    "compute.devices",
+                )
             return TrainingSpec(
                 job_id=job.id,
                 base_model_path=model.path,
@@ -305,6 +313,7 @@ class Attempt:
                 export_merged=job.export_merged,
                 max_training_tokens=self.settings.max_file_tokens,
                 trackers=trackers(self.settings, job, organization_name(session, job)),
+                devices=devices,
             )
 
     def _supervise(self, child: TrainingProcess) -> ChildMessage | None:

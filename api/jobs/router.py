@@ -52,7 +52,9 @@ def create_job(
     return idempotency.run(
         lambda: body.model_dump_json().encode(),
         lambda: FineTuningJob.of(
-            job_service.create(session, store, dispatcher, org, body, settings.max_active_jobs)
+            job_service.create(
+                session, store, dispatcher, org, body, settings.max_active_jobs, settings.devices
+            )
         ),
     )
 

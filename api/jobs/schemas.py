@@ -164,6 +164,18 @@ class Integration(BaseModel):
         return {"type": self.type, self.type: fields}
 
 
+class Compute(BaseModel):
+    """Extension: what one job trains on (docs/distributed.md)."""
+
+    model_config = REQUEST
+    devices: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
+    """Devices (GPUs, or CPU ranks) per node; more than one trains data-parallel (adapter methods)."""
+    nodes: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
+    """Machines the job spans (only 1 for now)."""
+    device_class: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    """A named class of device to run on (none are configured yet)."""
+
+
 class JobCreate(BaseModel):
     model_config = REQUEST
 
@@ -189,6 +201,8 @@ class JobCreate(BaseModel):
     export_merged: Annotated[bool, Field(strict=True)] = False
     """Extension: also publish the adapter merged into its base as a whole model, verified against the
     adapter (lora, dora and qlora; docs/models.md)."""
+    compute: Compute | None = None
+    """Extension: how many devices the job trains on (default: one; docs/distributed.md)."""
 
     @field_validator("suffix")
     @classmethod
@@ -260,6 +274,8 @@ class FineTuningJob(BaseModel):
     user_provided_suffix: str | None
     # Extensions.
     export_merged: bool
+    compute: dict[str, Any]
+    """What the job trains on: devices, nodes, device_class."""
     evaluation: dict[str, Any] | None
     """Baseline vs tuned metrics and the best checkpoint, once the job has a validation file and has
     started (docs/evaluation.md)."""
@@ -296,6 +312,7 @@ class FineTuningJob(BaseModel):
             metadata=job.metadata_,
             user_provided_suffix=job.suffix,
             export_merged=job.export_merged,
+            compute=Compute.model_validate(job.compute or {}).model_dump(),
             evaluation=job.evaluation,
         )
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy.orm import Session
 
 from api.deps import on_commit
-from api.jobs.schemas import JobCreate
+from api.jobs.schemas import Compute, JobCreate
 from api.pagination import cursor
 from models import ids
 from models.auth import Organizations
@@ -19,7 +19,7 @@ from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint, JobEvent
 from models.queue import Dispatcher
 from models.registry import ModelRegistry, is_generative
-from models.spec import LORA_FAMILY
+from models.spec import LORA_FAMILY, METHODS
 from models.states import ACTIVE, JobStatus, transition
 from models.storage import ArtifactStore
 from models.validation import peek_format
@@ -121,6 +121,30 @@ def check_request(
     return _check_method(session, store, organization_id, body)
 
 
+def check_compute(compute: Compute, training_type: str, max_devices: int | None) -> None:
+    """What this service can train one job on: one node, no device classes yet, at most the workers'
+    devices (`max_devices`, when the API knows it), and several devices only for a method that trains
+    data-parallel."""
+    if compute.nodes > 1:
+        raise APIError("A job runs on one node for now; compute.nodes must be 1.", param="compute.nodes")
+    if compute.device_class is not None:
+        raise APIError(
+            "This service has no device classes configured; leave compute.device_class unset.",
+            param="compute.device_class",
+        )
+    if max_devices is not None and compute.devices > max_devices:
+        raise APIError(
+            f"compute.devices is {compute.devices}, but the workers train a job on at most {max_devices}.",
+            param="compute.devices",
+        )
+    if compute.devices > 1 and METHODS[training_type].parallel != "ddp":
+        raise APIError(
+            f"A {training_type} job trains on one device for now; compute.devices must be 1 "
+            "(docs/distributed.md says which methods run on several).",
+            param="compute.devices",
+        )
+
+
 def create(
     session: Session,
     store: ArtifactStore,
@@ -128,7 +152,10 @@ def create(
     organization_id: str,
     body: JobCreate,
     max_active: int,
+    max_devices: int | None = None,
 ) -> Job:
+    if body.compute is not None:
+        check_compute(body.compute, _method(body)[1].training_type, max_devices)
     method = check_request(session, store, organization_id, body)
     repo = JobRepository(session)
     Organizations(session).lock(organization_id)  # two creates can't both take the last free place
@@ -154,6 +181,7 @@ def create(
             seed=body.seed if body.seed is not None else random.randint(0, 2147483647),
             metadata_=body.metadata,
             export_merged=body.export_merged,
+            compute=body.compute.model_dump() if body.compute else None,
             integrations=[integration.stored(job_id) for integration in body.integrations or []] or None,
             result_files=[],
             created_at=int(time.time()),

@@ -1,0 +1,62 @@
+"""The `compute` extension on job creation: echoed on the job, and a 400 naming the field for what this
+service cannot train on (docs/distributed.md). Training on several devices is tests/training/
+test_distributed.py and tests/faults/test_distributed_kill.py."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from models.settings import Settings
+from tests.test_api_files import assert_error, upload
+
+WORKER_DEVICES = 2
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"devices": WORKER_DEVICES})
+
+
+def create(client: TestClient, model: str, training_type: str = "lora", **body: object):  # type: ignore[no-untyped-def]
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"training_type": training_type}}}
+    training_file = upload(client).json()["id"]
+    return client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": model, "training_file": training_file, "method": method, **body},
+    )
+
+
+def test_compute_is_echoed_with_its_defaults(client: TestClient, registered_model: str) -> None:
+    default = create(client, registered_model).json()
+    assert default["compute"] == {"devices": 1, "nodes": 1, "device_class": None}
+
+    job = create(client, registered_model, compute={"devices": WORKER_DEVICES}).json()
+    assert job["compute"] == {"devices": WORKER_DEVICES, "nodes": 1, "device_class": None}
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["compute"] == job["compute"]
+
+
+@pytest.mark.parametrize(
+    ("compute", "training_type", "param"),
+    [
+        ({"devices": 0}, "lora", "compute.devices"),
+        ({"devices": 65}, "lora", "compute.devices"),
+        ({"devices": "2"}, "lora", "compute.devices"),
+        ({"devices": WORKER_DEVICES + 1}, "lora", "compute.devices"),  # more than the workers have
+        ({"nodes": 2}, "lora", "compute.nodes"),  # several nodes: not yet
+        ({"nodes": 0}, "lora", "compute.nodes"),
+        ({"device_class": "a100"}, "lora", "compute.device_class"),  # none configured
+        ({"gpus": 2}, "lora", "compute.gpus"),
+        ({"devices": 2}, "full", "compute.devices"),  # would need FSDP2: one device for now
+        ({"devices": 2}, "freeze", "compute.devices"),
+    ],
+)
+def test_what_cannot_be_trained_on_is_a_400_naming_the_field(
+    client: TestClient, registered_model: str, compute: dict[str, object], training_type: str, param: str
+) -> None:
+    response = create(client, registered_model, training_type, compute=compute)
+    assert_error(response, 400, param)
+
+
+def test_feature_extraction_takes_one_device(client: TestClient, registered_model: str) -> None:
+    """A single solve, not steps: nothing to spread (checked before the method's other rules)."""
+    response = create(client, registered_model, "feature_extraction", compute={"devices": 2})
+    assert_error(response, 400, "compute.devices")
