@@ -20,17 +20,16 @@ from worker.training.quiet import hide_known_library_noise, skip_bitsandbytes
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.training", description=__doc__)
     parser.add_argument("--spec", type=Path, required=True, help="TrainingSpec JSON file")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--events-fd", type=int, help="inherited file descriptor for events")
-    target.add_argument("--events-path", help="a path to open for events (ranks of a launched job)")
+    events_to = parser.add_mutually_exclusive_group(required=True)
+    events_to.add_argument("--events-fd", type=int, help="inherited file descriptor for events")
+    events_to.add_argument("--events-path", help="a path to open for events (ranks of a launched job)")
     args = parser.parse_args(argv)
 
     if distributed.world_size() > 1:
         # The launcher starts ranks in sessions of their own: without this they would outlive it.
         die_with_parent()
-    events = EventWriter(args.events_fd if args.events_path is None else args.events_path)
-    if not distributed.is_main():
-        events = EventWriter(None)
+    target = args.events_fd if args.events_path is None else args.events_path
+    events = EventWriter(target if distributed.is_main() else None)
     try:
         spec = TrainingSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
         if not distributed.is_main():
