@@ -33,6 +33,22 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(
         default=None, description="Scratch space for running jobs; default DATA_DIR/work."
     )
+    storage_url: str | None = Field(
+        default=None,
+        description="Keep artifacts in S3-compatible object storage, `s3://BUCKET/PREFIX` (credentials from "
+        "the standard AWS variables or files); unset: the local directory ARTIFACTS_DIR.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Endpoint of an S3-compatible server (SeaweedFS, MinIO...); unset: AWS."
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Node-local cache of objects from object storage that need a local path (training "
+        "files, checkpoints, adapters); default DATA_DIR/cache.",
+    )
+    cache_max_bytes: int = Field(
+        default=50 * 1024**3, ge=0, description="Size bound of the cache; least recently used entries go."
+    )
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="Server logs on stderr: text lines, or one JSON object a line (for log collectors).",
@@ -208,6 +224,10 @@ class Settings(BaseSettings):
     @property
     def work_root(self) -> Path:
         return self.work_dir or self.data_dir / "work"
+
+    @property
+    def cache_root(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
 
     @property
     def wandb_root(self) -> Path:

@@ -1,13 +1,16 @@
 """Artifact store: uploaded files, adapters, checkpoints and result files live under string keys.
 
-The interface is what a job needs, so an S3-compatible store can follow; the local directory store is
-the default (and is shared over a network file system in distributed deployments).
+The interface is what a job needs. The local directory store is the default (shared over a network file
+system in distributed deployments); `FTJOBS_STORAGE_URL=s3://...` keeps artifacts in S3-compatible
+object storage instead (models/storage_s3.py). Every process builds its store with `open_store`.
 """
 
 import hashlib
 import shutil
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+from models.settings import Settings
 
 _CHUNK = 1 << 20
 
@@ -79,3 +82,21 @@ class LocalArtifactStore:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+class StoreUnavailable(Exception):
+    """The configured artifact store cannot be used (misconfigured, unreachable, or refusing access)."""
+
+
+def open_store(settings: Settings) -> ArtifactStore:
+    """The artifact store the settings name; a remote one is checked first, so a process refuses to start
+    with one clear line rather than failing its first job."""
+    if settings.storage_url is None:
+        return LocalArtifactStore(settings.artifacts_root)
+    try:
+        from models.storage_s3 import open_s3_store  # boto3 is the optional extra `s3`
+    except ModuleNotFoundError as error:
+        raise StoreUnavailable(
+            f"FTJOBS_STORAGE_URL needs boto3: pip install 'ftjobs[s3]' ({error})"
+        ) from error
+    return open_s3_store(settings)
