@@ -25,7 +25,7 @@ from api.webhooks.router import router as webhooks_router
 from models.db import make_engine, make_session_factory
 from models.queue import CeleryDispatcher, Dispatcher
 from models.settings import Settings
-from models.storage import LocalArtifactStore
+from models.storage import open_store
 from web.limits import BodySizeLimit
 
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
-    app.state.store = LocalArtifactStore(settings.artifacts_root)
+    app.state.store = open_store(settings)
     app.state.dispatcher = dispatcher or CeleryDispatcher(settings)
     app.state.inference = inference_client(settings)
     app.state.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_storage)

@@ -24,7 +24,7 @@ from models.jobs import JobRepository
 from models.migrate import open_database
 from models.registry import ModelRegistry
 from models.settings import Settings
-from models.storage import LocalArtifactStore
+from models.storage import open_store
 
 BASE_MODEL = "smollm2-135m-instruct"
 HYPERPARAMETERS = {"n_epochs": 1, "batch_size": 8, "lora_r": 8, "max_seq_length": 256}
@@ -104,7 +104,7 @@ def run_demo(settings: Settings, *, dataset: Path | None, port: int) -> int:
         with session_scope(factory) as session:
             stored = JobRepository(session).get(job.id)
             assert stored is not None and stored.adapter_key is not None
-            adapter = LocalArtifactStore(settings.artifacts_root).local_path(stored.adapter_key)
+            adapter = open_store(settings).local_path(stored.adapter_key)
         typer.echo(f"Fine-tuned model: {job.fine_tuned_model}")
         typer.echo(f"Hyperparameters:  {job.hyperparameters.model_dump()}")
         typer.echo(f"Trained tokens:   {job.trained_tokens}")

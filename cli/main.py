@@ -25,6 +25,7 @@ from models.migrate import open_database
 from models.queue import CeleryDispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
+from models.storage import StoreUnavailable, open_store
 from worker.child import die_with_parent, visible_devices
 from worker.reconciler import Reconciler
 from worker.training.quiet import hide_known_library_noise
@@ -78,6 +79,15 @@ def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
     return settings
 
 
+def _check_store(settings: Settings) -> None:
+    """A server refuses to start, in one line, when its artifact store cannot be used."""
+    try:
+        open_store(settings)
+    except StoreUnavailable as error:
+        typer.echo(f"error: artifact store: {error}", err=True)
+        raise typer.Exit(1) from error
+
+
 @app.command()
 def up(
     host: str = "127.0.0.1",
@@ -105,6 +115,7 @@ def up(
         settings = settings.model_copy(update={"webhook_allow_private_urls": _is_loopback(host)})
     quiet = settings.log_level or "warning"  # a quiet terminal; FTJOBS_LOG_LEVEL=info shows requests too
     configure_logging(settings, quiet)
+    _check_store(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     runner = make_runner(settings)
     _announce_admin_key(settings, runner.session_factory)
@@ -138,6 +149,7 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
     from api.metrics import shared_across_processes
 
     settings = _settings()
+    _check_store(settings)
     log_config = configure_logging(settings)  # and in each worker process, through uvicorn
     _announce_admin_key(settings, _start_reconciler(settings))
     with shared_across_processes(workers):
@@ -155,7 +167,9 @@ def serve(
     hide_known_library_noise()  # before the import below loads bitsandbytes (through peft)
     from inference.app import serve as serve_models
 
-    serve_models(_settings(data_dir), host=host, port=port, log_level=log_level)
+    settings = _settings(data_dir)
+    _check_store(settings)
+    serve_models(settings, host=host, port=port, log_level=log_level)
 
 
 def _is_loopback(host: str) -> bool:
@@ -182,6 +196,7 @@ def worker(loglevel: str | None = None, devices: Devices = None) -> None:
     from worker.tasks import app as celery_app
 
     settings = _settings()
+    _check_store(settings)
     configure_logging(settings, loglevel)
     setup_logging.connect(lambda **_: None, weak=False)  # a receiver tells Celery to leave logging alone
     _start_reconciler(settings)

@@ -47,7 +47,7 @@ from models.lineage import LINEAGE_FILE, BaseModelRef, tokenizer_hash
 from models.registry import content_hash
 from models.settings import Settings
 from models.spec import METHODS
-from models.storage import LocalArtifactStore
+from models.storage import open_store
 from worker.training.device import DeviceConfig, select_device
 from worker.training.loading import load_model, load_tokenizer, refuse_pickle_weights
 from worker.training.methods import get_method
@@ -188,7 +188,7 @@ class DedicatedEntry:
 
 class ModelStore:
     def __init__(self, settings: Settings, device: DeviceConfig | None = None) -> None:
-        self.artifacts = LocalArtifactStore(settings.artifacts_root)
+        self.artifacts = open_store(settings)
         self.capacity = settings.inference_adapter_cache
         self.device = device or select_device()
         self.bases: dict[str, Base] = {}

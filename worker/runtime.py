@@ -2,9 +2,9 @@
 
 from models.migrate import open_database
 from models.settings import Settings
-from models.storage import LocalArtifactStore
+from models.storage import open_store
 from worker.runner import JobRunner
 
 
 def make_runner(settings: Settings) -> JobRunner:
-    return JobRunner(settings, open_database(settings), LocalArtifactStore(settings.artifacts_root))
+    return JobRunner(settings, open_database(settings), open_store(settings))
