@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
 
 from models.settings import Settings
 from models.storage import ArtifactStore, LocalArtifactStore, StoreUnavailable, open_store
 from models.storage_s3 import MANIFEST, PUBLISHING, S3ArtifactStore
 from tests.conftest import S3Server
+from tests.jobs_helpers import chat_lines
+from worker.runner import JobRunner
 
 
 class OneWayStream:
@@ -279,3 +283,34 @@ def test_cli_refuses_to_start_on_a_missing_bucket(s3_env: S3Server, tmp_path: Pa
 def test_no_storage_url_is_the_local_directory(tmp_path: Path) -> None:
     store = open_store(Settings(data_dir=tmp_path / "data"))
     assert isinstance(store, LocalArtifactStore) and store.root == (tmp_path / "data" / "artifacts").resolve()
+
+
+@pytest.fixture
+def settings(s3_env: S3Server, tmp_path: Path, database_url: str) -> Settings:
+    """The suite's settings with artifacts in object storage (the `client` and runner then use it)."""
+    return s3_settings(s3_env, tmp_path, database_url=database_url, heartbeat_seconds=0.5)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the store is all that differs here
+def test_a_job_runs_with_its_artifacts_in_object_storage(
+    client: TestClient, settings: Settings, session_factory: sessionmaker[Session], registered_model: str
+) -> None:
+    files = client.app.state.store  # pyright: ignore[reportAttributeAccessIssue]
+    assert isinstance(files, S3ArtifactStore)
+    ids = {}
+    for split, lines in (("training_file", chat_lines(12)), ("validation_file", chat_lines(4, "validation"))):
+        upload = {"file": ("data.jsonl", io.BytesIO(lines))}
+        ids[split] = client.post("/v1/files", files=upload, data={"purpose": "fine-tune"}).json()["id"]
+    body = {"model": registered_model, **ids, "method": {"type": "supervised", "supervised": {
+        "hyperparameters": {"n_epochs": 1, "batch_size": 4, "max_seq_length": 512}}}}  # fmt: skip
+    job_id = client.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+
+    JobRunner(settings, session_factory, open_store(settings)).run(job_id)
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    names = {name for name, _ in files._list("")}
+    for key in (f"jobs/{job_id}/attempt-1/adapter", f"jobs/{job_id}/attempt-1/checkpoints/step-3"):
+        assert f"{key}/{MANIFEST}" in names and f"{key}/{PUBLISHING}" not in names
+    assert not settings.artifacts_root.exists()  # nothing went to the local directory
+    results = client.get(f"/v1/files/{job['result_files'][0]}/content")
+    assert results.status_code == 200 and results.text.startswith("step,")
