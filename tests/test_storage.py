@@ -1,6 +1,7 @@
 """The artifact store's contract, on the local directory and on a real S3 server (SeaweedFS): round trips
 with sha256, streaming reads, directories published whole or not at all, prefix deletes, and the node
-cache behind `local_path` (hits, refetches, LRU eviction, concurrent fills). Then the start-up check."""
+cache behind `local_path` (hits, refetches, LRU eviction, concurrent fills); the sweep; the start-up check;
+and one tiny job whose artifacts all live in SeaweedFS."""
 
 import hashlib
 import io
