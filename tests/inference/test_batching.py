@@ -231,9 +231,9 @@ def test_an_abandoned_request_leaves_its_batch_and_a_victim_answers_as_fast_as_w
             httpx.post(f"{server}/internal/completions", json=attack, timeout=3)
     # Within a second of the client leaving, its 64 rows are gone and nothing of it waits.
     wait_until(lambda: not engine.batching.batchers and not engine.batching.waiting, seconds=2)
-    # 50 ms of slack for scheduling jitter on a busy machine: the abandoned rows, had they stayed, would
-    # cost seconds.
-    assert victim_seconds(server, t) <= 2 * idle + 0.05
+    # 100 ms of slack for scheduling jitter on a busy 2-core machine (the rows' departure itself is asserted
+    # just above; had they stayed, the victim would share every step with 64 rows of 400 tokens).
+    assert victim_seconds(server, t) <= 2 * idle + 0.1
 
 
 def test_an_organisation_with_no_row_in_a_full_batch_is_admitted_at_the_next_step(
