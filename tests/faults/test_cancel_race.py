@@ -37,7 +37,7 @@ pytestmark = pytest.mark.e2e
 
 ITERATIONS = 200
 # Both sides start after a random pause of up to this long, so neither always reaches its CAS first.
-JITTER_SECONDS = 0.004
+JITTER_SECONDS = 0.03
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
