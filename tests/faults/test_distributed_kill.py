@@ -3,6 +3,7 @@
 of the job; the launcher killed takes every rank with it."""
 
 import io
+import re
 import signal
 import threading
 import time
@@ -95,8 +96,11 @@ def test_a_killed_rank_requeues_the_attempt_which_resumes_with_one_device_losses
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
     assert job["compute"]["devices"] == 2
+    # The newest checkpoint when the rank died: at least step 2 (step 3 had run), and on a fast machine the
+    # trainer may have checkpointed again before the kill landed.
     messages = [e["message"] for e in events(client, job_id)]
-    assert any("resumed from step 2" in m or "resumed from step 4" in m for m in messages), messages
+    resumed = [int(found[1]) for m in messages if (found := re.search(r"resumed from step (\d+) of", m))]
+    assert resumed and resumed[0] in range(2, TOTAL_STEPS, 2), messages
     assert list(train_losses(client, job_id)) == list(range(1, TOTAL_STEPS + 1))
     assert train_losses(client, job_id) == pytest.approx(train_losses(client, single), abs=LOSS_TOLERANCE)
 
