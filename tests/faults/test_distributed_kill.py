@@ -23,8 +23,8 @@ from worker.runner import JobRunner
 
 pytestmark = pytest.mark.distributed
 
-HYPERPARAMETERS = {"n_epochs": 2, "batch_size": 4, "max_seq_length": 512, "lora_dropout": 0.0}
-N_TRAIN, TOTAL_STEPS = 16, 8
+HYPERPARAMETERS = {"n_epochs": 4, "batch_size": 4, "max_seq_length": 512, "lora_dropout": 0.0}
+N_TRAIN, TOTAL_STEPS = 16, 16  # long enough that a kill after step 3 lands before the last step
 LOSS_TOLERANCE = 1e-5
 """As tests/training/test_distributed.py: the ranks sum the same terms as one process, in another order."""
 
