@@ -213,6 +213,14 @@ Tracker = Annotated[WandbTracker | MlflowTracker | TensorboardTracker, Field(dis
 """One of a job's `integrations`: the names are the user's, the destination is the operator's."""
 
 
+class StartFrom(BaseModel):
+    """The tuned model a job starts from, besides its registered base (models/continuation.py says how)."""
+
+    path: str
+    """The parent's artifact directory (adapter and tokenizer)."""
+    mode: Literal["continue", "merge"]
+
+
 class TrainingSpec(BaseModel):
     job_id: str
     base_model_path: str
@@ -229,6 +237,8 @@ class TrainingSpec(BaseModel):
     hyperparameters: ResolvedHyperparameters
     checkpoint_every_steps: int = 0
     """Also checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+    start_from: StartFrom | None = None
+    """A fine-tuned model's adapter to continue, or to merge into the base first (models/continuation.py)."""
     resume_from: str | None = None
     """A complete checkpoint directory of an earlier attempt to continue from (same spec otherwise)."""
     export_merged: bool = False

@@ -180,7 +180,8 @@ class JobCreate(BaseModel):
     model_config = REQUEST
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    """The registered base model to fine-tune (`client.models.list()` shows them)."""
+    """The model to fine-tune: a registered base, or one of your fine-tuned models or checkpoints to tune
+    further (`client.models.list()` shows them; docs/api.md)."""
     training_file: Annotated[str, Field(min_length=1, max_length=64)]
     """The id of an uploaded `fine-tune` file; its format says what the job learns (docs/api.md)."""
     validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None

@@ -41,7 +41,7 @@ from worker.training.device import describe, select_device
 from worker.training.events import EventWriter
 from worker.training.export import export_merged
 from worker.training.loading import count_parameters, load_tokenizer
-from worker.training.methods import get_method, untouched
+from worker.training.methods import continue_adapter, get_method, merged_into, untouched
 from worker.training.objectives import Example, get_objective
 
 EXPORT_PROMPTS = 8
@@ -92,7 +92,12 @@ class Recipe:
 
         self.method = get_method(hp.training_type)
         base = self.objective.load_model(**self.method.load_options(self.device))
+        start = self.spec.start_from
+        if start is not None and start.mode == "merge":
+            base = merged_into(base, Path(start.path))
         self.model = self.method.prepare(base, hp)
+        if start is not None and start.mode == "continue":
+            continue_adapter(self.model, Path(start.path))
         if hp.gradient_checkpointing:
             # Non-reentrant checkpointing needs no requires-grad hook on frozen embeddings (adapters).
             # nn.Module types attributes as tensors or modules; transformers models (and PEFT's) have this.
