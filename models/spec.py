@@ -243,6 +243,10 @@ class TrainingSpec(BaseModel):
     """A complete checkpoint directory of an earlier attempt to continue from (same spec otherwise)."""
     export_merged: bool = False
     """Also save the adapter merged into the base, verified against it (lora family)."""
+    publish_best: bool = False
+    """Publish the weights of the best evaluated checkpoint (by metric_for_best_checkpoint), not the last."""
+    best_checkpoint: str | None = None
+    """The best checkpoint of earlier attempts (a resumed job's best may be from before it resumed)."""
     max_training_tokens: int | None = None
     """Refuse a training file that tokenizes to more (`settings.max_file_tokens`)."""
     trackers: list[Tracker] = []
@@ -322,6 +326,9 @@ class CompletedMessage(BaseModel):
     results_csv: str
     trained_tokens: int
     metrics: Metrics
+    published_step: int | None = None
+    """The step whose weights were published when it is not `step`, the last (publish_best); `metrics` are
+    that step's."""
     elapsed_seconds: float | None = None
     """Time in the training loop (steps, in-loop evaluations, checkpoints) over every attempt: with
     trained_tokens, the throughput the pre-flight estimate measures durations by."""

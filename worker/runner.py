@@ -322,10 +322,18 @@ class Attempt:
                 checkpoint_every_steps=self.settings.checkpoint_every_steps,
                 resume_from=str(self.store.local_path(latest.storage_key)) if latest else None,
                 export_merged=job.export_merged,
+                publish_best=job.publish == "best",
+                best_checkpoint=self._best_checkpoint(session, job),
                 max_training_tokens=self.settings.max_file_tokens,
                 trackers=trackers(self.settings, job, organization_name(session, job)),
                 devices=devices,
             )
+
+    def _best_checkpoint(self, session: Session, job: Job) -> str | None:
+        """Where the best checkpoint of earlier attempts is, for a resumed job that publishes the best."""
+        best = (job.evaluation or {}).get("best_checkpoint")
+        checkpoint = JobRepository(session).get_checkpoint(job.id, best["id"]) if best else None
+        return str(self.store.local_path(checkpoint.storage_key)) if checkpoint else None
 
     def _start(
         self, base_path: str, parent: Parent | None, hyperparameters: ResolvedHyperparameters
@@ -510,6 +518,7 @@ class Attempt:
         """Store the adapter and results, then succeed in one CAS; a lost race discards them."""
         adapter_key = f"{self.prefix}/adapter"
         merged_key = f"{self.prefix}/merged" if done.merged_path else None
+        step = done.published_step or done.step
         published = {adapter_key: done.adapter_path}
         if merged_key and done.merged_path:
             published[merged_key] = done.merged_path
@@ -517,9 +526,7 @@ class Attempt:
             job = JobRepository(session).get(self.job_id)
             assert job is not None
             for path in published.values():
-                write_lineage(
-                    session, job, self.data.objective, done.step, done.metrics, Path(path), self.parent
-                )
+                write_lineage(session, job, self.data.objective, step, done.metrics, Path(path), self.parent)
         for key, path in published.items():
             self.store.put_dir(key, Path(path))
         results_key = None
@@ -552,6 +559,7 @@ class Attempt:
                     "adapter_key": adapter_key,
                     "merged_key": merged_key,
                     "artifact_bytes": artifact_bytes,
+                    "published_step": step,
                     "finished_at": int(time.time()),
                     "estimated_finish": None,
                 },
@@ -559,6 +567,8 @@ class Attempt:
             if succeeded:
                 log.info("job %s succeeded: %s", self.job_id, name)
                 repo = JobRepository(session)
+                if job.publish == "best":
+                    repo.add_event(self.job_id, _published_text(job, step, done), data={"step": step})
                 repo.add_event(self.job_id, f"New fine-tuned model created: {name}")
                 repo.add_event(
                     self.job_id, "The job has successfully completed", data=CompletedData.model_validate(done)
@@ -587,6 +597,16 @@ class Attempt:
 
 def _improves(metric: str, value: float, best: float) -> bool:
     return value > best if greater_is_better(metric) else value < best
+
+
+def _published_text(job: Job, step: int, done: CompletedMessage) -> str:
+    assert job.hyperparameters is not None
+    metric = job.hyperparameters.metric_for_best_checkpoint
+    value = done.metrics.get(metric)
+    by = f"{metric}={value:.4f}" if value is not None else metric
+    if step == done.step:
+        return f"Publishing the last step, {step}: it is the best checkpoint ({by})"
+    return f"Publishing the best checkpoint, step {step} of {done.step} ({by}), not the last step"
 
 
 def _metrics_summary(metrics: dict[str, float]) -> str:

@@ -220,6 +220,7 @@ def create(
             seed=body.seed if body.seed is not None else random.randint(0, 2147483647),
             metadata_=body.metadata,
             export_merged=body.export_merged,
+            publish=_publish(body),
             compute=body.compute.model_dump() if body.compute else None,
             integrations=[integration.stored(job_id) for integration in body.integrations or []] or None,
             result_files=[],
@@ -235,6 +236,17 @@ def create(
     repo.add_event(job.id, f"Validating {files}")
     on_commit(session, lambda: dispatcher.submit(job.id))
     return job
+
+
+def _publish(body: JobCreate) -> str:
+    """Which weights the job publishes: the best checkpoint needs a validation file to rank them by."""
+    if body.publish == "best" and body.validation_file is None:
+        raise APIError(
+            "publish 'best' ranks checkpoints by their evaluation on the validation file; give one, or "
+            "publish 'last'.",
+            param="publish",
+        )
+    return body.publish or ("best" if body.validation_file else "last")
 
 
 def get(session: Session, organization_id: str, job_id: str) -> Job:
