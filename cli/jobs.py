@@ -16,7 +16,7 @@ app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
 COLUMNS = ("id", "status", "model", "fine_tuned_model", "created_at", "finished_at")
 JOB_DID_NOT_SUCCEED = 3
 """Exit code of `jobs follow` when the job failed or was cancelled (1 is an error talking to the API)."""
-EXTENSIONS = ("export_merged",)
+EXTENSIONS = ("export_merged", "publish")
 """Body fields of ours, which the SDK's typed `create` takes as `extra_body`."""
 
 
@@ -24,7 +24,10 @@ def _job_command(send: Callable[[OpenAI, dict[str, Any]], Any], doc: str) -> Cal
     """`jobs create` and `jobs preflight`: the same options make the same body, sent to their route."""
 
     def command(
-        model: Annotated[str, typer.Option(help="A registered base model (`ftjobs models available`).")],
+        model: Annotated[
+            str,
+            typer.Option(help="A registered base, or a fine-tuned model or checkpoint to tune further."),
+        ],
         training_file: Annotated[str, typer.Option(help="A file id (`ftjobs files upload`).")],
         validation_file: Annotated[str | None, typer.Option(help="A file id.")] = None,
         method: Annotated[
@@ -56,6 +59,10 @@ def _job_command(send: Callable[[OpenAI, dict[str, Any]], Any], doc: str) -> Cal
         export_merged: Annotated[
             bool, typer.Option(help="Also publish the adapter merged into its base (docs/models.md).")
         ] = False,
+        publish: Annotated[
+            Literal["best", "last"] | None,
+            typer.Option(help="Publish the best evaluated checkpoint or the last step (docs/evaluation.md)."),
+        ] = None,
         as_json: Json = False,
         base_url: BaseUrl = DEFAULT_BASE_URL,
     ) -> None:
@@ -73,6 +80,7 @@ def _job_command(send: Callable[[OpenAI, dict[str, Any]], Any], doc: str) -> Cal
             metadata=_pairs(metadata, "--metadata") or None,
             integrations=_json(integrations, "--integrations", list),
             export_merged=export_merged or None,
+            publish=publish,
         )
         show(send(client(base_url), body), as_json)
 

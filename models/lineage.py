@@ -16,6 +16,7 @@ from models.orm import Job
 from models.registry import ModelRegistry, content_hash
 from models.spec import Metrics, Objective
 from models.storage import ArtifactStore
+from models.versions import root_base
 
 LINEAGE_FILE = "lineage.json"
 
@@ -47,6 +48,10 @@ class Lineage(BaseModel):
     libraries: dict[str, str]
     step: int
     metrics: Metrics
+    parent_model: str | None = None
+    """The fine-tuned model or checkpoint the job started from (its `model`); None when that was a base."""
+    parent: "Lineage | None" = None
+    """That model's own lineage, so the whole chain back to the base is here (docs/models.md)."""
 
 
 LIBRARIES = ("ftjobs", "torch", "transformers", "peft", "bitsandbytes", "trl", "safetensors")
@@ -74,10 +79,17 @@ def library_versions() -> dict[str, str]:
 
 
 def write_lineage(
-    session: Session, job: Job, objective: Objective, step: int, metrics: Metrics, directory: Path
+    session: Session,
+    job: Job,
+    objective: Objective,
+    step: int,
+    metrics: Metrics,
+    directory: Path,
+    parent: Lineage | None = None,
 ) -> Lineage:
-    """Compose the lineage of the artifact in `directory` from the job's records and write it there."""
-    model = ModelRegistry(session).get(job.model)
+    """Compose the lineage of the artifact in `directory` from the job's records (and the lineage of the
+    tuned model it started from) and write it there."""
+    model = ModelRegistry(session).get(root_base(job.model))
     assert model is not None and job.hyperparameters is not None
     if model.content_hash is None:  # registered before hashes were kept
         model.content_hash = content_hash(Path(model.path))
@@ -102,6 +114,8 @@ def write_lineage(
         libraries=library_versions(),
         step=step,
         metrics=metrics,
+        parent_model=job.model if parent else None,
+        parent=parent,
     )
     (directory / LINEAGE_FILE).write_text(lineage.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return lineage

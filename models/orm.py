@@ -132,6 +132,10 @@ class Job(Base):
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     compute: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     """The request's `compute` (devices, nodes, device class); None for one device."""
+    publish: Mapped[str | None] = mapped_column(String(8))
+    """Extension: `best` (the best evaluated checkpoint's weights) or `last`; None: a job from before it."""
+    published_step: Mapped[int | None] = mapped_column(Integer)
+    """The step whose weights `fine_tuned_model` holds."""
     """Baseline vs tuned metrics and the best checkpoint (see docs/evaluation.md), kept up to date."""
     # Reliability: each run is an attempt; a worker holds the job through a renewed lease.
     attempt: Mapped[int] = mapped_column(Integer, default=0)

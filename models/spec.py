@@ -213,6 +213,14 @@ Tracker = Annotated[WandbTracker | MlflowTracker | TensorboardTracker, Field(dis
 """One of a job's `integrations`: the names are the user's, the destination is the operator's."""
 
 
+class StartFrom(BaseModel):
+    """The tuned model a job starts from, besides its registered base (models/continuation.py says how)."""
+
+    path: str
+    """The parent's artifact directory (adapter and tokenizer)."""
+    mode: Literal["continue", "merge"]
+
+
 class TrainingSpec(BaseModel):
     job_id: str
     base_model_path: str
@@ -229,10 +237,16 @@ class TrainingSpec(BaseModel):
     hyperparameters: ResolvedHyperparameters
     checkpoint_every_steps: int = 0
     """Also checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+    start_from: StartFrom | None = None
+    """A fine-tuned model's adapter to continue, or to merge into the base first (models/continuation.py)."""
     resume_from: str | None = None
     """A complete checkpoint directory of an earlier attempt to continue from (same spec otherwise)."""
     export_merged: bool = False
     """Also save the adapter merged into the base, verified against it (lora family)."""
+    publish_best: bool = False
+    """Publish the weights of the best evaluated checkpoint (by metric_for_best_checkpoint), not the last."""
+    best_checkpoint: str | None = None
+    """The best checkpoint of earlier attempts (a resumed job's best may be from before it resumed)."""
     max_training_tokens: int | None = None
     """Refuse a training file that tokenizes to more (`settings.max_file_tokens`)."""
     trackers: list[Tracker] = []
@@ -312,6 +326,9 @@ class CompletedMessage(BaseModel):
     results_csv: str
     trained_tokens: int
     metrics: Metrics
+    published_step: int | None = None
+    """The step whose weights were published when it is not `step`, the last (publish_best); `metrics` are
+    that step's."""
     elapsed_seconds: float | None = None
     """Time in the training loop (steps, in-loop evaluations, checkpoints) over every attempt: with
     trained_tokens, the throughput the pre-flight estimate measures durations by."""

@@ -17,6 +17,14 @@ from models.registry import ModelRegistry
 from models.states import JobStatus
 
 CHECKPOINT_MARK = ":ckpt-step-"
+TUNED_PREFIX = "ft:"
+
+
+def root_base(model_id: str) -> str:
+    """The registered base a model id stands on: itself, or the first segment of an `ft:{base}:…` name (base
+    names hold no `:`, and a model tuned from a tuned model is named after the same base)."""
+    return model_id.split(":")[1] if model_id.startswith(TUNED_PREFIX) else model_id
+
 
 Kind = Literal["base", "fine-tuned", "checkpoint"]
 
@@ -53,18 +61,20 @@ class ModelVersions:
             .where(Job.adapter_key.is_not(None))
             .order_by(Job.seq.desc())
         ).all()
-        versions += [self._published(job, bases.get(job.model)) for job in jobs]
+        versions += [self._published(job, bases.get(root_base(job.model))) for job in jobs]
         rows = self.session.execute(
             select(JobCheckpoint, Job)
             .join(Job, Job.id == JobCheckpoint.job_id)
             .where(Job.organization_id == organization_id)
             .order_by(JobCheckpoint.seq.desc())
         ).all()
-        versions += [self._checkpoint(checkpoint, job, bases.get(job.model)) for checkpoint, job in rows]
+        versions += [
+            self._checkpoint(checkpoint, job, bases.get(root_base(job.model))) for checkpoint, job in rows
+        ]
         return versions
 
     def get(self, organization_id: str, model_id: str) -> ModelVersion | None:
-        if not model_id.startswith("ft:"):
+        if not model_id.startswith(TUNED_PREFIX):
             base = self.registry.get(model_id)
             return ModelVersion(base.name, "base", base.created_at, base) if base else None
         if CHECKPOINT_MARK in model_id:
@@ -74,7 +84,9 @@ class ModelVersions:
                 .where(JobCheckpoint.fine_tuned_model_checkpoint == model_id)
                 .where(Job.organization_id == organization_id)
             ).first()
-            return self._checkpoint(row[0], row[1], self.registry.get(row[1].model)) if row else None
+            return (
+                self._checkpoint(row[0], row[1], self.registry.get(root_base(row[1].model))) if row else None
+            )
         job = self.session.scalar(
             select(Job).where(
                 Job.fine_tuned_model == model_id,
@@ -83,7 +95,7 @@ class ModelVersions:
                 Job.adapter_key.is_not(None),
             )
         )
-        return self._published(job, self.registry.get(job.model)) if job else None
+        return self._published(job, self.registry.get(root_base(job.model))) if job else None
 
     def delete(self, version: ModelVersion) -> Sequence[str]:
         """Forget a fine-tuned version; return the storage keys whose bytes go once this commits."""

@@ -22,11 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import ids
 from models.auth import Organizations
+from models.continuation import Parent, how_to_start, resolve_model
 from models.db import session_scope
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
 from models.jobs import CompletedData, JobRepository, StartedData
-from models.lineage import write_lineage
+from models.lineage import Lineage, write_lineage
 from models.logs import job_context
 from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint
@@ -41,7 +42,9 @@ from models.spec import (
     LogMessage,
     MetricsMessage,
     Objective,
+    ResolvedHyperparameters,
     StartedMessage,
+    StartFrom,
     StoppedMessage,
     TrainingSpec,
     greater_is_better,
@@ -49,6 +52,7 @@ from models.spec import (
 from models.states import JobStatus, transition
 from models.storage import ArtifactStore
 from models.validation import DataError, FileSummary, validate_job_files
+from models.versions import root_base
 from worker.child import TrainingProcess, visible_devices
 from worker.integrations import trackers
 from worker.reconciler import retry_or_fail
@@ -66,7 +70,7 @@ def organization_name(session: Session, job: Job) -> str:
 def fine_tuned_model_name(session: Session, job: Job) -> str:
     """`ft:{base}:{org}:{suffix}:{id}`; the id part comes from the job id, so checkpoints share it."""
     org = organization_name(session, job)
-    return f"ft:{job.model}:{org}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[:8]}"
+    return f"ft:{root_base(job.model)}:{org}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[:8]}"
 
 
 class JobFailed(Exception):
@@ -115,7 +119,7 @@ class JobRunner:
             requested = HYPERPARAMETERS[method_type].model_validate(
                 job.method[method_type]["hyperparameters"]
             )
-            model = ModelRegistry(session).get(job.model)
+            model = ModelRegistry(session).get(root_base(job.model))
             generative = is_generative(model) if model else None
             files = [("training_file", job.training_file)]
             if job.validation_file:
@@ -160,7 +164,7 @@ class JobRunner:
             job = JobRepository(session).get(job_id)
             if job is None or job.status != JobStatus.QUEUED:
                 return None
-            if ModelRegistry(session).get(job.model) is None:
+            if ModelRegistry(session).get(root_base(job.model)) is None:
                 raise JobFailed("model_not_found", f"Model {job.model!r} is no longer registered.", "model")
             now = time.time()
             attempt = job.attempt + 1
@@ -226,6 +230,8 @@ class Attempt:
         self.workdir = self.settings.work_root / job_id / f"attempt-{attempt}"
         self.prefix = f"jobs/{job_id}/attempt-{attempt}"
         self.last_error: LogMessage | None = None
+        self.parent: Lineage | None = None
+        """The lineage of the tuned model the job started from (set with the spec)."""
         self.lease_deadline = time.monotonic() + self.settings.lease_seconds
 
     def run(self) -> None:
@@ -283,10 +289,14 @@ class Attempt:
             files = FileRepository(session)
             training = files.get(job.organization_id, job.training_file)
             validation = files.get(job.organization_id, job.validation_file) if job.validation_file else None
-            model = ModelRegistry(session).get(job.model)
+            resolved = resolve_model(session, self.store, job.organization_id, job.model)
+            if resolved is None:
+                raise JobFailed("model_not_found", f"Model {job.model!r} no longer exists.", "model")
+            model, parent = resolved
+            base_model_path, start_from = self._start(model.path, parent, job.hyperparameters)
             # A new attempt (after a crash or a pause) continues from the newest checkpoint of any attempt.
             latest = JobRepository(session).latest_checkpoint(job.id)
-            if training is None or (job.validation_file and validation is None) or model is None:
+            if training is None or (job.validation_file and validation is None):
                 raise JobFailed("file_not_found", "A file or the base model of this job no longer exists.")
             devices = (job.compute or {}).get("devices", 1)
             available = self.settings.devices or visible_devices()
@@ -298,7 +308,8 @@ class Attempt:
                 )
             return TrainingSpec(
                 job_id=job.id,
-                base_model_path=model.path,
+                base_model_path=base_model_path,
+                start_from=start_from,
                 training_file=str(self.store.local_path(training.storage_key)),
                 validation_file=str(self.store.local_path(validation.storage_key)) if validation else None,
                 data_format=self.data.summary.format,
@@ -311,10 +322,34 @@ class Attempt:
                 checkpoint_every_steps=self.settings.checkpoint_every_steps,
                 resume_from=str(self.store.local_path(latest.storage_key)) if latest else None,
                 export_merged=job.export_merged,
+                publish_best=job.publish == "best",
+                best_checkpoint=self._best_checkpoint(session, job),
                 max_training_tokens=self.settings.max_file_tokens,
                 trackers=trackers(self.settings, job, organization_name(session, job)),
                 devices=devices,
             )
+
+    def _best_checkpoint(self, session: Session, job: Job) -> str | None:
+        """Where the best checkpoint of earlier attempts is, for a resumed job that publishes the best."""
+        best = (job.evaluation or {}).get("best_checkpoint")
+        checkpoint = JobRepository(session).get_checkpoint(job.id, best["id"]) if best else None
+        return str(self.store.local_path(checkpoint.storage_key)) if checkpoint else None
+
+    def _start(
+        self, base_path: str, parent: Parent | None, hyperparameters: ResolvedHyperparameters
+    ) -> tuple[str, StartFrom | None]:
+        """The base directory the trainer loads, and the tuned weights it starts from (none for a base
+        model; a fully tuned model is itself the base)."""
+        self.parent = parent.lineage if parent else None
+        if parent is None:
+            return base_path, None
+        path = str(self.store.local_path(parent.artifact_key))
+        start = how_to_start(parent.hyperparameters, hyperparameters)
+        if start == "whole":
+            return path, None
+        if start == "continue" or start == "merge":
+            return base_path, StartFrom(path=path, mode=start)
+        raise JobFailed("invalid_model", start, "model")
 
     def _supervise(self, child: TrainingProcess) -> ChildMessage | None:
         """Relay messages and heartbeat until the child exits; stop it if the job stops being ours."""
@@ -451,7 +486,9 @@ class Attempt:
         repo = JobRepository(session)
         job = repo.get(self.job_id)
         assert job is not None and job.hyperparameters is not None
-        write_lineage(session, job, self.data.objective, message.step, message.metrics, Path(message.path))
+        write_lineage(
+            session, job, self.data.objective, message.step, message.metrics, Path(message.path), self.parent
+        )
         self.store.put_dir(key, Path(message.path))
         name = f"{fine_tuned_model_name(session, job)}:ckpt-step-{message.step}"
         checkpoint = repo.add_checkpoint(
@@ -481,6 +518,7 @@ class Attempt:
         """Store the adapter and results, then succeed in one CAS; a lost race discards them."""
         adapter_key = f"{self.prefix}/adapter"
         merged_key = f"{self.prefix}/merged" if done.merged_path else None
+        step = done.published_step or done.step
         published = {adapter_key: done.adapter_path}
         if merged_key and done.merged_path:
             published[merged_key] = done.merged_path
@@ -488,7 +526,7 @@ class Attempt:
             job = JobRepository(session).get(self.job_id)
             assert job is not None
             for path in published.values():
-                write_lineage(session, job, self.data.objective, done.step, done.metrics, Path(path))
+                write_lineage(session, job, self.data.objective, step, done.metrics, Path(path), self.parent)
         for key, path in published.items():
             self.store.put_dir(key, Path(path))
         results_key = None
@@ -521,6 +559,7 @@ class Attempt:
                     "adapter_key": adapter_key,
                     "merged_key": merged_key,
                     "artifact_bytes": artifact_bytes,
+                    "published_step": step,
                     "finished_at": int(time.time()),
                     "estimated_finish": None,
                 },
@@ -528,6 +567,8 @@ class Attempt:
             if succeeded:
                 log.info("job %s succeeded: %s", self.job_id, name)
                 repo = JobRepository(session)
+                if job.publish == "best":
+                    repo.add_event(self.job_id, _published_text(job, step, done), data={"step": step})
                 repo.add_event(self.job_id, f"New fine-tuned model created: {name}")
                 repo.add_event(
                     self.job_id, "The job has successfully completed", data=CompletedData.model_validate(done)
@@ -556,6 +597,16 @@ class Attempt:
 
 def _improves(metric: str, value: float, best: float) -> bool:
     return value > best if greater_is_better(metric) else value < best
+
+
+def _published_text(job: Job, step: int, done: CompletedMessage) -> str:
+    assert job.hyperparameters is not None
+    metric = job.hyperparameters.metric_for_best_checkpoint
+    value = done.metrics.get(metric)
+    by = f"{metric}={value:.4f}" if value is not None else metric
+    if step == done.step:
+        return f"Publishing the last step, {step}: it is the best checkpoint ({by})"
+    return f"Publishing the best checkpoint, step {step} of {done.step} ({by}), not the last step"
 
 
 def _metrics_summary(metrics: dict[str, float]) -> str:

@@ -180,7 +180,8 @@ class JobCreate(BaseModel):
     model_config = REQUEST
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    """The registered base model to fine-tune (`client.models.list()` shows them)."""
+    """The model to fine-tune: a registered base, or one of your fine-tuned models or checkpoints to tune
+    further (`client.models.list()` shows them; docs/api.md)."""
     training_file: Annotated[str, Field(min_length=1, max_length=64)]
     """The id of an uploaded `fine-tune` file; its format says what the job learns (docs/api.md)."""
     validation_file: Annotated[str, Field(min_length=1, max_length=64)] | None = None
@@ -203,6 +204,10 @@ class JobCreate(BaseModel):
     adapter (lora, dora and qlora; docs/models.md)."""
     compute: Compute | None = None
     """Extension: how many devices the job trains on (default: one; docs/distributed.md)."""
+    publish: Literal["best", "last"] | None = None
+    """Extension: which weights `fine_tuned_model` names: the best evaluated checkpoint's by
+    `metric_for_best_checkpoint` (`best`, the default with a validation file) or the last step's (`last`,
+    OpenAI's meaning, the default without one; docs/evaluation.md)."""
 
     @field_validator("suffix")
     @classmethod
@@ -279,6 +284,9 @@ class FineTuningJob(BaseModel):
     evaluation: dict[str, Any] | None
     """Baseline vs tuned metrics and the best checkpoint, once the job has a validation file and has
     started (docs/evaluation.md)."""
+    publish: Literal["best", "last"]
+    published_step: int | None
+    """The step whose weights `fine_tuned_model` holds, once published."""
 
     @classmethod
     def of(cls, job: Job) -> "FineTuningJob":
@@ -314,6 +322,8 @@ class FineTuningJob(BaseModel):
             export_merged=job.export_merged,
             compute=Compute.model_validate(job.compute or {}).model_dump(),
             evaluation=job.evaluation,
+            publish="best" if job.publish == "best" else "last",
+            published_step=job.published_step,
         )
 
 

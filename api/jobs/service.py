@@ -3,6 +3,7 @@
 import random
 import time
 from collections.abc import Sequence
+from typing import get_args
 
 from sqlalchemy.orm import Session
 
@@ -11,18 +12,26 @@ from api.jobs.schemas import Compute, JobCreate
 from api.pagination import cursor
 from models import ids
 from models.auth import Organizations
+from models.continuation import Parent, Start, how_to_start, inherit, resolve_model, same_kind
 from models.errors import APIError, not_found
 from models.files import FileRepository
-from models.hyperparameters import APPLIES_TO, HYPERPARAMETERS, SupervisedHyperparameters, inapplicable_key
+from models.hyperparameters import (
+    APPLIES_TO,
+    HYPERPARAMETERS,
+    SupervisedHyperparameters,
+    inapplicable_key,
+    resolve,
+)
 from models.jobs import JobRepository
 from models.objectives import Mismatch, check, objective_for
-from models.orm import Job, JobCheckpoint, JobEvent
+from models.orm import Job, JobCheckpoint, JobEvent, RegisteredModel
 from models.queue import Dispatcher
-from models.registry import ModelRegistry, is_generative
-from models.spec import LORA_FAMILY, METHODS
+from models.registry import is_generative
+from models.spec import LORA_FAMILY, METHODS, Objective
 from models.states import ACTIVE, JobStatus, transition
 from models.storage import ArtifactStore
 from models.validation import peek_format
+from models.versions import TUNED_PREFIX
 
 ACTIVE_JOBS_RETRY_SECONDS = 60
 """What a 429 for too many unfinished jobs suggests: jobs take minutes, so checking back each minute."""
@@ -60,11 +69,19 @@ def _method(body: JobCreate) -> tuple[str, SupervisedHyperparameters, str]:
 
 
 def _check_method(
-    session: Session, store: ArtifactStore, organization_id: str, body: JobCreate
+    session: Session,
+    store: ArtifactStore,
+    organization_id: str,
+    body: JobCreate,
+    model: RegisteredModel,
+    parent: Parent | None,
 ) -> dict[str, object]:
-    """The method as stored, once it fits its training type, base model and training file (a 400 for
-    what cannot train; a file that does not parse is left to the job's own validation)."""
+    """The method as stored, once it fits its training type, base model (or the tuned model it continues)
+    and training file (a 400 for what cannot train; a file that does not parse is left to the job's own
+    validation)."""
     method_type, hyperparameters, where = _method(body)
+    if parent is not None:
+        hyperparameters = inherit(hyperparameters, parent.hyperparameters)
     if key := inapplicable_key(hyperparameters):
         applies_to = ", ".join(sorted(APPLIES_TO[key]))
         training_type = hyperparameters.training_type
@@ -73,12 +90,11 @@ def _check_method(
             param=f"{where}.{key}",
         )
     file = FileRepository(session).get(organization_id, body.training_file)
-    model = ModelRegistry(session).get(body.model)
-    assert file is not None and model is not None  # checked by the caller
+    assert file is not None  # checked by the caller
     with store.open(file.storage_key) as stream:
         data_format = peek_format(stream)
-    if data_format is not None:
-        objective = objective_for(method_type, data_format)
+    objective = objective_for(method_type, data_format) if data_format is not None else None
+    if objective is not None:
         mismatch = (
             objective
             if isinstance(objective, Mismatch)
@@ -93,6 +109,8 @@ def _check_method(
         )
         if mismatch:
             raise APIError(mismatch.message, param=mismatch.param)
+    if parent is not None:
+        _check_start(parent, hyperparameters, None if isinstance(objective, Mismatch) else objective)
     if body.export_merged and hyperparameters.training_type not in LORA_FAMILY:
         raise APIError(
             f"export_merged applies to lora, dora and qlora; a {hyperparameters.training_type} job's "
@@ -102,23 +120,44 @@ def _check_method(
     return {"type": method_type, method_type: {"hyperparameters": hyperparameters.model_dump()}}
 
 
+def _check_start(parent: Parent, requested: SupervisedHyperparameters, objective: Objective | None) -> None:
+    """A job on a tuned model: the same kind of model (a language model or the same classifier), and a
+    training type that can start from its weights (models/continuation.py)."""
+    theirs = parent.lineage.objective
+    if objective is not None and not same_kind(theirs, objective):
+        raise APIError(
+            f"{parent.model!r} is a {theirs} model; a {objective} job can't start from it.", param="model"
+        )
+    start = how_to_start(parent.hyperparameters, resolve(requested, 1, objective or theirs))
+    if start not in get_args(Start):
+        raise APIError(start, param="model")
+
+
+def model_not_found(name: str) -> APIError:
+    """The same 400 for a model that does not exist and another organisation's."""
+    if name.startswith(TUNED_PREFIX):
+        message = f"The model {name!r} does not exist or you do not have access to it."
+    else:
+        message = (
+            f"Model {name!r} is not available; register it with `ftjobs models pull` or `ftjobs models add`."
+        )
+    return APIError(message, param="model", code="model_not_found")
+
+
 def check_request(
     session: Session, store: ArtifactStore, organization_id: str, body: JobCreate
-) -> dict[str, object]:
+) -> tuple[dict[str, object], RegisteredModel]:
     """The rules a job request must pass before anything is stored, as job creation and the pre-flight
-    estimate (api/preflight) apply them: its model, its files and its method (400s). Returns the method as
-    stored."""
-    if ModelRegistry(session).get(body.model) is None:
-        raise APIError(
-            f"Model {body.model!r} is not available; "
-            "register it with `ftjobs models pull` or `ftjobs models add`.",
-            param="model",
-            code="model_not_found",
-        )
+    estimate (api/preflight) apply them: its model (a base, or one of the organisation's tuned models), its
+    files and its method (400s). Returns the method as stored and the registered base."""
+    resolved = resolve_model(session, store, organization_id, body.model)
+    if resolved is None:
+        raise model_not_found(body.model)
+    model, parent = resolved
     _check_file(session, organization_id, body.training_file, "training_file")
     if body.validation_file is not None:
         _check_file(session, organization_id, body.validation_file, "validation_file")
-    return _check_method(session, store, organization_id, body)
+    return _check_method(session, store, organization_id, body, model, parent), model
 
 
 def check_compute(compute: Compute, training_type: str, max_devices: int | None) -> None:
@@ -156,7 +195,7 @@ def create(
 ) -> Job:
     if body.compute is not None:
         check_compute(body.compute, _method(body)[1].training_type, max_devices)
-    method = check_request(session, store, organization_id, body)
+    method, _ = check_request(session, store, organization_id, body)
     repo = JobRepository(session)
     Organizations(session).lock(organization_id)  # two creates can't both take the last free place
     if repo.count_active(organization_id) >= max_active:
@@ -181,6 +220,7 @@ def create(
             seed=body.seed if body.seed is not None else random.randint(0, 2147483647),
             metadata_=body.metadata,
             export_merged=body.export_merged,
+            publish=_publish(body),
             compute=body.compute.model_dump() if body.compute else None,
             integrations=[integration.stored(job_id) for integration in body.integrations or []] or None,
             result_files=[],
@@ -196,6 +236,17 @@ def create(
     repo.add_event(job.id, f"Validating {files}")
     on_commit(session, lambda: dispatcher.submit(job.id))
     return job
+
+
+def _publish(body: JobCreate) -> str:
+    """Which weights the job publishes: the best checkpoint needs a validation file to rank them by."""
+    if body.publish == "best" and body.validation_file is None:
+        raise APIError(
+            "publish 'best' ranks checkpoints by their evaluation on the validation file; give one, or "
+            "publish 'last'.",
+            param="publish",
+        )
+    return body.publish or ("best" if body.validation_file else "last")
 
 
 def get(session: Session, organization_id: str, job_id: str) -> Job:

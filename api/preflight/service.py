@@ -20,7 +20,6 @@ from models.errors import APIError, ErrorResponse, client_closed_request
 from models.files import FileRepository
 from models.jobs import JobRepository
 from models.preflight import PreflightFile, PreflightReport, PreflightRequest
-from models.registry import ModelRegistry
 from models.settings import Settings
 from models.storage import ArtifactStore
 
@@ -48,9 +47,7 @@ def inference_request(
     session: Session, store: ArtifactStore, settings: Settings, organization_id: str, body: JobCreate
 ) -> PreflightRequest:
     """The request checked as job creation checks it, with its files and base model resolved to paths."""
-    method: dict[str, Any] = check_request(session, store, organization_id, body)
-    model = ModelRegistry(session).get(body.model)
-    assert model is not None  # checked with the request
+    method, model = check_request(session, store, organization_id, body)
 
     def file(file_id: str) -> PreflightFile:
         record = FileRepository(session).get(organization_id, file_id)

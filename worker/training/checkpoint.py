@@ -60,6 +60,8 @@ class Progress:
     last_full_valid: Metrics = field(default_factory=dict)
     best_value: float | None = None
     """The best full evaluation of metric_for_best_checkpoint so far, for early stopping."""
+    best_step: int | None = None
+    """The step of `best_value`: its checkpoint is what publish_best publishes."""
     evaluations_since_best: int = 0
 
 
@@ -182,6 +184,11 @@ def restore_state(
         torch.cuda.set_rng_state(rng["cuda"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def load_trained_weights(directory: Path, model: nn.Module) -> None:
+    """Put a checkpoint's trained parameters (and nothing else of its state) into the model."""
+    _copy_trainable(model, load_file(directory / TRAINER_DIR / TRAINABLE_FILE))
 
 
 def _read_state(directory: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from worker.training.batching import epoch_batches
 from worker.training.checkpoint import (
     Progress,
     job_fingerprint,
+    load_trained_weights,
     read_progress,
     restore_state,
     save_checkpoint,
@@ -41,7 +42,7 @@ from worker.training.device import describe, select_device
 from worker.training.events import EventWriter
 from worker.training.export import export_merged
 from worker.training.loading import count_parameters, load_tokenizer
-from worker.training.methods import get_method, untouched
+from worker.training.methods import continue_adapter, get_method, merged_into, untouched
 from worker.training.objectives import Example, get_objective
 
 EXPORT_PROMPTS = 8
@@ -92,7 +93,12 @@ class Recipe:
 
         self.method = get_method(hp.training_type)
         base = self.objective.load_model(**self.method.load_options(self.device))
+        start = self.spec.start_from
+        if start is not None and start.mode == "merge":
+            base = merged_into(base, Path(start.path))
         self.model = self.method.prepare(base, hp)
+        if start is not None and start.mode == "continue":
+            continue_adapter(self.model, Path(start.path))
         if hp.gradient_checkpointing:
             # Non-reentrant checkpointing needs no requires-grad hook on frozen embeddings (adapters).
             # nn.Module types attributes as tensors or modules; transformers models (and PEFT's) have this.
@@ -198,10 +204,12 @@ class Recipe:
                         elapsed_seconds=progress.elapsed_seconds,
                     )
                 )
+                # Before the checkpoint, which saves the best so far with it.
+                stop_early = bool(self.valid_examples) and evaluate and self._patience_ran_out(metrics)
                 every = self.spec.checkpoint_every_steps
                 if evaluate or (every > 0 and step % every == 0):
                     self._checkpoint()
-                if self.valid_examples and evaluate and self._patience_ran_out(metrics):
+                if stop_early:
                     self.events.log(
                         f"early stopping at step {step}: {hp.metric_for_best_checkpoint} has not improved "
                         f"for {hp.early_stopping_patience} evaluations"
@@ -218,6 +226,7 @@ class Recipe:
             value > progress.best_value if better else value < progress.best_value
         ):
             progress.best_value, progress.evaluations_since_best = value, 0
+            progress.best_step = progress.step
             return False
         progress.evaluations_since_best += 1
         patience = self.hp.early_stopping_patience
@@ -316,10 +325,29 @@ class Recipe:
         self.objective.save_extras(path)
         self.events.emit(CheckpointMessage(step=step, path=str(path), metrics=self.progress.history[-1][1]))
 
+    def _best_weights(self) -> tuple[int, Metrics] | None:
+        """With publish_best, put the best checkpoint's weights back into the model when that is not the
+        last step, and return its step and metrics (None: the last step is published)."""
+        best, last = self.progress.best_step, self.progress.history[-1][0]
+        if not self.spec.publish_best or best is None or best == last:
+            return None
+        local = self.output_dir / "checkpoints" / f"step-{best}"
+        earlier = Path(self.spec.best_checkpoint) if self.spec.best_checkpoint else None
+        directory = local if local.exists() else earlier
+        if directory is None or directory.name != f"step-{best}":
+            raise RuntimeError(f"the best checkpoint, step {best}, is not available to publish")
+        load_trained_weights(directory, self.model)
+        metrics = next(metrics for step, metrics in self.progress.history if step == best)
+        self.events.log(
+            f"publishing the best checkpoint, step {best} of {last} by {self.hp.metric_for_best_checkpoint}"
+        )
+        return best, metrics
+
     def save(self) -> None:
         """Publish the final artifact (what the method saves: an adapter, the trained tensors or the whole
-        model) with the tokenizer (it carries the chat template), the objective's extras and the results
-        CSV."""
+        model; of the best checkpoint with publish_best) with the tokenizer (it carries the chat template),
+        the objective's extras and the results CSV."""
+        best = self._best_weights()
         adapter_dir = self.output_dir / "adapter"
         self.method.save(self.model, adapter_dir)
         self.tokenizer.save_pretrained(adapter_dir)
@@ -336,7 +364,8 @@ class Recipe:
                 merged_path=str(merged_dir) if merged_dir else None,
                 results_csv=str(results_csv),
                 trained_tokens=self.progress.trained_tokens,
-                metrics={**self.progress.last_full_valid, **last_metrics},
+                metrics=best[1] if best else {**self.progress.last_full_valid, **last_metrics},
+                published_step=best[0] if best else None,
                 elapsed_seconds=self.progress.elapsed_seconds,
             )
         )

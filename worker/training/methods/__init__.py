@@ -13,13 +13,15 @@ the one place that tells them apart; every method trains a new head in full, sin
 """
 
 import importlib
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from peft import PeftModel, TaskType
+from peft import PeftModel, TaskType, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import (
@@ -75,13 +77,38 @@ def new_head(model: PreTrainedModel) -> list[str]:
     ]
 
 
+_CONTINUED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+"""Prepared models that start from a tuned adapter (`continue_adapter`): their start is that adapter."""
+
+
+def continue_adapter(model: nn.Module, directory: Path) -> None:
+    """Load a tuned model's adapter (same method, same shape) into a freshly prepared model, so training
+    continues it (models/continuation.py)."""
+    refuse_pickle_weights(directory)
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"a {type(model).__name__} has no adapter to continue")
+    weights = load_file(directory / "adapter_model.safetensors", device=str(next(model.parameters()).device))
+    loaded = set_peft_model_state_dict(model, weights)
+    if loaded.unexpected_keys:
+        raise ValueError(f"the adapter in {directory} does not fit: {loaded.unexpected_keys[:3]}")
+    _CONTINUED.add(model)
+
+
+def merged_into(base: PreTrainedModel, directory: Path) -> PreTrainedModel:
+    """The base with a tuned model's adapter merged into its weights (a `full` job on an adapter)."""
+    refuse_pickle_weights(directory)
+    return PeftModel.from_pretrained(base, directory).merge_and_unload()
+
+
 @contextmanager
 def untouched(model: nn.Module) -> Iterator[nn.Module]:
-    """The base behind a prepared model, as it was before any step: a learned prompt's model without its
-    prompt, an adapter's with the adapter switched off; every other method starts as the base itself.
-    (PEFT's `disable_adapter` cannot serve prompt learning on classifier models: it looks for a
-    generation hook they do not have.)"""
-    if isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+    """The model as it was before any step: a learned prompt's model without its prompt, an adapter's with
+    the adapter switched off, a continued adapter's as loaded (called before the first step); every other
+    method starts as the base itself. (PEFT's `disable_adapter` cannot serve prompt learning on classifier
+    models: it looks for a generation hook they do not have.)"""
+    if model in _CONTINUED:
+        yield model
+    elif isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
         yield model.get_base_model()
     elif isinstance(model, PeftModel):
         with model.disable_adapter():
