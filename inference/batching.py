@@ -64,12 +64,12 @@ class Job:
     rows: list[Row] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.rows = [Row(self.tokenizer, self.sampling.stop, self.eos) for _ in self.prompts]
+        self.rows = [Row(self.tokenizer, self.sampling, self.eos) for _ in self.prompts]
 
     def outputs(self) -> list[Output]:
         if self.error is not None:
             raise self.error
-        return [Output(row.token_ids, row.text, row.finish or "length") for row in self.rows]
+        return [row.output() for row in self.rows]
 
 
 @dataclass(eq=False)
@@ -211,16 +211,13 @@ class Batcher:
 
     def _emit(self, slots: list[_Slot], logits: torch.Tensor) -> None:
         """Each row's next token, drawn in batch order (a job's rows keep their order), then reported."""
-        tokens = choose_tokens(logits, [(slot.job.sampling, slot.job.generator) for slot in slots])
+        tokens = choose_tokens(logits, [(slot.job.sampling, slot.job.generator, slot.row) for slot in slots])
         for slot, token in zip(slots, tokens, strict=True):
             row, job = slot.row, slot.job
             slot.token = token
-            delta = row.add(token, len(row.token_ids) + 1 >= job.limits[slot.index])
-            if job.on_event is not None:
-                if delta:
-                    job.on_event(slot.index, delta, None)
-                if row.finish:
-                    job.on_event(slot.index, "", row.finish)
+            row.report(
+                job.on_event, slot.index, row.add(token, len(row.token_ids) + 1 >= job.limits[slot.index])
+            )
         self._retire(cancelled_only=False)
 
     def _join(
