@@ -244,6 +244,7 @@ class Batcher:
         ]
         if len(keep) == len(self.slots):
             return
+        self.owner.abandoned_rows += sum(slot.job.cancelled.is_set() for slot in self.slots)
         self.slots = [self.slots[index] for index in keep]
         if not keep or self.cache is None:
             self.cache, self.mask, self.positions = None, self.mask[:0, :0], self.positions[:0]
@@ -286,6 +287,13 @@ class Batching:
         self.mutex = threading.Lock()
         self.waiting = 0
         self.batchers: dict[object, Batcher] = {}
+        self.abandoned_rows = 0
+        """Rows dropped from their batch because their client left (or their stream was cancelled)."""
+
+    def rows(self) -> int:
+        """Rows now in batches, every model's."""
+        with self.mutex:
+            return sum(len(batcher.slots) for batcher in self.batchers.values())
 
     def submit(self, key: object, job: Job, ready: Callable[[], None] | None = None) -> None:
         """Queue `job` on the batch of the model `key` names; a 429 if the server's queue is full, else
