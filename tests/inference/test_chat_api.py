@@ -315,3 +315,23 @@ def test_harmless_parameters_are_accepted(client: TestClient, base_dir: Path) ->
     assert post(client, {**chat_body(target(base_dir), **harmless), "messages": messages})
     completion = {"model": "m", "prompt": "hi", "max_tokens": 2, "echo": False, "best_of": 1, "user": "u"}
     assert post(client, {"target": target(base_dir).model_dump(), "request": completion}, "completions")
+
+
+def test_a_prompt_method_generating_alone_follows_the_schema_with_logprobs(
+    client: TestClient, base_dir: Path
+) -> None:
+    """Prompt methods generate through transformers' `generate`, not the batch: the same settings apply."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    body = chat_body(
+        target(base_dir, "prompt_tuning", "prompt_tuning"),
+        temperature=0,
+        max_tokens=64,
+        logprobs=True,
+        logit_bias={"300": 50},
+        response_format=response_format,
+    )
+    choice = ChatCompletion.model_validate(post(client, body)).choices[0]
+    assert choice.finish_reason == "stop"
+    assert jsonschema_rs.validator_for(SCHEMA).is_valid(json.loads(choice.message.content or ""))
+    assert choice.logprobs and choice.logprobs.content
+    assert b"".join(bytes(e.bytes or []) for e in choice.logprobs.content).decode() == choice.message.content

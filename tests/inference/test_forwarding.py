@@ -43,7 +43,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     up = ["up", "--port", str(port), "--inference-port", str(inference_port)]
     with process(up, env, tmp / "up.log", f"http://127.0.0.1:{port}/healthz"):
         inference_health = f"http://127.0.0.1:{inference_port}/healthz"
-        wait_until(lambda: bool(health(inference_health)), 120, "the inference server")
+        wait_until(lambda: bool(health(inference_health)), 300, "the inference server")
         yield f"http://127.0.0.1:{port}/v1", create_key(env), inference_health
 
 
