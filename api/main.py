@@ -12,7 +12,7 @@ from api.dashboard.router import mount as mount_dashboard
 from api.files.router import router as files_router
 from api.graders.router import router as graders_router
 from api.health import router as health_router
-from api.inference.router import inference_client
+from api.inference.router import async_inference_client, inference_client
 from api.inference.router import router as inference_router
 from api.jobs.router import router as jobs_router
 from api.metrics import Metrics, ObserveRequests
@@ -53,6 +53,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.state.store = open_store(settings)
     app.state.dispatcher = dispatcher or CeleryDispatcher(settings)
     app.state.inference = inference_client(settings)
+    app.state.open_inference = lambda: async_inference_client(settings)  # for forwarding (api/inference)
     app.state.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_storage)
     app.state.metrics = Metrics(engine)
 

@@ -117,7 +117,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "bases_loaded": len(engine.models.bases), "cached": len(engine.models.cache)}
+        batching = engine.batching
+        return {
+            "status": "ok",
+            "bases_loaded": len(engine.models.bases),
+            "cached": len(engine.models.cache),
+            "batch_rows": batching.rows(),
+            "waiting": batching.waiting,
+            "abandoned_rows": batching.abandoned_rows,
+        }
 
     @app.post("/internal/chat/completions", response_model=None, dependencies=internal)
     async def chat(body: Forwarded, http: HTTPRequest) -> dict[str, Any] | StreamingResponse:

@@ -64,12 +64,12 @@ class Job:
     rows: list[Row] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.rows = [Row(self.tokenizer, self.sampling.stop, self.eos) for _ in self.prompts]
+        self.rows = [Row(self.tokenizer, self.sampling, self.eos) for _ in self.prompts]
 
     def outputs(self) -> list[Output]:
         if self.error is not None:
             raise self.error
-        return [Output(row.token_ids, row.text, row.finish or "length") for row in self.rows]
+        return [row.output() for row in self.rows]
 
 
 @dataclass(eq=False)
@@ -211,16 +211,13 @@ class Batcher:
 
     def _emit(self, slots: list[_Slot], logits: torch.Tensor) -> None:
         """Each row's next token, drawn in batch order (a job's rows keep their order), then reported."""
-        tokens = choose_tokens(logits, [(slot.job.sampling, slot.job.generator) for slot in slots])
+        tokens = choose_tokens(logits, [(slot.job.sampling, slot.job.generator, slot.row) for slot in slots])
         for slot, token in zip(slots, tokens, strict=True):
             row, job = slot.row, slot.job
             slot.token = token
-            delta = row.add(token, len(row.token_ids) + 1 >= job.limits[slot.index])
-            if job.on_event is not None:
-                if delta:
-                    job.on_event(slot.index, delta, None)
-                if row.finish:
-                    job.on_event(slot.index, "", row.finish)
+            row.report(
+                job.on_event, slot.index, row.add(token, len(row.token_ids) + 1 >= job.limits[slot.index])
+            )
         self._retire(cancelled_only=False)
 
     def _join(
@@ -247,6 +244,7 @@ class Batcher:
         ]
         if len(keep) == len(self.slots):
             return
+        self.owner.abandoned_rows += sum(slot.job.cancelled.is_set() for slot in self.slots)
         self.slots = [self.slots[index] for index in keep]
         if not keep or self.cache is None:
             self.cache, self.mask, self.positions = None, self.mask[:0, :0], self.positions[:0]
@@ -289,6 +287,13 @@ class Batching:
         self.mutex = threading.Lock()
         self.waiting = 0
         self.batchers: dict[object, Batcher] = {}
+        self.abandoned_rows = 0
+        """Rows dropped from their batch because their client left (or their stream was cancelled)."""
+
+    def rows(self) -> int:
+        """Rows now in batches, every model's."""
+        with self.mutex:
+            return sum(len(batcher.slots) for batcher in self.batchers.values())
 
     def submit(self, key: object, job: Job, ready: Callable[[], None] | None = None) -> None:
         """Queue `job` on the batch of the model `key` names; a 429 if the server's queue is full, else

@@ -17,7 +17,16 @@ from transformers import PreTrainedTokenizerBase
 
 from inference import shapes
 from inference.batching import Batching, Job
-from inference.generation import FinishReason, OnEvent, Output, Sampling, eos_token_ids, generate
+from inference.constrained import Grammar
+from inference.generation import (
+    FinishReason,
+    OnEvent,
+    Output,
+    Sampling,
+    TokenLogprob,
+    eos_token_ids,
+    generate,
+)
 from inference.store import ModelStore, Served
 from models.errors import APIError
 from models.inference import (
@@ -75,11 +84,11 @@ class Engine:
 
     def stream_chat(self, target: Target, request: ChatCompletionRequest, organization: str = "") -> "Stream":
         """The streamed answer's chunks; a request that cannot run raises here, before any chunk."""
-        chunks = shapes.ChatChunks(target.model, include_usage(request))
+        chunks = shapes.ChatChunks(target.model, include_usage(request), request.logprobs is True)
         return self._stream(target, request, chat_prompts(request.messages), chunks, organization)
 
     def stream_complete(self, target: Target, request: CompletionRequest, organization: str = "") -> "Stream":
-        chunks = shapes.TextChunks(target.model, include_usage(request))
+        chunks = shapes.TextChunks(target.model, include_usage(request), request.logprobs is not None)
         return self._stream(target, request, text_prompts(request.prompts()), chunks, organization)
 
     def classify(self, target: Target, request: ClassificationRequest) -> Chunk:
@@ -135,12 +144,18 @@ class Engine:
                         param=param,
                         code="context_length_exceeded",
                     )
+            schema = request.json_schema() if isinstance(request, ChatCompletionRequest) else None
             sampling = Sampling(
                 max_new_tokens=limit,
                 temperature=1.0 if request.temperature is None else request.temperature,
                 top_p=1.0 if request.top_p is None else request.top_p,
                 stop=request.stop_sequences(),
                 n=n,
+                frequency_penalty=request.frequency_penalty or 0.0,
+                presence_penalty=request.presence_penalty or 0.0,
+                logit_bias=checked_logit_bias(request.logit_bias or {}, vocabulary_size(model)),
+                logprobs=request.logprob_alternatives(),
+                grammar=Grammar(served.tokenizer, eos, schema) if schema is not None else None,
             )
             limits = [min(limit, room - len(p)) if room is not None else limit for p in prompts]
             ready = (lambda: on_ready(n * len(prompts))) if on_ready is not None else None
@@ -187,9 +202,15 @@ class Engine:
             for index, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
                 offset = index * sampling.n
 
-                def shifted(row: int, delta: str, finish: FinishReason | None, offset: int = offset) -> None:
+                def shifted(
+                    row: int,
+                    delta: str,
+                    finish: FinishReason | None,
+                    logprobs: list[TokenLogprob],
+                    offset: int = offset,
+                ) -> None:
                     assert on_event is not None
-                    on_event(offset + row, delta, finish)
+                    on_event(offset + row, delta, finish, logprobs)
 
                 outputs += generate(
                     served.model,
@@ -229,7 +250,9 @@ class Engine:
                     prompts_of,
                     organization,
                     on_ready=ready,
-                    on_event=lambda index, text, finish: queue.put(chunks.delta(index, text, finish)),
+                    on_event=lambda index, text, finish, logprobs: queue.put(
+                        chunks.delta(index, text, finish, logprobs)
+                    ),
                     cancelled=cancelled,
                 )
                 if include_usage(request):
@@ -338,6 +361,26 @@ def empty_prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def is_prompt_learning(model: nn.Module) -> bool:
     return isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
+
+
+def vocabulary_size(model: nn.Module) -> int:
+    """How many scores the model gives each position: the token ids `logit_bias` may name."""
+    embeddings = model.get_output_embeddings()  # pyright: ignore[reportCallIssue]
+    assert isinstance(embeddings, nn.Module)
+    weight = embeddings.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.shape[0]
+
+
+def checked_logit_bias(bias: dict[int, float], vocabulary: int) -> dict[int, float]:
+    outside = [token for token in bias if not 0 <= token < vocabulary]
+    if outside:
+        raise APIError(
+            f"logit_bias names token {outside[0]}, which is not in this model's vocabulary "
+            f"(ids 0 to {vocabulary - 1}).",
+            param="logit_bias",
+        )
+    return bias
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from inference.generation import FinishReason, Output
+from inference.generation import FinishReason, Output, TokenLogprob
 
 Chunk = dict[str, Any]
 
@@ -24,6 +24,47 @@ def usage(outputs: Sequence[Output], prompt_lengths: Sequence[int]) -> dict[str,
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def token_text(token: bytes) -> str:
+    """A token as OpenAI shows it: its text, or `bytes:\\x..` for a piece of a UTF-8 character."""
+    try:
+        return token.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in token)
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None) -> Chunk | None:
+    """A chat choice's `logprobs`: openai.types.chat.ChatCompletionTokenLogprob per token."""
+    if entries is None:
+        return None
+
+    def entry(token: bytes, logprob: float) -> Chunk:
+        return {"token": token_text(token), "logprob": logprob, "bytes": list(token)}
+
+    content = [
+        {**entry(e.token, e.logprob), "top_logprobs": [entry(token, value) for token, value in e.top]}
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> Chunk | None:
+    """A completion choice's `logprobs` (the legacy shape); `text_offset` counts characters of the choice's
+    text from `offset`."""
+    if entries is None:
+        return None
+    tokens = [token_text(e.token) for e in entries]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{token_text(token): value for token, value in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
 def chat_completion(model: str, outputs: Sequence[Output], prompt_lengths: Sequence[int]) -> Chunk:
     return {
         "id": new_id("chatcmpl"),
@@ -34,7 +75,7 @@ def chat_completion(model: str, outputs: Sequence[Output], prompt_lengths: Seque
             {
                 "index": index,
                 "message": {"role": "assistant", "content": output.text, "refusal": None},
-                "logprobs": None,
+                "logprobs": chat_logprobs(output.logprobs),
                 "finish_reason": output.finish_reason,
             }
             for index, output in enumerate(outputs)
@@ -50,7 +91,12 @@ def text_completion(model: str, outputs: Sequence[Output], prompt_lengths: Seque
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"text": output.text, "index": index, "logprobs": None, "finish_reason": output.finish_reason}
+            {
+                "text": output.text,
+                "index": index,
+                "logprobs": text_logprobs(output.logprobs),
+                "finish_reason": output.finish_reason,
+            }
             for index, output in enumerate(outputs)
         ],
         "usage": usage(outputs, prompt_lengths),
@@ -78,7 +124,11 @@ class ChunkMaker(Protocol):
         """What a choice's stream starts with, before any text."""
         ...
 
-    def delta(self, index: int, text: str, finish: FinishReason | None) -> Chunk: ...
+    def delta(
+        self, index: int, text: str, finish: FinishReason | None, logprobs: list[TokenLogprob]
+    ) -> Chunk:
+        """A choice's next text (or its end), with its tokens' logprobs if the request asked for them."""
+        ...
 
     def usage(self, usage: dict[str, int]) -> Chunk:
         """The last chunk when `stream_options.include_usage`: no choices."""
@@ -92,9 +142,9 @@ class _Chunks:
     object: str
     prefix: str
 
-    def __init__(self, model: str, include_usage: bool) -> None:
+    def __init__(self, model: str, include_usage: bool, logprobs: bool) -> None:
         self.id, self.created, self.model = new_id(self.prefix), int(time.time()), model
-        self.include_usage = include_usage
+        self.include_usage, self.logprobs = include_usage, logprobs
 
     def chunk(self, choices: list[Chunk], usage: dict[str, int] | None = None) -> Chunk:
         chunk: Chunk = {
@@ -119,16 +169,29 @@ class ChatChunks(_Chunks):
         delta = {"role": "assistant", "content": "", "refusal": None}
         return [self.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])]
 
-    def delta(self, index: int, text: str, finish: FinishReason | None) -> Chunk:
+    def delta(
+        self, index: int, text: str, finish: FinishReason | None, logprobs: list[TokenLogprob]
+    ) -> Chunk:
         delta = {} if finish else {"content": text}
-        return self.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        entries = chat_logprobs(logprobs if self.logprobs else None)
+        return self.chunk([{"index": index, "delta": delta, "logprobs": entries, "finish_reason": finish}])
 
 
 class TextChunks(_Chunks):
     object, prefix = "text_completion", "cmpl"
 
+    def __init__(self, model: str, include_usage: bool, logprobs: bool) -> None:
+        super().__init__(model, include_usage, logprobs)
+        self.offsets: dict[int, int] = {}
+        """Per choice: characters its tokens have covered so far, where the next text_offset starts."""
+
     def opening(self, index: int) -> list[Chunk]:
         return []  # legacy completions stream text from the first chunk
 
-    def delta(self, index: int, text: str, finish: FinishReason | None) -> Chunk:
-        return self.chunk([{"text": text, "index": index, "logprobs": None, "finish_reason": finish}])
+    def delta(
+        self, index: int, text: str, finish: FinishReason | None, logprobs: list[TokenLogprob]
+    ) -> Chunk:
+        entries = text_logprobs(logprobs, self.offsets.get(index, 0)) if self.logprobs else None
+        if entries is not None and entries["tokens"]:
+            self.offsets[index] = entries["text_offset"][-1] + len(entries["tokens"][-1])
+        return self.chunk([{"text": text, "index": index, "logprobs": entries, "finish_reason": finish}])

@@ -6,9 +6,19 @@ its `model` through the registry into a `Target` and forwards both; the inferenc
 needs no database, only the artifact store and the base models' directories.
 """
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 ModelKind = Literal["causal_lm", "classification"]
 
@@ -46,11 +56,32 @@ class Target(BaseModel):
     kind: ModelKind = "causal_lm"
 
 
+MAX_LOGIT_BIAS = 300
+"""Entries of one request's `logit_bias`."""
+MAX_TOP_LOGPROBS = 20
+"""Alternatives per token in chat's `top_logprobs` (OpenAI's bound); completions' `logprobs` goes to 5."""
+MAX_SCHEMA_CHARACTERS = 64 * 1024
+"""Characters of a `response_format` JSON schema, as JSON: compiled once per request."""
+
+
+def _refuse(value: object) -> object:
+    if value is not None:
+        raise ValueError("this parameter is not supported by this server")
+    return value
+
+
+Unsupported = Annotated[Any, AfterValidator(_refuse)]
+"""A parameter of OpenAI's this server does not implement: a 400 naming it when given (null is not)."""
+
+
 class InferenceRequest(BaseModel):
-    # The openai client sends only what the caller set; unknown fields are ignored as OpenAI ignores them.
-    model_config = ConfigDict(extra="ignore")
+    # An unknown key is a 400 naming it, as OpenAI answers one: nothing a caller sends is silently ignored.
+    # The openai client sends only what the caller set.
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
+    # Accepted and not acted on: who the end user is, for the caller's own abuse tracking.
+    user: str | None = None
 
 
 MIN_TEMPERATURE = 1e-5
@@ -67,6 +98,14 @@ class _Sampling(InferenceRequest):
     seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     stream: bool | None = None
     stream_options: dict[str, bool] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: (
+        Annotated[dict[int, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)]
+        | None
+    ) = None
+    """Token id (a string in JSON) to a bias added to its logit; checked against the vocabulary once the
+    model is known."""
 
     @field_validator("temperature")
     @classmethod
@@ -94,10 +133,14 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    """Accepted; chat templates have no place for it."""
+    refusal: str | None = None
+    """An earlier assistant turn's refusal, as the openai client echoes it back; not rendered."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -105,16 +148,111 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+class JSONSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    """The JSON schema the answer follows; none (or {}) admits any JSON value."""
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(schema)) > MAX_SCHEMA_CHARACTERS:
+            raise ValueError(f"the schema must be at most {MAX_SCHEMA_CHARACTERS} characters as JSON")
+        return schema
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+_response_formats: TypeAdapter[ResponseFormat] = TypeAdapter(ResponseFormat)
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    # Accepted and not acted on: nothing is stored (so `store` may only be false), and every request
+    # is served at one tier.
+    store: Literal[False] | None = None
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # OpenAI's, not implemented here: a 400 naming the parameter.
+    tools: Unsupported = None
+    tool_choice: Unsupported = None
+    parallel_tool_calls: Unsupported = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+    audio: Unsupported = None
+    modalities: Unsupported = None
+    prediction: Unsupported = None
+    web_search_options: Unsupported = None
+    reasoning_effort: Unsupported = None
+    verbosity: Unsupported = None
 
     @field_validator("messages")
     @classmethod
     def _bounded_messages(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         prompt_characters([m.text() for m in messages], "messages")
         return messages
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _one_response_format(cls, value: object) -> object:
+        """Parsed here so that an error names `response_format` and says where in it, without the tag
+        pydantic adds to a discriminated union's error locations."""
+        if value is None:
+            return None
+        try:
+            return _response_formats.validate_python(value)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(map(str, first["loc"][1:]))
+            raise ValueError(f"{where}: {first['msg']}" if where else first["msg"]) from None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return top
+
+    def logprob_alternatives(self) -> int | None:
+        """None: no logprobs; else how many alternatives each token lists."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def json_schema(self) -> dict[str, Any] | None:
+        """The schema the answer must follow (json_object: any object), or None for free text."""
+        if isinstance(self.response_format, JSONObjectFormat):
+            return {"type": "object"}
+        if isinstance(self.response_format, JSONSchemaFormat):
+            return self.response_format.json_schema.schema_
+        return None
 
     def token_limit(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
@@ -123,6 +261,15 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    """How many alternatives each token lists beside its own log probability."""
+    # Their neutral values are accepted (some clients send them); anything else is not implemented here.
+    echo: Literal[False] | None = None
+    best_of: Literal[1] | None = None
+    suffix: Unsupported = None
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -145,7 +146,10 @@ def test_every_objective_trains_through_the_api_and_reports_its_metrics(
     assert not [p for p in adapter.rglob("*") if p.suffix in {".bin", ".pt", ".pkl", ".joblib"}]
 
     # The tuned model serves through the API's inference routes (here with the inference app in-process).
-    client.app.state.inference = TestClient(create_inference_app(settings))  # type: ignore[attr-defined]
+    inference = create_inference_app(settings)
+    client.app.state.open_inference = lambda: httpx.AsyncClient(  # type: ignore[attr-defined]
+        transport=httpx.ASGITransport(app=inference), base_url="http://inference"
+    )
     model_id = job["fine_tuned_model"]
     if objective == "classification":
         answer = client.post(

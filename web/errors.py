@@ -46,6 +46,9 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         body = envelope("We could not parse the JSON body of your request.", type="invalid_request_error")
         return JSONResponse(body, status_code=400)
     param = _param(tuple(errors[0]["loc"]))
+    if errors[0]["type"] == "extra_forbidden":  # OpenAI's words for a key it doesn't know
+        message = f"Unrecognized request argument supplied: {param}"
+        return JSONResponse(envelope(message, type="invalid_request_error", param=param), status_code=400)
     # A union ("auto" or a number) fails once per member; say all of it in one message.
     messages = [e["msg"] for e in errors if _param(tuple(e["loc"])) == param]
     detail = " or ".join(dict.fromkeys(messages))

@@ -2,9 +2,7 @@
 the inference server, which may load tokenizers, measures the files with the training code and sizes the
 memory; the duration comes from the throughput earlier jobs measured. Nothing is created or enqueued."""
 
-import asyncio
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from typing import Any
 
 import httpx
@@ -12,11 +10,11 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.inference.router import inference_unavailable
+from api.inference.router import inference_unavailable, until_client_leaves
 from api.jobs.schemas import JobCreate
 from api.jobs.service import check_request
 from api.preflight.schemas import Duration, Preflight
-from models.errors import APIError, ErrorResponse, client_closed_request
+from models.errors import APIError, ErrorResponse
 from models.files import FileRepository
 from models.jobs import JobRepository
 from models.preflight import PreflightFile, PreflightReport, PreflightRequest
@@ -26,7 +24,6 @@ from models.storage import ArtifactStore
 HISTORY_JOBS = 20
 """How many recent jobs are looked at: the latest to start, for the device; the latest succeeded ones of the
 same base model, method and training type, for the throughput."""
-DISCONNECT_POLL_SECONDS = 0.2
 
 
 async def estimate(
@@ -110,15 +107,9 @@ async def ask(
     """The inference server's report; its 400s (what the job would fail on, a file too costly to estimate)
     are relayed as they are. If our client leaves first the call is cancelled, which closes its connection,
     and the inference server stops the work when it sees that."""
-    call = asyncio.ensure_future(client.post("/internal/preflight", json=request.model_dump(mode="json")))
-    while not (await asyncio.wait({call}, timeout=DISCONNECT_POLL_SECONDS))[0]:
-        if await disconnected():
-            call.cancel()
-            with suppress(asyncio.CancelledError):
-                await call
-            raise client_closed_request()
+    call = client.post("/internal/preflight", json=request.model_dump(mode="json"))
     try:
-        response = call.result()
+        response = await until_client_leaves(call, disconnected)
     except httpx.TransportError as error:
         raise inference_unavailable(client, error) from error
     if response.status_code == 200:
