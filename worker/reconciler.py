@@ -111,8 +111,9 @@ class Reconciler:
             result.failed.append(job.id)
 
     def _watch_allocations(self, session: Session, now: float, result: Sweep) -> None:
-        """Keep the lease of a job whose allocation waits for nodes (nobody heartbeats for it yet); requeue
-        one whose allocation ended while the job still runs on it (its runners were killed with it)."""
+        """Keep the lease of a job whose allocation waits to start (nobody heartbeats for it yet), saying
+        once why it waits; requeue one whose allocation ended while the job still runs on it (its runners
+        were killed with it)."""
         stmt = select(Job).where(
             Job.status == JobStatus.RUNNING.value, Job.lease_owner.startswith(slurm.OWNER_PREFIX)
         )
@@ -127,20 +128,23 @@ class Reconciler:
         except slurm.SlurmError as error:  # the leases still expire, as for any worker that went quiet
             log.warning("reconciler: cannot read Slurm's allocations: %s", error)
             return
+        repo = JobRepository(session)
         for job_id, slurm_id in allocations.items():
-            job, state = jobs[job_id], states.get(slurm_id)
-            if state in slurm.WAITING:
-                JobRepository(session).renew_lease(
-                    job_id, job.attempt, now=now, lease_seconds=self.settings.lease_seconds
-                )
-            elif state not in slurm.ALIVE:
-                ended = state or "gone from squeue"
+            job, found = jobs[job_id], states.get(slurm_id)
+            if found is not None and found.state in slurm.WAITING:
+                repo.renew_lease(job_id, job.attempt, now=now, lease_seconds=self.settings.lease_seconds)
+                # One event for what it waits for (busy nodes, more than its partition has), not one a sweep.
+                waits = f"Slurm allocation {slurm_id} waits to start ({found.reason})"
+                [latest], _ = repo.list_events(job_id, after=None, limit=1)
+                if found.reason != "None" and latest.message != waits:
+                    repo.add_event(job_id, waits)
+            elif found is None or found.state not in slurm.ALIVE:
+                ended = found.state if found else "gone from squeue"
                 reason = f"Attempt {job.attempt} was killed: its Slurm allocation {slurm_id} ended ({ended})"
-                self._count(
-                    retry_or_fail(session, job, reason, max_attempts=self.settings.max_attempts, now=now),
-                    job,
-                    result,
+                outcome = retry_or_fail(
+                    session, job, reason, max_attempts=self.settings.max_attempts, now=now
                 )
+                self._count(outcome, job, result)
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.reconcile_seconds):

@@ -7,6 +7,7 @@ is what the reconciler needs. An allocation missing from `squeue` ended longer a
 """
 
 import subprocess
+from typing import NamedTuple
 
 TIMEOUT_SECONDS = 30.0
 
@@ -34,21 +35,27 @@ def submit(script: str, options: list[str]) -> str:
     return answer.strip().split(";")[0]  # "ID" or "ID;CLUSTER"
 
 
-def states(slurm_ids: list[str]) -> dict[str, str]:
-    """The state of each allocation `squeue` still knows (`RUNNING`, `CANCELLED`, `NODE_FAIL`...); the
-    others ended long enough ago to be forgotten."""
+class Allocation(NamedTuple):
+    state: str
+    """`PENDING`, `RUNNING`, `COMPLETED`, `CANCELLED`, `NODE_FAIL`, `TIMEOUT`..."""
+    reason: str
+    """Why it waits or ended (`Resources`, `PartitionNodeLimit`...); `None` when there is nothing to say."""
+
+
+def states(slurm_ids: list[str]) -> dict[str, Allocation]:
+    """Each allocation `squeue` still knows; the others ended long enough ago to be forgotten."""
     if not slurm_ids:
         return {}
     try:
         answer = _run(
-            ["squeue", "--noheader", "--states=all", f"--jobs={','.join(slurm_ids)}", "--format=%i %T"]
+            ["squeue", "--noheader", "--states=all", f"--jobs={','.join(slurm_ids)}", "--format=%i %T %r"]
         )
     except SlurmError as error:
         if "Invalid job id" in str(error):  # squeue's answer when it knows none of them
             return {}
         raise
-    found = dict(line.split() for line in answer.splitlines() if line.strip())
-    return {slurm_id: state for slurm_id, state in found.items() if slurm_id in slurm_ids}
+    rows = (line.split(maxsplit=2) for line in answer.splitlines())
+    return {row[0]: Allocation(row[1], row[2]) for row in rows if len(row) == 3 and row[0] in slurm_ids}
 
 
 def cancel(slurm_id: str) -> None:

@@ -6,9 +6,7 @@ makes the reconciler requeue the job, whose next attempt resumes from its newest
 
 import io
 import re
-import shlex
 import subprocess
-import sys
 
 import pytest
 from fastapi.testclient import TestClient
@@ -29,21 +27,6 @@ HYPERPARAMETERS = {"n_epochs": 4, "batch_size": 4, "max_seq_length": 512, "lora_
 N_TRAIN, TOTAL_STEPS = 16, 16  # long enough that a cancel after step 3 lands before the last step
 LOSS_TOLERANCE = 1e-5
 """As tests/training/test_distributed.py: the ranks sum the same terms as one process, in another order."""
-
-
-@pytest.fixture
-def settings(settings: Settings, slurm_conf: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    update = {
-        "executor": "slurm",
-        "slurm_command": shlex.join([sys.executable, "-m", "cli"]),  # this checkout, on both "nodes"
-        "checkpoint_every_steps": 2,
-    }
-    # `ftjobs run-attempt` on the nodes reads its settings from the environment sbatch hands on.
-    monkeypatch.setenv("FTJOBS_DATABASE_URL", str(settings.database_url))
-    monkeypatch.setenv("FTJOBS_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("FTJOBS_CHECKPOINT_EVERY_STEPS", "2")
-    monkeypatch.setenv("FTJOBS_HEARTBEAT_SECONDS", str(settings.heartbeat_seconds))
-    return settings.model_copy(update=update)
 
 
 def runner(settings: Settings, session_factory: sessionmaker[Session], executor: bool = True) -> JobRunner:
