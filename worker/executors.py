@@ -49,7 +49,11 @@ class SlurmExecutor:
             return
         event = f"Attempt {attempt.attempt} submitted to Slurm as job {slurm_id} ({nodes} node(s))"
         if not attempt.hand_over(slurm.owner(slurm_id), event):
-            slurm.cancel(slurm_id)  # cancelled meanwhile: don't hold nodes for nothing
+            # Cancelled meanwhile: don't hold nodes for nothing (if this fails, its runners exit on start).
+            try:
+                slurm.cancel(slurm_id)
+            except slurm.SlurmError as error:
+                log.warning("job %s: could not cancel Slurm job %s: %s", attempt.job_id, slurm_id, error)
             return
         log.info("job %s: attempt %s is Slurm job %s", attempt.job_id, attempt.attempt, slurm_id)
 

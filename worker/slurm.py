@@ -70,5 +70,6 @@ def _run(command: list[str], stdin: str | None = None) -> str:
     except (OSError, subprocess.TimeoutExpired) as error:
         raise SlurmError(f"{command[0]}: {error}") from error
     if done.returncode != 0:
-        raise SlurmError(f"{command[0]}: {' '.join(done.stderr.split()) or f'exit {done.returncode}'}")
+        # Slurm's messages name their command already: "sbatch: error: invalid partition specified: ..."
+        raise SlurmError(" ".join(done.stderr.split()) or f"{command[0]}: exit {done.returncode}")
     return done.stdout

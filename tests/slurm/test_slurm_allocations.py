@@ -60,3 +60,23 @@ def test_an_allocation_larger_than_the_partition_waits_saying_why_once(
 
     slurm.cancel(slurm_id)
     assert reconciler.sweep().requeued == [job_id]
+
+
+def test_an_allocation_slurm_refuses_sends_the_job_back_with_slurm_s_words(
+    client: TestClient, session_factory: sessionmaker[Session], registered_model: str, settings: Settings
+) -> None:
+    settings = settings.model_copy(update={"slurm_partition": "no-such-partition", "max_attempts": 2})
+    job_id = create_job(client, registered_model, nodes=2)
+    store = LocalArtifactStore(settings.artifacts_root)
+    runner = JobRunner(settings, session_factory, store, SlurmExecutor(settings))
+
+    runner.run(job_id)
+    assert status(client, job_id)["status"] == "queued"
+    [warning] = [e["message"] for e in events(client, job_id) if e["level"] == "warn"]
+    assert warning.startswith("Slurm did not take attempt 1: sbatch: error:") and "partition" in warning
+
+    runner.run(job_id)  # the last attempt: the job fails, saying why
+    job = status(client, job_id)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "max_attempts_exceeded"
+    assert "Slurm did not take attempt 2: sbatch: error:" in job["error"]["message"]
