@@ -16,7 +16,7 @@ from models.db import session_scope
 from models.jobs import JobRepository
 from models.settings import Settings
 from worker import slurm
-from worker.runner import Executor, RunHere
+from worker.runner import Executor, LocalExecutor
 
 if TYPE_CHECKING:
     from worker.runner import Attempt
@@ -25,7 +25,7 @@ log = logging.getLogger("ftjobs.worker")
 
 
 def make_executor(settings: Settings) -> Executor:
-    return SlurmExecutor(settings) if settings.executor == "slurm" else RunHere()
+    return SlurmExecutor(settings) if settings.executor == "slurm" else LocalExecutor()
 
 
 class SlurmExecutor:

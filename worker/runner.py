@@ -88,8 +88,9 @@ class Executor(Protocol):
     def start(self, attempt: "Attempt") -> None: ...
 
 
-class RunHere:
-    """The default executor: the attempt's trainer is a child process of this one."""
+class LocalExecutor:
+    """`FTJOBS_EXECUTOR=local`, the default: the attempt's trainer is a child process of this one (the
+    launcher's ranks, with several devices)."""
 
     def start(self, attempt: "Attempt") -> None:
         attempt.run()
@@ -106,7 +107,7 @@ class JobRunner:
         self.settings = settings
         self.session_factory = session_factory
         self.store = store
-        self.executor = executor or RunHere()
+        self.executor = executor or LocalExecutor()
 
     def run(self, job_id: str) -> None:
         """Take `job_id` as far as it goes; returns quietly when another runner owns it."""
@@ -346,7 +347,14 @@ class Attempt:
             latest = JobRepository(session).latest_checkpoint(job.id)
             if training is None or (job.validation_file and validation is None) or model is None:
                 raise JobFailed("file_not_found", "A file or the base model of this job no longer exists.")
-            devices = (job.compute or {}).get("devices", 1)
+            devices, nodes = (job.compute or {}).get("devices", 1), (job.compute or {}).get("nodes", 1)
+            if nodes != (self.placement.nodes if self.placement else 1):
+                raise JobFailed(
+                    "invalid_compute",
+                    f"compute.nodes is {nodes}, but this worker trains a job on one node (several need "
+                    "FTJOBS_EXECUTOR=slurm on the workers as on the API).",
+                    "compute.nodes",
+                )
             available = self.settings.devices or visible_devices()
             if devices > available:
                 raise JobFailed(

@@ -80,3 +80,14 @@ def test_an_allocation_slurm_refuses_sends_the_job_back_with_slurm_s_words(
     assert job["status"] == "failed"
     assert job["error"]["code"] == "max_attempts_exceeded"
     assert "Slurm did not take attempt 2: sbatch: error:" in job["error"]["message"]
+
+
+def test_a_local_worker_fails_a_job_on_several_nodes_naming_the_field(
+    client: TestClient, session_factory: sessionmaker[Session], registered_model: str, settings: Settings
+) -> None:
+    """The API took it (FTJOBS_EXECUTOR=slurm there) but this worker was left on the local executor."""
+    job_id = create_job(client, registered_model, nodes=2)
+    JobRunner(settings, session_factory, LocalArtifactStore(settings.artifacts_root)).run(job_id)
+    job = status(client, job_id)
+    assert job["status"] == "failed"
+    assert (job["error"]["code"], job["error"]["param"]) == ("invalid_compute", "compute.nodes")
