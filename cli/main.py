@@ -203,6 +203,35 @@ def worker(loglevel: str | None = None, devices: Devices = None) -> None:
     celery_app.worker_main(["worker", "--pool=solo", f"--queues={settings.worker_queue}"])
 
 
+@app.command("run-attempt")
+def run_attempt(
+    job_id: str,
+    attempt: int,
+    nodes: Annotated[int, typer.Option(min=1, help="Nodes the attempt trains on, each running this.")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="This node's number, 0 to NODES-1.")] = 0,
+    rendezvous: Annotated[
+        str | None, typer.Option(help="HOST:PORT of node 0's rendezvous (with NODES > 1).")
+    ] = None,
+) -> None:
+    """Train one attempt of a job claimed elsewhere, on this node: what `srun` runs on each node of a Slurm
+    allocation (FTJOBS_EXECUTOR=slurm). Does nothing when the job no longer runs on that attempt."""
+    from worker.child import Placement
+    from worker.runtime import make_runner
+
+    if nodes > 1 and rendezvous is None:
+        raise typer.BadParameter(
+            "give --rendezvous HOST:PORT with --nodes above 1", param_hint="--rendezvous"
+        )
+    settings = _settings()
+    configure_logging(settings)
+    placement = (
+        Placement(nodes, node_rank, rendezvous, run_id=f"{job_id}-attempt-{attempt}")
+        if nodes > 1 and rendezvous is not None
+        else None
+    )
+    make_runner(settings).run_attempt(job_id, attempt, placement)
+
+
 def _start_reconciler(settings: Settings) -> sessionmaker[Session]:
     """Migrate, then sweep for lost jobs and send webhooks in the background (distributed mode: every
     process does)."""

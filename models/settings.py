@@ -130,6 +130,41 @@ class Settings(BaseSettings):
         "to the worker (docs/distributed.md).",
     )
     worker_queue: str = Field(default="ftjobs", description="Celery queue that training workers consume.")
+    executor: Literal["local", "slurm"] = Field(
+        default="local",
+        description="Where a claimed job trains: `local`, a child process of the worker (one node); `slurm`, "
+        "an allocation of `compute.nodes` nodes that `sbatch` asks a Slurm cluster for, one `ftjobs "
+        "run-attempt` per node (docs/distributed.md). Set it on the API too: it decides whether "
+        "`compute.nodes` above 1 is accepted, and the reconciler then watches the allocations.",
+    )
+    slurm_partition: str | None = Field(
+        default=None,
+        description="Slurm partition of the allocations (`sbatch --partition`); unset: the default.",
+    )
+    slurm_account: str | None = Field(
+        default=None, description="Slurm account the allocations are charged to (`sbatch --account`)."
+    )
+    slurm_gpus: bool = Field(
+        default=False,
+        description="Ask Slurm for `compute.devices` GPUs per node (`--gpus-per-node`); else the devices are "
+        "CPU ranks (`--cpus-per-task`).",
+    )
+    slurm_extra_args: str = Field(
+        default="",
+        description="More `sbatch` options, shell-quoted (`--time=24:00:00 --qos=high --exclusive`).",
+    )
+    slurm_command: str = Field(
+        default="ftjobs",
+        description="How a Slurm node starts ftjobs (shell-quoted), e.g. `/opt/venv/bin/ftjobs`: each node "
+        "runs `COMMAND run-attempt JOB ATTEMPT` with the submitting worker's environment.",
+    )
+    slurm_rendezvous_port: int = Field(
+        default=29500,
+        ge=1024,
+        le=64535,
+        description="The ranks' rendezvous on an allocation's first node listens on this port plus the Slurm "
+        "job id modulo 1000 (so allocations sharing a node don't collide).",
+    )
     heartbeat_seconds: float = Field(
         default=2.0, gt=0, description="How often a running job reports liveness."
     )

@@ -243,3 +243,19 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def slurm_conf() -> str:
+    """A real one-machine Slurm cluster (tests/slurm/cluster.sh: munged, slurmctld and two slurmd nodes),
+    the one `.ci/run` started (SLURM_CONF names its config) or one started now; it stays up afterwards,
+    like Postgres (`tests/slurm/cluster.sh stop` ends it). Returns the path of its slurm.conf."""
+    if shutil.which("sbatch") is None or shutil.which("slurmctld") is None:
+        _unavailable("Slurm", FileNotFoundError("no sbatch/slurmctld (apt-get install slurm-wlm munge)"))
+    conf = Path(os.environ.get("SLURM_CONF") or "/tmp/ftjobs-slurm/slurm.conf")
+    script = Path(__file__).parent / "slurm" / "cluster.sh"
+    started = subprocess.run([script, "start", conf.parent], capture_output=True, text=True, check=False)
+    if started.returncode != 0:
+        _unavailable("Slurm", RuntimeError(started.stderr[-2000:]))
+    os.environ["SLURM_CONF"] = str(conf)  # for sbatch, squeue and scancel, here and in the allocations
+    return str(conf)

@@ -5,7 +5,9 @@ test_distributed.py and tests/faults/test_distributed_kill.py."""
 import pytest
 from fastapi.testclient import TestClient
 
+from api.main import create_app
 from models.settings import Settings
+from tests.conftest import RecordingDispatcher, Tenant
 from tests.test_api_files import assert_error, upload
 
 WORKER_DEVICES = 2
@@ -41,7 +43,7 @@ def test_compute_is_echoed_with_its_defaults(client: TestClient, registered_mode
         ({"devices": 65}, "lora", "compute.devices"),
         ({"devices": "2"}, "lora", "compute.devices"),
         ({"devices": WORKER_DEVICES + 1}, "lora", "compute.devices"),  # more than the workers have
-        ({"nodes": 2}, "lora", "compute.nodes"),  # several nodes: not yet
+        ({"nodes": 2}, "lora", "compute.nodes"),  # several nodes: only with FTJOBS_EXECUTOR=slurm
         ({"nodes": 0}, "lora", "compute.nodes"),
         ({"device_class": "a100"}, "lora", "compute.device_class"),  # none configured
         ({"gpus": 2}, "lora", "compute.gpus"),
@@ -60,3 +62,14 @@ def test_feature_extraction_takes_one_device(client: TestClient, registered_mode
     """A single solve, not steps: nothing to spread (checked before the method's other rules)."""
     response = create(client, registered_model, "feature_extraction", compute={"devices": 2})
     assert_error(response, 400, "compute.devices")
+
+
+def test_several_nodes_need_a_cluster_executor(
+    settings: Settings, dispatcher: RecordingDispatcher, tenant: Tenant, registered_model: str
+) -> None:
+    """With FTJOBS_EXECUTOR=slurm a job may span nodes (tests/slurm trains them); data-parallel ones only."""
+    app = create_app(settings.model_copy(update={"executor": "slurm"}), dispatcher)
+    with TestClient(app, raise_server_exceptions=False, headers=tenant.headers) as client:
+        job = create(client, registered_model, compute={"nodes": 2}).json()
+        assert job["compute"] == {"devices": 1, "nodes": 2, "device_class": None}
+        assert_error(create(client, registered_model, "full", compute={"nodes": 2}), 400, "compute.nodes")

@@ -2,8 +2,8 @@
 
 The child runs `python -m worker.training` in its own session (process group), so a cancel can end
 it and everything it started; it reports on an inherited pipe, one JSON message per line. A job on several
-devices runs `python -m worker.training.launch` instead, which starts one rank per device; the ranks die
-with it (docs/distributed.md).
+devices, or on one node of several, runs `python -m worker.training.launch` instead, which starts one rank
+per device; the ranks die with it (docs/distributed.md).
 """
 
 import ctypes
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import TypeAdapter
@@ -41,15 +42,34 @@ def visible_devices() -> int:
     return max(1, len(list(gpus.iterdir()))) if gpus.is_dir() else 1
 
 
+@dataclass(frozen=True)
+class Placement:
+    """This machine's part in a job that spans several nodes (`ftjobs run-attempt` on a Slurm allocation):
+    every node runs the launcher for its own devices, and the launchers meet at node 0's rendezvous."""
+
+    nodes: int
+    node_rank: int
+    rendezvous: str
+    """HOST:PORT of node 0's rendezvous, the same on every node."""
+    run_id: str
+    """Names the rendezvous, the same on every node: the job and its attempt."""
+
+
 class TrainingProcess:
-    def __init__(self, spec: TrainingSpec, workdir: Path) -> None:
+    def __init__(self, spec: TrainingSpec, workdir: Path, placement: Placement | None = None) -> None:
         self.spec = spec
         spec_path = workdir / "spec.json"
         spec_path.write_text(spec.model_dump_json(indent=2))
         self.log_path = workdir / "train.log"
         read_fd, write_fd = os.pipe()
         trainer = ["worker.training", "--spec", str(spec_path), "--events-fd", str(write_fd)]
-        if spec.devices > 1:
+        if placement is not None:
+            launch = ["worker.training.launch", "--nproc", str(spec.devices), "--run-id", placement.run_id]
+            launch += ["--nnodes", str(placement.nodes), "--rendezvous", placement.rendezvous]
+            if placement.node_rank == 0:
+                launch.append("--rendezvous-host")
+            trainer = [*launch, *trainer[1:]]
+        elif spec.devices > 1:
             launch = ["worker.training.launch", "--nproc", str(spec.devices)]
             trainer = [*launch, "--run-id", f"{spec.job_id}-{workdir.name}", *trainer[1:]]
         with open(self.log_path, "wb") as log:

@@ -5,6 +5,9 @@
   is fenced off: its writes name its attempt number and no longer match.
 - A job still waiting (`validating_files`/`queued`) long after its last wake-up gets another one, with a
   growing interval, so a message lost by the broker (Redis restarted empty) costs a delay, not the job.
+- With `FTJOBS_EXECUTOR=slurm`, a job trained by a Slurm allocation (lease owner `slurm:ID`) keeps its
+  lease while the allocation waits for nodes, and is requeued as a killed attempt as soon as `squeue` shows
+  the allocation ended (cancelled, a node failed, out of time) while the job still runs on it.
 
 Every API and worker process runs one; on Postgres a transaction-scoped advisory lock lets one sweep at a
 time, and every change is a compare-and-set, so overlapping sweeps cannot requeue a job twice.
@@ -16,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import session_scope
@@ -26,6 +29,7 @@ from models.orm import Job
 from models.queue import Dispatcher
 from models.settings import Settings
 from models.states import JobStatus, transition
+from worker import slurm
 
 log = logging.getLogger("ftjobs.reconciler")
 
@@ -82,6 +86,8 @@ class Reconciler:
                 if not locked:
                     return result  # another process is sweeping right now
             repo = JobRepository(session)
+            if self.settings.executor == "slurm":
+                self._watch_allocations(session, now, result)
             for job in repo.expired_leases(now=now, lease_seconds=self.settings.lease_seconds):
                 self._recover(session, job, now, result)
             woken = repo.redispatch_waiting(now=now, redispatch_seconds=self.settings.redispatch_seconds)
@@ -93,11 +99,52 @@ class Reconciler:
 
     def _recover(self, session: Session, job: Job, now: float, result: Sweep) -> None:
         reason = f"Attempt {job.attempt} stopped reporting (its worker died or lost the database)"
-        outcome = retry_or_fail(session, job, reason, max_attempts=self.settings.max_attempts, now=now)
+        self._count(
+            retry_or_fail(session, job, reason, max_attempts=self.settings.max_attempts, now=now), job, result
+        )
+
+    @staticmethod
+    def _count(outcome: Literal["requeued", "failed"] | None, job: Job, result: Sweep) -> None:
         if outcome == "requeued":
             result.requeued.append(job.id)
         elif outcome == "failed":
             result.failed.append(job.id)
+
+    def _watch_allocations(self, session: Session, now: float, result: Sweep) -> None:
+        """Keep the lease of a job whose allocation waits to start (nobody heartbeats for it yet), saying
+        once why it waits; requeue one whose allocation ended while the job still runs on it (its runners
+        were killed with it)."""
+        stmt = select(Job).where(
+            Job.status == JobStatus.RUNNING.value, Job.lease_owner.startswith(slurm.OWNER_PREFIX)
+        )
+        jobs = {job.id: job for job in session.scalars(stmt)}
+        allocations = {
+            job_id: (job.lease_owner or "").removeprefix(slurm.OWNER_PREFIX) for job_id, job in jobs.items()
+        }
+        if not allocations:
+            return
+        try:
+            states = slurm.states(list(allocations.values()))
+        except slurm.SlurmError as error:  # the leases still expire, as for any worker that went quiet
+            log.warning("reconciler: cannot read Slurm's allocations: %s", error)
+            return
+        repo = JobRepository(session)
+        for job_id, slurm_id in allocations.items():
+            job, found = jobs[job_id], states.get(slurm_id)
+            if found is not None and found.state in slurm.WAITING:
+                repo.renew_lease(job_id, job.attempt, now=now, lease_seconds=self.settings.lease_seconds)
+                # One event for what it waits for (busy nodes, more than its partition has), not one a sweep.
+                waits = f"Slurm allocation {slurm_id} waits to start ({found.reason})"
+                [latest], _ = repo.list_events(job_id, after=None, limit=1)
+                if found.reason != "None" and latest.message != waits:
+                    repo.add_event(job_id, waits)
+            elif found is None or found.state not in slurm.ALIVE:
+                ended = found.state if found else "gone from squeue"
+                reason = f"Attempt {job.attempt} was killed: its Slurm allocation {slurm_id} ended ({ended})"
+                outcome = retry_or_fail(
+                    session, job, reason, max_attempts=self.settings.max_attempts, now=now
+                )
+                self._count(outcome, job, result)
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.reconcile_seconds):

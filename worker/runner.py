@@ -4,6 +4,9 @@ It validates the job's files, claims the job with a compare-and-set (so duplicat
 no-ops), runs training in a child process and turns the child's messages into fenced database
 writes: every write applies only while the job is still `running` on this attempt, so a cancel or a
 newer attempt always wins and nothing of a cancelled job is published.
+
+Where the claimed attempt trains is the executor's choice (worker/executors.py): here, or on the nodes of
+a Slurm allocation, where `ftjobs run-attempt` runs this same `Attempt` on every node (`run_attempt`).
 """
 
 import logging
@@ -15,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,7 +56,7 @@ from models.states import JobStatus, transition
 from models.storage import ArtifactStore
 from models.validation import DataError, FileSummary, validate_job_files
 from models.versions import root_base
-from worker.child import TrainingProcess, visible_devices
+from worker.child import Placement, TrainingProcess, visible_devices
 from worker.integrations import trackers
 from worker.reconciler import retry_or_fail
 
@@ -83,13 +86,32 @@ class LeaseLost(Exception):
     """The database stayed unreachable longer than the lease: another attempt may own the job now."""
 
 
+class Executor(Protocol):
+    """Where a claimed attempt trains (worker/executors.py)."""
+
+    def start(self, attempt: "Attempt") -> None: ...
+
+
+class LocalExecutor:
+    """`FTJOBS_EXECUTOR=local`, the default: the attempt's trainer is a child process of this one (the
+    launcher's ranks, with several devices)."""
+
+    def start(self, attempt: "Attempt") -> None:
+        attempt.run()
+
+
 class JobRunner:
     def __init__(
-        self, settings: Settings, session_factory: sessionmaker[Session], store: ArtifactStore
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        store: ArtifactStore,
+        executor: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.store = store
+        self.executor = executor or LocalExecutor()
 
     def run(self, job_id: str) -> None:
         """Take `job_id` as far as it goes; returns quietly when another runner owns it."""
@@ -106,14 +128,40 @@ class JobRunner:
             )
             return
         if data and attempt:
-            Attempt(self, job_id, attempt, data).run()
+            self.executor.start(Attempt(self, job_id, attempt, data))
+
+    def run_attempt(self, job_id: str, attempt: int, placement: Placement | None = None) -> bool:
+        """Train attempt `attempt` of `job_id`, claimed by another process (`ftjobs run-attempt` on each node
+        of a Slurm allocation); False, doing nothing, when the job no longer runs on that attempt."""
+        with job_context(job_id):
+            try:
+                data = self._inspect(job_id, attempt)
+            except JobFailed as failure:
+                fail_job(self.session_factory, job_id, failure, from_=JobStatus.RUNNING, attempt=attempt)
+                return False
+            if data is None:
+                log.info("job %s: attempt %s is not running; nothing to do", job_id, attempt)
+                return False
+            Attempt(self, job_id, attempt, data, placement).run()
+            return True
 
     def _validate(self, job_id: str) -> "JobData | None":
+        """Check the files and what the job trains on them, then mark it queued; None if not pending."""
+        data = self._inspect(job_id)
+        if data is not None:
+            with session_scope(self.session_factory) as session:
+                if transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED):
+                    JobRepository(session).add_event(job_id, "Files validated, moving job to queued state")
+        return data
+
+    def _inspect(self, job_id: str, attempt: int | None = None) -> "JobData | None":
         """Check the files (read-only, so duplicate runners may both do it) and what the job trains on
-        them; None if the job is not pending."""
+        them; None if the job is not pending (or, given `attempt`, not running on it)."""
         with session_scope(self.session_factory) as session:
             job = JobRepository(session).get(job_id)
-            if job is None or job.status not in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED):
+            pending = job is not None and job.status in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED)
+            running = job is not None and (job.status, job.attempt) == (JobStatus.RUNNING, attempt)
+            if job is None or not (running if attempt is not None else pending):
                 return None
             method_type = job.method["type"]
             requested = HYPERPARAMETERS[method_type].model_validate(
@@ -153,9 +201,6 @@ class JobRunner:
             # The API refuses these at create time; a file replaced since then can still get here.
             raise JobFailed("invalid_file_format", mismatch.message, mismatch.param)
         assert not isinstance(objective, Mismatch)
-        with session_scope(self.session_factory) as session:
-            if transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED):
-                JobRepository(session).add_event(job_id, "Files validated, moving job to queued state")
         return JobData(train, objective, requested)
 
     def _claim(self, job_id: str, data: "JobData") -> int | None:
@@ -222,32 +267,45 @@ def fail_job(
 
 
 class Attempt:
-    """One run of the training child for a claimed job, and everything it reports."""
+    """One run of the training child for a claimed job, and everything it reports.
 
-    def __init__(self, runner: JobRunner, job_id: str, attempt: int, data: JobData) -> None:
+    On one node of several (`placement`), the node whose launcher got global rank 0 hears the trainer's
+    messages and does what a single node does; the others only train, heartbeat and stop with the job."""
+
+    def __init__(
+        self, runner: JobRunner, job_id: str, attempt: int, data: JobData, placement: Placement | None = None
+    ) -> None:
         self.runner, self.job_id, self.attempt, self.data = runner, job_id, attempt, data
+        self.placement = placement
         self.settings, self.store = runner.settings, runner.store
-        self.workdir = self.settings.work_root / job_id / f"attempt-{attempt}"
+        node = f"-node-{placement.node_rank}" if placement else ""  # nodes may share a machine
+        self.workdir = self.settings.work_root / job_id / f"attempt-{attempt}{node}"
         self.prefix = f"jobs/{job_id}/attempt-{attempt}"
+        self.log_key = f"{self.prefix}/train{node}.log"
         self.last_error: LogMessage | None = None
         self.parent: Lineage | None = None
         """The lineage of the tuned model the job started from (set with the spec)."""
+        self.heard = False
         self.lease_deadline = time.monotonic() + self.settings.lease_seconds
 
     def run(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True)
         try:
-            child = TrainingProcess(self._spec(), self.workdir)
+            child = TrainingProcess(self._spec(), self.workdir, self.placement)
             outcome = self._supervise(child)
             if outcome is None and child.process.returncode < 0:
                 # Killed by a signal (the OOM killer, an operator): worth another attempt, unlike an error.
                 self._db(
-                    lambda: self._retry(
+                    lambda: self.retry(
                         f"The trainer of attempt {self.attempt} was killed (signal "
                         f"{-child.process.returncode})"
                     )
                 )
+                return
+            if self.placement and not self.heard:
+                # Rank 0 trained on another node, whose runner judges the attempt and publishes.
+                log.info("job %s attempt %s: this node's ranks ended", self.job_id, self.attempt)
                 return
             if not isinstance(outcome, CompletedMessage | StoppedMessage):
                 error = self.last_error
@@ -273,10 +331,11 @@ class Attempt:
             log_file = self.workdir / "train.log"
             if log_file.exists():
                 with open(log_file, "rb") as source:
-                    self.store.put_stream(f"{self.prefix}/train.log", source)
+                    self.store.put_stream(self.log_key, source)
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def _retry(self, reason: str) -> None:
+    def retry(self, reason: str) -> None:
+        """Queue the job's next attempt (or fail it once they are spent), if it still runs on this one."""
         with session_scope(self.runner.session_factory) as session:
             job = JobRepository(session).get(self.job_id)
             if job is not None and job.status == JobStatus.RUNNING and job.attempt == self.attempt:
@@ -298,7 +357,14 @@ class Attempt:
             latest = JobRepository(session).latest_checkpoint(job.id)
             if training is None or (job.validation_file and validation is None):
                 raise JobFailed("file_not_found", "A file or the base model of this job no longer exists.")
-            devices = (job.compute or {}).get("devices", 1)
+            devices, nodes = (job.compute or {}).get("devices", 1), (job.compute or {}).get("nodes", 1)
+            if nodes != (self.placement.nodes if self.placement else 1):
+                raise JobFailed(
+                    "invalid_compute",
+                    f"compute.nodes is {nodes}, but this worker trains a job on one node (several need "
+                    "FTJOBS_EXECUTOR=slurm on the workers as on the API).",
+                    "compute.nodes",
+                )
             available = self.settings.devices or visible_devices()
             if devices > available:
                 raise JobFailed(
@@ -359,6 +425,7 @@ class Attempt:
         while not child.finished:
             try:
                 for message in child.messages(timeout=0.5):
+                    self.heard = True
                     if isinstance(message, CompletedMessage | StoppedMessage):
                         outcome = message
                     elif not self._db(lambda m=message: self._record(m)):
@@ -374,6 +441,15 @@ class Attempt:
             if stop_deadline is not None and time.monotonic() > stop_deadline:
                 child.kill()
         return outcome
+
+    def hand_over(self, owner: str, event: str) -> bool:
+        """Name the job's new lease owner (an executor that trains it elsewhere) and say so in an event;
+        False when the job no longer runs on this attempt."""
+        with session_scope(self.runner.session_factory) as session:
+            if not self._fenced_update({"lease_owner": owner}, session):
+                return False
+            JobRepository(session).add_event(self.job_id, event)
+            return True
 
     def _db(self, action: Callable[[], T]) -> T:
         """Run a database write, riding out an outage for as long as this attempt's lease lasts."""

@@ -53,7 +53,14 @@ def create_job(
         lambda: body.model_dump_json().encode(),
         lambda: FineTuningJob.of(
             job_service.create(
-                session, store, dispatcher, org, body, settings.max_active_jobs, settings.devices
+                session,
+                store,
+                dispatcher,
+                org,
+                body,
+                settings.max_active_jobs,
+                settings.devices,
+                several_nodes=settings.executor == "slurm",
             )
         ),
     )

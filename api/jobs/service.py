@@ -160,12 +160,19 @@ def check_request(
     return _check_method(session, store, organization_id, body, model, parent), model
 
 
-def check_compute(compute: Compute, training_type: str, max_devices: int | None) -> None:
-    """What this service can train one job on: one node, no device classes yet, at most the workers'
-    devices (`max_devices`, when the API knows it), and several devices only for a method that trains
+def check_compute(
+    compute: Compute, training_type: str, max_devices: int | None, several_nodes: bool = False
+) -> None:
+    """What this service can train one job on: one node unless a cluster executor allocates several
+    (`several_nodes`, FTJOBS_EXECUTOR=slurm), no device classes yet, at most the workers' devices
+    (`max_devices`, when the API knows it), and several devices only for a method that trains
     data-parallel."""
-    if compute.nodes > 1:
-        raise APIError("A job runs on one node for now; compute.nodes must be 1.", param="compute.nodes")
+    if compute.nodes > 1 and not several_nodes:
+        raise APIError(
+            "This service trains a job on one node (several need FTJOBS_EXECUTOR=slurm); "
+            "compute.nodes must be 1.",
+            param="compute.nodes",
+        )
     if compute.device_class is not None:
         raise APIError(
             "This service has no device classes configured; leave compute.device_class unset.",
@@ -176,12 +183,13 @@ def check_compute(compute: Compute, training_type: str, max_devices: int | None)
             f"compute.devices is {compute.devices}, but the workers train a job on at most {max_devices}.",
             param="compute.devices",
         )
-    if compute.devices > 1 and METHODS[training_type].parallel != "ddp":
-        raise APIError(
-            f"A {training_type} job trains on one device for now; compute.devices must be 1 "
-            "(docs/distributed.md says which methods run on several).",
-            param="compute.devices",
-        )
+    for param, count in (("compute.devices", compute.devices), ("compute.nodes", compute.nodes)):
+        if count > 1 and METHODS[training_type].parallel != "ddp":
+            raise APIError(
+                f"A {training_type} job trains on one device for now; {param} must be 1 "
+                "(docs/distributed.md says which methods run on several).",
+                param=param,
+            )
 
 
 def create(
@@ -192,9 +200,10 @@ def create(
     body: JobCreate,
     max_active: int,
     max_devices: int | None = None,
+    several_nodes: bool = False,
 ) -> Job:
     if body.compute is not None:
-        check_compute(body.compute, _method(body)[1].training_type, max_devices)
+        check_compute(body.compute, _method(body)[1].training_type, max_devices, several_nodes)
     method, _ = check_request(session, store, organization_id, body)
     repo = JobRepository(session)
     Organizations(session).lock(organization_id)  # two creates can't both take the last free place

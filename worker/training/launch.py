@@ -1,7 +1,9 @@
 """`python -m worker.training.launch --nproc N --run-id ID --spec SPEC.json --events-fd N`: one job on N
 devices of this machine. Torch's own launcher (torchrun's engine) starts N ranks of `python -m
 worker.training`; rank 0 reports on this process's event pipe, opened by path since the launcher closes
-inherited descriptors.
+inherited descriptors. With `--nnodes M --rendezvous HOST:PORT`, this is one of M nodes whose launchers meet
+at a c10d rendezvous on node 0 (`--rendezvous-host` there); the rendezvous numbers the ranks, so global
+rank 0, the one that reports, may be on any node.
 
 The runner's rules hold as for the plain child: restarts are off (a retry is a new attempt of the job,
 resuming from its newest checkpoint), and a rank killed by a signal makes this process die of the same
@@ -23,15 +25,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", required=True, help="names the rendezvous: the job and its attempt")
     parser.add_argument("--spec", required=True, help="TrainingSpec JSON file")
     parser.add_argument("--events-fd", type=int, required=True, help="inherited file descriptor for events")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes of the job, each running this launcher")
+    parser.add_argument(
+        "--rendezvous",
+        default="localhost:0",  # one node: a free port, so jobs on one machine never share a rendezvous
+        help="HOST:PORT where the nodes' launchers meet (node 0's address)",
+    )
+    parser.add_argument("--rendezvous-host", action="store_true", help="this node serves the rendezvous")
     args = parser.parse_args(argv)
 
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=args.nnodes,
+        max_nodes=args.nnodes,
         nproc_per_node=args.nproc,
         run_id=args.run_id,
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # a free port: jobs on one machine never share a rendezvous
+        rdzv_endpoint=args.rendezvous,
+        # Said, not guessed from host names: several nodes may share a machine (and its name).
+        rdzv_configs={"is_host": args.rendezvous_host} if args.nnodes > 1 else {},
         max_restarts=0,
     )
     ranks = elastic_launch(config, sys.executable)
