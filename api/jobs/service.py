@@ -103,11 +103,17 @@ def _check_method(
 
 
 def check_request(
-    session: Session, store: ArtifactStore, organization_id: str, body: JobCreate
+    session: Session,
+    store: ArtifactStore,
+    organization_id: str,
+    body: JobCreate,
+    max_devices: int | None = None,
 ) -> dict[str, object]:
     """The rules a job request must pass before anything is stored, as job creation and the pre-flight
-    estimate (api/preflight) apply them: its model, its files and its method (400s). Returns the method as
-    stored."""
+    estimate (api/preflight) apply them: what it trains on, its model, its files and its method (400s).
+    Returns the method as stored."""
+    if body.compute is not None:
+        check_compute(body.compute, _method(body)[1].training_type, max_devices)
     if ModelRegistry(session).get(body.model) is None:
         raise APIError(
             f"Model {body.model!r} is not available; "
@@ -123,8 +129,8 @@ def check_request(
 
 def check_compute(compute: Compute, training_type: str, max_devices: int | None) -> None:
     """What this service can train one job on: one node, no device classes yet, at most the workers'
-    devices (`max_devices`, when the API knows it), and several devices only for a method that trains
-    data-parallel."""
+    devices (`max_devices`, when the API knows it), and several devices only for a method that can spread
+    over them (data-parallel or sharded)."""
     if compute.nodes > 1:
         raise APIError("A job runs on one node for now; compute.nodes must be 1.", param="compute.nodes")
     if compute.device_class is not None:
@@ -137,9 +143,9 @@ def check_compute(compute: Compute, training_type: str, max_devices: int | None)
             f"compute.devices is {compute.devices}, but the workers train a job on at most {max_devices}.",
             param="compute.devices",
         )
-    if compute.devices > 1 and METHODS[training_type].parallel != "ddp":
+    if compute.devices > 1 and METHODS[training_type].parallel == "single":
         raise APIError(
-            f"A {training_type} job trains on one device for now; compute.devices must be 1 "
+            f"A {training_type} job trains on one device; compute.devices must be 1 "
             "(docs/distributed.md says which methods run on several).",
             param="compute.devices",
         )
@@ -154,9 +160,7 @@ def create(
     max_active: int,
     max_devices: int | None = None,
 ) -> Job:
-    if body.compute is not None:
-        check_compute(body.compute, _method(body)[1].training_type, max_devices)
-    method = check_request(session, store, organization_id, body)
+    method = check_request(session, store, organization_id, body, max_devices)
     repo = JobRepository(session)
     Organizations(session).lock(organization_id)  # two creates can't both take the last free place
     if repo.count_active(organization_id) >= max_active:
