@@ -245,13 +245,9 @@ class Recipe:
         scale = distributed.gradient_scale(self.model)
         loss_total, correct, tokens = 0.0, 0, 0
         for batch in batches:
-            share, weight = distributed.share(batch), 1.0
-            if not share:  # fewer examples than ranks
-                if not sharded:
-                    continue  # this rank adds zero gradients
-                # Every rank of a sharded model takes part in each forward and backward (they gather and
-                # reduce its weights together): this one runs an example and trains nothing from it.
-                share, weight = batch[:1], 0.0
+            if (mine := self._share(batch)) is None:
+                continue  # fewer examples than ranks: this rank adds zero gradients
+            share, weight = mine
             with self.device.autocast():
                 stats = self.objective.batch_stats(self.model, share)
             loss = stats.loss_sum * weight / units
@@ -271,23 +267,33 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         return {"train_loss": loss_total, f"train_{self.objective.accuracy}": correct / units}
 
+    def _share(self, batch: list[Example]) -> tuple[list[Example], float] | None:
+        """This rank's share of a batch and the weight of its results: None when it has no example (fewer
+        than ranks), except that every rank of a sharded model takes part in each forward and backward
+        (they gather and reduce its weights together): such a rank runs one example at weight 0."""
+        if share := distributed.share(batch):
+            return share, 1.0
+        return (batch[:1], 0.0) if distributed.is_sharded(self.model) else None
+
     def _validate_batch(self) -> Metrics:
         """Loss and accuracy on the next batch_size validation examples, rotating through the set so
-        successive steps see new data."""
+        successive steps see new data; each rank scores its share and the sums are reduced."""
         examples = self.valid_examples
         size = min(self.hp.batch_size, len(examples))
         cursor = self.progress.valid_cursor
         batch = [examples[(cursor + k) % len(examples)] for k in range(size)]
         self.progress.valid_cursor = (cursor + size) % len(examples)
-        self.model.eval()
-        with torch.no_grad(), self.device.autocast():
-            stats = self.objective.batch_stats(self.model, batch)
-        self.model.train()
+        loss_sum, correct = 0.0, 0.0
+        if (mine := self._share(batch)) is not None:
+            share, weight = mine
+            self.model.eval()
+            with torch.no_grad(), self.device.autocast():
+                stats = self.objective.batch_stats(self.model, share)
+            self.model.train()
+            loss_sum, correct = stats.loss_sum.item() * weight, stats.correct * weight
+        loss_sum, correct = distributed.sum_across([loss_sum, correct])
         units = sum(example.units for example in batch)
-        return {
-            "valid_loss": stats.loss_sum.item() / units,
-            f"valid_{self.objective.accuracy}": stats.correct / units,
-        }
+        return {"valid_loss": loss_sum / units, f"valid_{self.objective.accuracy}": correct / units}
 
     def _evaluate(self, model: nn.Module | None = None) -> tuple[Metrics, dict[str, object]]:
         """The objective's full evaluation of `model` (the model being trained unless given), without
