@@ -88,6 +88,9 @@ def main() -> None:
     args = parser.parse_args()
     model_dir = base_model(args.model_dir)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # One thread per rank on both sides: the ranks of a launched job get one, the plain 1-rank child would
+    # otherwise take every core (and on this VM run slower for it: scaleout.md §1.7).
+    os.environ["OMP_NUM_THREADS"] = "1"
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start", flush=True)
     rates: dict[tuple[str, int], list[float]] = {config: [] for config in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:

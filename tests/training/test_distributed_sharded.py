@@ -12,6 +12,7 @@ Two waves: 1 and 2 ranks of each method plus a paused 2-rank full job at once; t
 
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -65,8 +66,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         for devices in (1, 2)
     }
     specs["paused"] = sharded_spec(root, "paused", files, "full", 2)
+    specs["cancelled"] = sharded_spec(root, "cancelled", files, "full", 2)
     children = {name: start(spec) for name, spec in specs.items()}
     runs = {"paused": finish(children.pop("paused"), stop_after=2, stop_with="pause")}
+    runs["cancelled"] = finish(children.pop("cancelled"), stop_after=1)
     runs |= {name: finish(child) for name, child in children.items()}
     resumed = {
         "two_on_one": sharded_spec(root, "two_on_one", files, "full", 1).model_copy(
@@ -138,6 +141,21 @@ def test_a_pause_stops_both_sharded_ranks_with_a_checkpoint(runs: dict[str, Run]
     assert [c.step for c in paused.of_type(CheckpointMessage)] == sorted({2, step})
     assert (checkpoint_dir(paused.spec, step) / "COMPLETE").is_file()
     assert not paused.of_type(CompletedMessage)
+
+
+def test_a_cancel_ends_both_sharded_ranks(runs: dict[str, Run]) -> None:
+    """The runner's cancel is the stop file (then a kill after the grace, not needed here): both ranks
+    leave at one step, without a checkpoint, and no process of the job is left."""
+    cancelled = runs["cancelled"]
+    step = paused_at(cancelled)
+    assert [m.step for m in cancelled.of_type(MetricsMessage)] == list(range(1, step + 1))
+    assert all(c.step % 2 == 0 for c in cancelled.of_type(CheckpointMessage))  # the interval's only
+    assert not cancelled.of_type(CompletedMessage)
+    workdir = str(Path(cancelled.spec.stop_file).parent)
+    left = [
+        p for p in psutil.process_iter(["cmdline"]) if any(workdir in arg for arg in p.info["cmdline"] or [])
+    ]
+    assert left == []
 
 
 @pytest.mark.parametrize(("name", "reference"), [("two_on_one", "full_1"), ("one_on_two", "full_1")])
