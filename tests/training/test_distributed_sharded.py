@@ -7,7 +7,9 @@ as torch.distributed.checkpoint shards (its safetensors writer), so a checkpoint
 on 1 rank and one of the 1-rank job on 2, each ending as the uninterrupted run. A pause stops both ranks at
 one step after a collective checkpoint. The published model has the 1-rank job's format and weights.
 
-Two waves: 1 and 2 ranks of each method plus a paused 2-rank full job at once; then the two resumptions.
+The base ties its LM head to its input embeddings, as SmolLM2 does: the published model holds that matrix
+once, as a 1-rank job's does. Two waves: 1 and 2 ranks of each method plus a paused and a cancelled 2-rank
+full job at once; then the two resumptions.
 """
 
 from pathlib import Path
@@ -56,7 +58,7 @@ def sharded_spec(
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     root = tmp_path_factory.mktemp("sharded")
     files = (
-        build_tiny_llama(root / "base"),
+        build_tiny_llama(root / "base", tie_word_embeddings=True),  # as SmolLM2: the head is the embeddings
         write_jsonl(root / "train.jsonl", N_TRAIN),
         write_jsonl(root / "valid.jsonl", N_VALID, offset=100),
     )

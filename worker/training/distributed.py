@@ -138,7 +138,11 @@ def whole_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
         return None
     reshard(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+    state = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+    # A tied weight (an LM head sharing the input embeddings) once, under its first name, as an unsharded
+    # model's own state lists it: the gathered copies no longer share memory for savers to notice.
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in state.items() if name in names}
 
 
 def barrier() -> None:
