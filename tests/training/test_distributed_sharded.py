@@ -68,7 +68,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         for devices in (1, 2)
     }
     specs["paused"] = sharded_spec(root, "paused", files, "full", 2)
-    specs["cancelled"] = sharded_spec(root, "cancelled", files, "full", 2)
+    # Long enough to be still training when its events are read, after the paused job's.
+    cancelled = sharded_spec(root, "cancelled", files, "full", 2)
+    long = cancelled.hyperparameters.model_copy(update={"n_epochs": 100})
+    specs["cancelled"] = cancelled.model_copy(update={"hyperparameters": long})
     children = {name: start(spec) for name, spec in specs.items()}
     runs = {"paused": finish(children.pop("paused"), stop_after=2, stop_with="pause")}
     runs["cancelled"] = finish(children.pop("cancelled"), stop_after=1)
@@ -150,6 +153,7 @@ def test_a_cancel_ends_both_sharded_ranks(runs: dict[str, Run]) -> None:
     leave at one step, without a checkpoint, and no process of the job is left."""
     cancelled = runs["cancelled"]
     step = paused_at(cancelled)
+    assert step < 100 * 4  # stopped, not finished
     assert [m.step for m in cancelled.of_type(MetricsMessage)] == list(range(1, step + 1))
     assert all(c.step % 2 == 0 for c in cancelled.of_type(CheckpointMessage))  # the interval's only
     assert not cancelled.of_type(CompletedMessage)
