@@ -44,10 +44,13 @@ bench-api: install-dev
 bench-methods: install-dev
 	$(PYTHON) bench/methods_table.py
 
-.PHONY: bench-throughput bench-qlora bench-serving bench-serving-load
+.PHONY: bench-throughput bench-qlora bench-serving bench-serving-load bench-distributed
 # These take the model from FTJOBS_DATA_DIR (pulled there if missing) unless given ARGS="--model-dir DIR".
 bench-throughput: install-dev
 	$(PYTHON) bench/train_throughput.py $(ARGS)
+
+bench-distributed: install-dev
+	$(PYTHON) bench/distributed.py $(ARGS)
 
 bench-qlora: install-dev
 	$(PYTHON) bench/qlora_memory.py $(ARGS)

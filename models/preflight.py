@@ -11,7 +11,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from models.spec import DeviceInfo
+from models.spec import DeviceInfo, Parallel
+
+SCALING_EFFICIENCY: dict[Parallel, float] = {"single": 1.0, "ddp": 0.9, "fsdp": 0.7}
+"""Weak-scaling efficiency, tokens/s on N devices / (N x tokens/s on one), that the duration estimate
+assumes: bench/distributed.py measures it (docs/distributed.md); sharding pays an all-gather and a
+reduce-scatter of every weight each step, data parallelism one all-reduce of the trained tensors."""
+
+
+def scaling_efficiency(strategy: Parallel, devices: int) -> float:
+    return 1.0 if devices == 1 else SCALING_EFFICIENCY[strategy]
 
 
 class PreflightFile(BaseModel):
@@ -29,6 +38,8 @@ class PreflightRequest(BaseModel):
     max_file_tokens: int | None = None
     device: DeviceInfo | None = None
     """The device the latest job trained on; None: estimate against the inference server's own."""
+    devices: int = 1
+    """`compute.devices`: memory is estimated per device for the strategy the method uses on them."""
 
 
 class FileStats(BaseModel):
@@ -79,10 +90,17 @@ class Device(DeviceInfo):
 
 class Memory(BaseModel):
     estimated_bytes: int
+    """On each device the job trains on."""
     breakdown: MemoryBreakdown
     device: Device
     fits: bool | None
     """The estimate is within FIT_MARGIN of the device's memory (None: its memory is unknown)."""
+    reason: str | None = None
+    """Why it does not fit, when it does not."""
+    devices: int = 1
+    strategy: Parallel = "single"
+    """How the job spreads over `devices`: single (one device), ddp (a whole replica on each, the batch
+    split) or fsdp (weights, gradients and optimizer state sharded, the batch split)."""
     total_parameters: int
     trainable_parameters: int
 

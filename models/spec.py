@@ -35,6 +35,9 @@ ALL_OBJECTIVES: frozenset[Objective] = frozenset(get_args(Objective))
 LORA_KNOBS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
+Parallel = Literal["ddp", "fsdp", "single"]
+
+
 @dataclass(frozen=True)
 class MethodTraits:
     """What the API, the runner, the pre-flight, the trainer and the inference server know of a training
@@ -53,10 +56,10 @@ class MethodTraits:
     shares_base: bool = False
     """Served as an adapter on its base, batched with other adapters and the base itself (peft's mixed
     adapter batches), rather than as a dedicated model; peft can't mix DoRA adapters."""
-    parallel: Literal["ddp", "fsdp", "single"] = "ddp"
+    parallel: Parallel = "ddp"
     """How a job on several devices trains: ddp replicates the model and sums the (small) trained tensors'
-    gradients across ranks; fsdp would shard a whole model's weights (not built yet: such a job takes one
-    device); single never runs on more than one."""
+    gradients across ranks; fsdp shards a whole model's weights, gradients and optimizer state over the
+    ranks (FSDP2); single never runs on more than one."""
 
     @property
     def trains_base_weights(self) -> bool:

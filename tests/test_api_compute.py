@@ -47,8 +47,6 @@ def test_compute_is_echoed_with_its_defaults(client: TestClient, registered_mode
         ({"nodes": 0}, "lora", "compute.nodes"),
         ({"device_class": "a100"}, "lora", "compute.device_class"),  # none configured
         ({"gpus": 2}, "lora", "compute.gpus"),
-        ({"devices": 2}, "full", "compute.devices"),  # would need FSDP2: one device for now
-        ({"devices": 2}, "freeze", "compute.devices"),
     ],
 )
 def test_what_cannot_be_trained_on_is_a_400_naming_the_field(
@@ -56,6 +54,16 @@ def test_what_cannot_be_trained_on_is_a_400_naming_the_field(
 ) -> None:
     response = create(client, registered_model, training_type, compute=compute)
     assert_error(response, 400, param)
+
+
+@pytest.mark.parametrize("training_type", ["full", "freeze"])
+def test_whole_model_methods_take_several_devices(
+    client: TestClient, registered_model: str, training_type: str
+) -> None:
+    """Sharded over the ranks (FSDP2), like adapter methods are replicated."""
+    response = create(client, registered_model, training_type, compute={"devices": WORKER_DEVICES})
+    assert response.status_code == 200, response.text
+    assert response.json()["compute"]["devices"] == WORKER_DEVICES
 
 
 def test_feature_extraction_takes_one_device(client: TestClient, registered_model: str) -> None:

@@ -31,7 +31,7 @@ from models.db import session_scope
 from models.errors import APIError
 from models.jobs import CompletedData, JobRepository, StartedData
 from models.orm import Job, JobEvent
-from models.preflight import Device, PreflightRequest
+from models.preflight import SCALING_EFFICIENCY, Device, Memory, PreflightRequest
 from models.registry import ModelRegistry
 from models.settings import Settings
 from models.spec import DeviceInfo, ResolvedHyperparameters, TrainingSpec
@@ -141,6 +141,8 @@ def test_counts_are_the_jobs_and_the_duration_its_measured_throughput(
         "based_on_jobs": 0,
         "n_epochs": 1,
         "tokens_to_train": stats["n_tokens"],
+        "devices": 1,
+        "scaling_efficiency": 1.0,
     }
     assert any("duration is unknown" in w for w in before["warnings"])
     assert any("device" in w for w in before["warnings"])
@@ -171,6 +173,12 @@ def test_counts_are_the_jobs_and_the_duration_its_measured_throughput(
         "source": "the worker of the latest job to start",
     }
     assert not any("duration is unknown" in w or "device" in w for w in after["warnings"])
+    # On 2 devices: the measured throughput twice over, at the strategy's scaling efficiency.
+    two = preflight(api, {**request, "compute": {"devices": 2}})
+    efficiency = SCALING_EFFICIENCY["ddp"]
+    assert (two["duration"]["devices"], two["duration"]["scaling_efficiency"]) == (2, efficiency)
+    assert two["duration"]["tokens_per_second"] == pytest.approx(rate * 2 * efficiency)
+    assert (two["memory"]["devices"], two["memory"]["strategy"]) == (2, "ddp")
     # Another training type's throughput is its own: the lora job does not count for dora.
     dora = preflight(api, body(registered_model, request["training_file"], training_type="dora"))
     assert dora["duration"]["based_on_jobs"] == 0 and dora["duration"]["tokens_per_second"] is None
@@ -320,6 +328,7 @@ def bad_requests(model: str, file_id: str) -> dict[str, dict[str, Any]]:
         "dpo-on-chat": {**good, "method": {"type": "dpo", "dpo": {"hyperparameters": method}}},
         "hyperparameters-twice": {**good, "hyperparameters": {"n_epochs": 1}},
         "unknown-field": {**good, "epochs": 1},
+        "two-nodes": {**good, "compute": {"nodes": 2}},
     }
 
 
@@ -435,6 +444,35 @@ def test_the_memory_estimate_follows_method_batch_and_length(tmp_path: Path) -> 
     assert memory("full", CPU)["fits"] is None  # its memory unknown
     tiny_gpu = GPU.model_copy(update={"total_bytes": 2**20})
     assert memory("full", tiny_gpu)["fits"] is False
+
+
+def test_the_memory_estimate_is_per_device_for_the_strategy(tmp_path: Path) -> None:
+    LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4
+    ).save_pretrained(tmp_path)
+
+    def memory(training_type: str, devices: int, device: Device = GPU) -> Memory:
+        return estimate_job_memory(spec(tmp_path, training_type, batch_size=8), rows(64), device, devices)
+
+    # Sharded (full): each device holds about 1/N of the weights and of the trained state.
+    one, four = memory("full", 1), memory("full", 4)
+    assert (one.strategy, four.strategy, four.devices) == ("single", "fsdp", 4)
+    assert four.breakdown.trainable_and_optimizer == one.breakdown.trainable_and_optimizer // 4
+    # A quarter of the weights, plus the root unit and two blocks gathered to compute.
+    assert one.breakdown.weights / 4 < four.breakdown.weights < one.breakdown.weights * 3 / 4
+    assert memory("full", 8).breakdown.weights < four.breakdown.weights
+    assert four.breakdown.activations < one.breakdown.activations  # a quarter of each batch
+    # Data-parallel (lora): a whole replica each, and a flat gradient buffer for the all-reduce.
+    one, two = memory("lora", 1), memory("lora", 2)
+    assert two.strategy == "ddp" and two.breakdown.weights == one.breakdown.weights
+    assert two.breakdown.trainable_and_optimizer > one.breakdown.trainable_and_optimizer
+    # Too big for the device: fits is false, with the reason and what would help.
+    small = GPU.model_copy(update={"total_bytes": 2**20})
+    refused = memory("full", 2, small)
+    assert refused.fits is False and refused.reason and "each of 2 devices (fsdp)" in refused.reason
+    assert "add devices" in refused.reason
+    assert "more devices do not help" in (memory("lora", 2, small).reason or "")
+    assert memory("full", 2).reason is None
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database is not what varies

@@ -65,8 +65,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """Save a random-weight LlamaForCausalLM (safetensors) and its tokenizer into `path`; return `path`."""
+def build_tiny_llama(path: Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
+    """Save a random-weight LlamaForCausalLM (safetensors) and its tokenizer into `path`; return `path`.
+    `tie_word_embeddings`: the LM head shares the input embeddings, as in SmolLM2."""
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -79,6 +80,7 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=None,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -169,7 +169,8 @@ class Compute(BaseModel):
 
     model_config = REQUEST
     devices: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
-    """Devices (GPUs, or CPU ranks) per node; more than one trains data-parallel (adapter methods)."""
+    """Devices (GPUs, or CPU ranks) per node; more than one trains data-parallel (adapter methods) or
+    sharded (full, freeze)."""
     nodes: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
     """Machines the job spans (only 1 for now)."""
     device_class: Annotated[str, Field(min_length=1, max_length=64)] | None = None

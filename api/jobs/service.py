@@ -145,11 +145,18 @@ def model_not_found(name: str) -> APIError:
 
 
 def check_request(
-    session: Session, store: ArtifactStore, organization_id: str, body: JobCreate
+    session: Session,
+    store: ArtifactStore,
+    organization_id: str,
+    body: JobCreate,
+    max_devices: int | None = None,
+    several_nodes: bool = False,
 ) -> tuple[dict[str, object], RegisteredModel]:
     """The rules a job request must pass before anything is stored, as job creation and the pre-flight
-    estimate (api/preflight) apply them: its model (a base, or one of the organisation's tuned models), its
-    files and its method (400s). Returns the method as stored and the registered base."""
+    estimate (api/preflight) apply them: what it trains on, its model (a base, or one of the organisation's
+    tuned models), its files and its method (400s). Returns the method as stored and the registered base."""
+    if body.compute is not None:
+        check_compute(body.compute, _method(body)[1].training_type, max_devices, several_nodes)
     resolved = resolve_model(session, store, organization_id, body.model)
     if resolved is None:
         raise model_not_found(body.model)
@@ -165,8 +172,8 @@ def check_compute(
 ) -> None:
     """What this service can train one job on: one node unless a cluster executor allocates several
     (`several_nodes`, FTJOBS_EXECUTOR=slurm), no device classes yet, at most the workers' devices
-    (`max_devices`, when the API knows it), and several devices only for a method that trains
-    data-parallel."""
+    (`max_devices`, when the API knows it), several devices only for a method that can spread over them
+    (data-parallel or sharded) and several nodes only for a data-parallel one."""
     if compute.nodes > 1 and not several_nodes:
         raise APIError(
             "This service trains a job on one node (several need FTJOBS_EXECUTOR=slurm); "
@@ -183,13 +190,19 @@ def check_compute(
             f"compute.devices is {compute.devices}, but the workers train a job on at most {max_devices}.",
             param="compute.devices",
         )
-    for param, count in (("compute.devices", compute.devices), ("compute.nodes", compute.nodes)):
-        if count > 1 and METHODS[training_type].parallel != "ddp":
-            raise APIError(
-                f"A {training_type} job trains on one device for now; {param} must be 1 "
-                "(docs/distributed.md says which methods run on several).",
-                param=param,
-            )
+    parallel = METHODS[training_type].parallel
+    if compute.devices > 1 and parallel == "single":
+        raise APIError(
+            f"A {training_type} job trains on one device; compute.devices must be 1 "
+            "(docs/distributed.md says which methods run on several).",
+            param="compute.devices",
+        )
+    if compute.nodes > 1 and parallel != "ddp":
+        raise APIError(
+            f"A {training_type} job trains on one node; compute.nodes must be 1 "
+            "(docs/distributed.md says which methods run on several).",
+            param="compute.nodes",
+        )
 
 
 def create(
@@ -202,9 +215,7 @@ def create(
     max_devices: int | None = None,
     several_nodes: bool = False,
 ) -> Job:
-    if body.compute is not None:
-        check_compute(body.compute, _method(body)[1].training_type, max_devices, several_nodes)
-    method, _ = check_request(session, store, organization_id, body)
+    method, _ = check_request(session, store, organization_id, body, max_devices, several_nodes)
     repo = JobRepository(session)
     Organizations(session).lock(organization_id)  # two creates can't both take the last free place
     if repo.count_active(organization_id) >= max_active:

@@ -12,10 +12,15 @@ class Duration(BaseModel):
     estimated_seconds: float | None
     """Training time at the measured throughput (None: no earlier job to measure it on)."""
     tokens_per_second: float | None
+    """The measured throughput of earlier jobs, times `devices` and `scaling_efficiency`."""
     based_on_jobs: int
     n_epochs: int
     tokens_to_train: int
     """The training file's tokens times its epochs: what the job's `trained_tokens` will say."""
+    devices: int = 1
+    """`compute.devices`: the ranks the job trains on."""
+    scaling_efficiency: float = 1.0
+    """The share of N times one device's throughput that N devices reach (1.0 on one device)."""
 
 
 class Preflight(PreflightReport):

@@ -17,7 +17,7 @@ from api.preflight.schemas import Duration, Preflight
 from models.errors import APIError, ErrorResponse
 from models.files import FileRepository
 from models.jobs import JobRepository
-from models.preflight import PreflightFile, PreflightReport, PreflightRequest
+from models.preflight import PreflightFile, PreflightReport, PreflightRequest, scaling_efficiency
 from models.settings import Settings
 from models.storage import ArtifactStore
 
@@ -44,7 +44,9 @@ def inference_request(
     session: Session, store: ArtifactStore, settings: Settings, organization_id: str, body: JobCreate
 ) -> PreflightRequest:
     """The request checked as job creation checks it, with its files and base model resolved to paths."""
-    method, model = check_request(session, store, organization_id, body)
+    method, model = check_request(
+        session, store, organization_id, body, settings.devices, several_nodes=settings.executor == "slurm"
+    )
 
     def file(file_id: str) -> PreflightFile:
         record = FileRepository(session).get(organization_id, file_id)
@@ -60,6 +62,7 @@ def inference_request(
         max_file_tokens=settings.max_file_tokens,
         # Of any organisation's jobs: it is the service's hardware.
         device=JobRepository(session).latest_device(jobs=HISTORY_JOBS),
+        devices=body.compute.devices if body.compute else 1,
     )
 
 
@@ -67,7 +70,10 @@ def with_duration(session: Session, model: str, method: dict[str, Any], report: 
     """The inference server's report with the duration earlier jobs' throughput gives."""
     method_type = method["type"]
     training_type = method[method_type]["hyperparameters"]["training_type"]
-    rate, based_on = throughput(session, model, method_type, training_type)
+    measured, based_on = throughput(session, model, method_type, training_type)
+    devices = report.memory.devices
+    efficiency = scaling_efficiency(report.memory.strategy, devices)
+    rate = measured * devices * efficiency if measured else None
     tokens = report.training_file.n_tokens * report.n_epochs
     warnings = list(report.warnings)
     if rate is None:
@@ -81,6 +87,8 @@ def with_duration(session: Session, model: str, method: dict[str, Any], report: 
         based_on_jobs=based_on,
         n_epochs=report.n_epochs,
         tokens_to_train=tokens,
+        devices=devices,
+        scaling_efficiency=efficiency,
     )
     fields = {**report.model_dump(), "model": model, "duration": duration, "warnings": warnings}
     return Preflight.model_validate(fields)

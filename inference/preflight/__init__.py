@@ -7,7 +7,7 @@ API asks once it has checked the request as job creation does (`api/preflight`).
 from pathlib import Path
 
 from inference.preflight.examples import file_stats, load, preview, unpacked
-from inference.preflight.memory import FIT_MARGIN, estimate_job_memory
+from inference.preflight.memory import estimate_job_memory
 from models.hyperparameters import HYPERPARAMETERS, resolve
 from models.objectives import Mismatch, objective_for
 from models.preflight import Device, PreflightReport, PreflightRequest
@@ -71,13 +71,9 @@ def estimate(request: PreflightRequest) -> PreflightReport:
         warnings.append(
             "No job has reported its device yet: memory is estimated for the inference server's own."
         )
-    memory = estimate_job_memory(spec, training.rows, device)
-    if memory.fits is False:
-        warnings.append(
-            f"The estimated {memory.estimated_bytes / 2**30:.1f} GiB exceed {FIT_MARGIN:.0%} of the device's "
-            f"{(device.total_bytes or 0) / 2**30:.1f} GiB: lower batch_size or max_seq_length, set "
-            "gradient_checkpointing, or train with qlora."
-        )
+    memory = estimate_job_memory(spec, training.rows, device, request.devices)
+    if memory.reason:
+        warnings.append(memory.reason)
     return PreflightReport(
         method=method_type,
         training_type=hp.training_type,

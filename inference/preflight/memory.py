@@ -1,6 +1,7 @@
 """The memory a job takes on a device, for the pre-flight estimate (docs/preflight.md): counted from the base
 model's config on the meta device (no weights are read) and sized by the device rules training follows."""
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +20,9 @@ from transformers import (
 from inference.preflight.examples import rows_of
 from models.objectives import GENERATIVE
 from models.preflight import Device, Memory, MemoryBreakdown
-from models.spec import LORA_FAMILY, METHODS, DataError, TrainingSpec
+from models.spec import LORA_FAMILY, METHODS, DataError, Parallel, TrainingSpec
 from worker.training.device import device_config
-from worker.training.loading import count_parameters
+from worker.training.loading import count_parameters, find_blocks
 from worker.training.methods import get_method, new_head
 from worker.training.objectives import Example
 
@@ -58,21 +59,28 @@ class ModelSize:
     """QLoRA: the base's weights that load in 4 bits (its linear layers but the heads)."""
     hidden_size: int
     n_layers: int
+    block: int
+    """Parameters of one transformer block (0 when the blocks are ambiguous): FSDP2's unit."""
     vocab_size: int
     """Of the language-model head, whose logits training computes; 0 for a classifier head."""
 
 
-def estimate_job_memory(spec: TrainingSpec, rows: Sequence[Example], device: Device) -> Memory:
-    """The memory a job takes on `device`, by the device rules training follows (`device.device_config`)."""
+def estimate_job_memory(
+    spec: TrainingSpec, rows: Sequence[Example], device: Device, devices: int = 1
+) -> Memory:
+    """The memory a job takes on each of its `devices`, by the device rules training follows
+    (`device.device_config`) and the way its method spreads over several (`MethodTraits.parallel`)."""
     hp = spec.hyperparameters
     size = model_size(spec)
     rules = device_config(device.type, trains_base_weights=METHODS[hp.training_type].trains_base_weights)
+    strategy = METHODS[hp.training_type].parallel if devices > 1 else "single"
     token_rows = [row for example in rows for row in rows_of(example)]
     breakdown = estimate_memory(
         size,
         base_bytes=FLOAT32_BYTES if hp.training_type == "qlora" else rules.dtype.itemsize,
         activation_bytes=(rules.compute_dtype or rules.dtype).itemsize,
-        rows=hp.batch_size * len(rows_of(rows[0])),
+        # Each rank trains its share of every batch.
+        rows=math.ceil(hp.batch_size / devices) * len(rows_of(rows[0])),
         seq_length=max(row.length for row in token_rows),
         scored_positions=max(row.units for row in token_rows) if spec.objective in GENERATIVE else 0,
         # QLoRA always checkpoints (methods/qlora.py): memory is why anyone picks it. On CPU glibc keeps the
@@ -82,14 +90,52 @@ def estimate_job_memory(spec: TrainingSpec, rows: Sequence[Example], device: Dev
         adapter_dropout=hp.training_type in LORA_FAMILY and hp.lora_dropout > 0,
         trains=hp.training_type != "feature_extraction",
     )
+    breakdown = spread(breakdown, size, strategy, devices)
     total = breakdown.weights + breakdown.trainable_and_optimizer + breakdown.activations
+    fits = None if device.total_bytes is None else total <= FIT_MARGIN * device.total_bytes
     return Memory(
         estimated_bytes=total,
         breakdown=breakdown,
         device=device,
-        fits=None if device.total_bytes is None else total <= FIT_MARGIN * device.total_bytes,
+        fits=fits,
+        reason=None if fits is not False else not_fitting(total, device, strategy, devices),
+        devices=devices,
+        strategy=strategy,
         total_parameters=size.total,
         trainable_parameters=size.trainable,
+    )
+
+
+def spread(breakdown: MemoryBreakdown, size: ModelSize, strategy: Parallel, devices: int) -> MemoryBreakdown:
+    """One device's share of the weights and trained state (activations are already per device). ddp keeps
+    a whole replica and a flat copy of the trained tensors' gradients for their all-reduce; fsdp keeps 1/N
+    of everything, plus the weights it gathers while computing: the root unit (embeddings, head: gathered
+    through the forward) and two blocks (the one computing and the one prefetched)."""
+    if strategy == "ddp":
+        trained = breakdown.trainable_and_optimizer + size.trainable * FLOAT32_BYTES
+        return breakdown.model_copy(update={"trainable_and_optimizer": trained})
+    if strategy == "fsdp":
+        per_weight = breakdown.weights / max(size.total, 1)
+        gathered = (size.total - size.n_layers * size.block + 2 * size.block) * per_weight
+        return breakdown.model_copy(
+            update={
+                "weights": int(breakdown.weights / devices + min(gathered, breakdown.weights)),
+                "trainable_and_optimizer": breakdown.trainable_and_optimizer // devices,
+            }
+        )
+    return breakdown
+
+
+def not_fitting(total: int, device: Device, strategy: Parallel, devices: int) -> str:
+    on = "one device" if devices == 1 else f"each of {devices} devices ({strategy})"
+    advice = "lower batch_size or max_seq_length, set gradient_checkpointing, or train with qlora"
+    if strategy != "fsdp" and devices > 1:
+        advice += "; more devices do not help: each holds the whole model"
+    elif strategy == "fsdp":
+        advice += ", or add devices: each holds 1/N of the model"
+    return (
+        f"The estimated {total / 2**30:.1f} GiB on {on} exceed {FIT_MARGIN:.0%} of the device's "
+        f"{(device.total_bytes or 0) / 2**30:.1f} GiB: {advice}."
     )
 
 
@@ -155,8 +201,16 @@ def model_size(spec: TrainingSpec) -> ModelSize:
         quantized=quantized,
         hidden_size=text.hidden_size,
         n_layers=text.num_hidden_layers,
+        block=block_parameters(base),
         vocab_size=vocab_size,
     )
+
+
+def block_parameters(model: PreTrainedModel) -> int:
+    try:
+        return count_parameters(find_blocks(model)[1][0].parameters())
+    except ValueError:
+        return 0
 
 
 def head(spec: TrainingSpec) -> tuple[Any, dict[str, Any]]:

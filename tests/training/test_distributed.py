@@ -117,6 +117,10 @@ def test_two_ranks_train_what_one_rank_trains(runs: dict[str, Run]) -> None:
     assert {m.level for m in two.of_type(LogMessage)} == {"info"}
     assert list(losses(two)) == list(range(1, TOTAL_STEPS + 1))
     assert losses(two) == pytest.approx(losses(one), abs=LOSS_TOLERANCE)
+    # Every step's metrics, the validation batch's too (each rank scores its share, the sums reduced).
+    for ours, theirs in zip(two.of_type(MetricsMessage), one.of_type(MetricsMessage), strict=True):
+        assert "valid_loss" in ours.metrics  # every max(1, 8 // 10) steps
+        assert ours.metrics == pytest.approx(theirs.metrics, rel=LOSS_TOLERANCE, abs=LOSS_TOLERANCE)
     # Training moved the loss at all, so equal losses are not two untouched models.
     assert losses(one)[TOTAL_STEPS] < losses(one)[1]
     for ours, theirs in zip(two.of_type(EvaluationMessage), one.of_type(EvaluationMessage), strict=True):

@@ -23,6 +23,7 @@ from models.spec import (
     TrainingSpec,
 )
 from tests.training.test_sft_run import checkpoint_dir, make_spec, write_jsonl
+from worker.training.checkpoint import writes_sharded
 from worker.training.events import EventWriter
 from worker.training.recipe import Recipe, run
 
@@ -154,7 +155,12 @@ def test_a_resumed_run_ends_as_the_whole_run(
     # Both last checkpoints hold the same artifact, trainable parameters, optimizer and RNG states.
     expected_dir, actual_dir = checkpoint_dir(whole_spec, STEPS), checkpoint_dir(spec, STEPS)
     files = sorted(str(path.relative_to(expected_dir)) for path in expected_dir.rglob("*.safetensors"))
-    assert {"trainer/trainable.safetensors", "trainer/optimizer.safetensors"} <= set(files)
+    trainer_files = (
+        {"trainer/sharded/shard-00001-model-00001-of-00001.safetensors"}  # full, freeze: any world size
+        if writes_sharded(spec.hyperparameters.training_type)
+        else {"trainer/trainable.safetensors", "trainer/optimizer.safetensors"}
+    )
+    assert trainer_files <= set(files)
     assert files == sorted(str(path.relative_to(actual_dir)) for path in actual_dir.rglob("*.safetensors"))
     for file in files:
         tensors, expected_tensors = load_file(actual_dir / file), load_file(expected_dir / file)

@@ -1,19 +1,29 @@
 """The one place that knows a job may run as several ranks (torch's launcher, `launch.py`): who this rank
-is, the process group, and the few collectives the recipe needs.
+is, the process group, how the model is spread over the ranks, and the few collectives the recipe needs.
 
-Adapter methods train data-parallel: every rank holds the same replica, trains its share of each step's
-examples and the trained tensors' gradients are summed across ranks before the optimizer step (one
-all-reduce a step; DDP's bucketed overlap buys nothing for adapter-sized gradients, and a summed gradient
-stays exact when a step has fewer examples than ranks). At world size 1 every function here is a no-op.
+Adapter methods (`parallel="ddp"`) train data-parallel: every rank holds the same replica, trains its share
+of each step's examples and the trained tensors' gradients are summed across ranks before the optimizer
+step (one all-reduce a step; DDP's bucketed overlap buys nothing for adapter-sized gradients, and a summed
+gradient stays exact when a step has fewer examples than ranks).
+
+Whole-model methods (`parallel="fsdp"`: full, freeze) shard every weight, gradient and optimizer state
+over the ranks with FSDP2 (`fully_shard`, one unit per transformer block plus the root): each rank holds
+1/N of the model and all-gathers a block's weights just for its forward and backward. FSDP2 averages the
+gradients it reduce-scatters (gloo has no pre-scaled sum), so each rank scales its loss by the world size
+(`gradient_scale`) to train the summed gradient the data-parallel path trains.
+
+At world size 1 every function here is a no-op and the model stays a plain module.
 """
 
 import os
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 T = TypeVar("T")
 STOP_CODES = {None: 0, "stop": 1, "pause": 2}
@@ -86,6 +96,53 @@ def agree_on_stop(request: str | None) -> str | None:
     code = torch.tensor([STOP_CODES.get(request, 1) if is_main() else 0], device=_device())
     dist.broadcast(code, src=0)
     return next(name for name, value in STOP_CODES.items() if value == code.item())
+
+
+def shard(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Shard `model` over the ranks (FSDP2): each of its transformer `blocks` its own unit, so one block's
+    weights are gathered at a time, and the rest (embeddings, final norm, head) in the root unit. At world
+    size 1 the model stays as it is."""
+    if world_size() == 1:
+        return
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def gradient_scale(model: nn.Module) -> float:
+    """What each rank multiplies its loss by before backward so that the gradient reduction sums: FSDP2
+    averages over the ranks, the data-parallel path sums."""
+    return float(world_size()) if is_sharded(model) else 1.0
+
+
+def reshard(model: nn.Module) -> None:
+    """Put a sharded model's shards back in place of its parameters: FSDP2 leaves the root unit's weights
+    gathered after a forward without backward (an evaluation), and state is read and written in shards."""
+    for unit in _units(model):
+        unit.reshard()
+
+
+def _units(model: nn.Module) -> list[FSDPModule]:
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def whole_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded model's whole state by parameter name, gathered into rank 0's CPU memory (a collective:
+    every rank calls it; the others get an empty dict); None for a model that is not sharded, whose own
+    parameters are whole."""
+    if not is_sharded(model):
+        return None
+    reshard(model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+    # A tied weight (an LM head sharing the input embeddings) once, under its first name, as an unsharded
+    # model's own state lists it: the gathered copies no longer share memory for savers to notice.
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in state.items() if name in names}
 
 
 def barrier() -> None:

@@ -48,3 +48,22 @@ def count_parameters(parameters: Iterable[nn.Parameter]) -> int:
     return sum(
         quant.shape.numel() if (quant := getattr(p, "quant_state", None)) else p.numel() for p in parameters
     )
+
+
+def find_blocks(model: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList]:
+    """The module holding the transformer blocks, and the blocks: the one `nn.ModuleList` with as many
+    entries as the config has hidden layers (`model.layers` in Llama-likes, `transformer.h` in GPT-2-likes,
+    `encoder.layer` in BERT-likes). A ValueError when that is not exactly one list."""
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    found = [
+        (parent, child)
+        for parent in model.modules()
+        for child in parent.children()
+        if isinstance(child, nn.ModuleList) and len(child) == n_layers
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"cannot tell which modules of {type(model).__name__} are its transformer blocks; "
+            "use another training_type for this model"
+        )
+    return found[0]

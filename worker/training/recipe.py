@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import get_scheduler, set_seed
+from transformers import PreTrainedModel, get_scheduler, set_seed
 
 from models.spec import (
     METHODS,
@@ -41,7 +41,7 @@ from worker.training.checkpoint import (
 from worker.training.device import describe, select_device
 from worker.training.events import EventWriter
 from worker.training.export import export_merged
-from worker.training.loading import count_parameters, load_tokenizer
+from worker.training.loading import count_parameters, find_blocks, load_tokenizer
 from worker.training.methods import continue_adapter, get_method, merged_into, untouched
 from worker.training.objectives import Example, get_objective
 
@@ -103,6 +103,9 @@ class Recipe:
             # Non-reentrant checkpointing needs no requires-grad hook on frozen embeddings (adapters).
             # nn.Module types attributes as tensors or modules; transformers models (and PEFT's) have this.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # pyright: ignore[reportCallIssue]
+        if METHODS[hp.training_type].parallel == "fsdp":
+            distributed.shard(self.model, transformer_blocks(base))
+        # After sharding: FSDP2 replaces every parameter with its shard.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.events.log(
             f"{hp.training_type} on {self.device.device.type} ({self.device.dtype}): "
@@ -247,18 +250,22 @@ class Recipe:
         of the whole step, exactly as one large batch would average it. With several ranks each trains
         its share of every batch and the gradients are summed: the same step, whatever the world size."""
         units = sum(example.units for batch in batches for example in batch)
+        sharded = distributed.is_sharded(self.model)
+        scale = distributed.gradient_scale(self.model)
         loss_total, correct, tokens = 0.0, 0, 0
         for batch in batches:
-            if not (share := distributed.share(batch)):
+            if (mine := self._share(batch)) is None:
                 continue  # fewer examples than ranks: this rank adds zero gradients
+            share, weight = mine
             with self.device.autocast():
                 stats = self.objective.batch_stats(self.model, share)
-            loss = stats.loss_sum / units
-            self.scaler.scale(loss).backward()
+            loss = stats.loss_sum * weight / units
+            self.scaler.scale(loss * scale).backward()
             loss_total += loss.item()
-            correct += stats.correct
-            tokens += stats.tokens
-        distributed.sum_gradients(self.trainable)
+            correct += stats.correct * int(weight)
+            tokens += stats.tokens * int(weight)
+        if not sharded:  # FSDP2 reduced the gradients in backward
+            distributed.sum_gradients(self.trainable)
         loss_total, correct, tokens = distributed.sum_across([loss_total, correct, tokens])
         self.progress.trained_tokens += int(tokens)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
@@ -269,23 +276,33 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         return {"train_loss": loss_total, f"train_{self.objective.accuracy}": correct / units}
 
+    def _share(self, batch: list[Example]) -> tuple[list[Example], float] | None:
+        """This rank's share of a batch and the weight of its results: None when it has no example (fewer
+        than ranks), except that every rank of a sharded model takes part in each forward and backward
+        (they gather and reduce its weights together): such a rank runs one example at weight 0."""
+        if share := distributed.share(batch):
+            return share, 1.0
+        return (batch[:1], 0.0) if distributed.is_sharded(self.model) else None
+
     def _validate_batch(self) -> Metrics:
         """Loss and accuracy on the next batch_size validation examples, rotating through the set so
-        successive steps see new data."""
+        successive steps see new data; each rank scores its share and the sums are reduced."""
         examples = self.valid_examples
         size = min(self.hp.batch_size, len(examples))
         cursor = self.progress.valid_cursor
         batch = [examples[(cursor + k) % len(examples)] for k in range(size)]
         self.progress.valid_cursor = (cursor + size) % len(examples)
-        self.model.eval()
-        with torch.no_grad(), self.device.autocast():
-            stats = self.objective.batch_stats(self.model, batch)
-        self.model.train()
+        loss_sum, correct = 0.0, 0.0
+        if (mine := self._share(batch)) is not None:
+            share, weight = mine
+            self.model.eval()
+            with torch.no_grad(), self.device.autocast():
+                stats = self.objective.batch_stats(self.model, share)
+            self.model.train()
+            loss_sum, correct = stats.loss_sum.item() * weight, stats.correct * weight
+        loss_sum, correct = distributed.sum_across([loss_sum, correct])
         units = sum(example.units for example in batch)
-        return {
-            "valid_loss": stats.loss_sum.item() / units,
-            f"valid_{self.objective.accuracy}": stats.correct / units,
-        }
+        return {"valid_loss": loss_sum / units, f"valid_{self.objective.accuracy}": correct / units}
 
     def _evaluate(self, model: nn.Module | None = None) -> tuple[Metrics, dict[str, object]]:
         """The objective's full evaluation of `model` (the model being trained unless given), without
@@ -304,13 +321,13 @@ class Recipe:
         if step == self.last_checkpoint_step:
             return
         self.last_checkpoint_step = step
-        # The replicas are identical: rank 0 writes, the others wait so that no rank runs ahead of it.
-        if distributed.is_main():
-            self._write_checkpoint(step)
-        distributed.barrier()
-
-    def _write_checkpoint(self, step: int) -> None:
         path = self.output_dir / "checkpoints" / f"step-{step}"
+
+        def extras(directory: Path) -> None:
+            self.tokenizer.save_pretrained(directory)  # every checkpoint is servable with its chat template
+            self.objective.save_extras(directory)
+
+        # Every rank: a sharded model's state is written by all, a replicated one's by rank 0 alone.
         save_checkpoint(
             path,
             method=self.method,
@@ -320,9 +337,8 @@ class Recipe:
             scaler=self.scaler,
             progress=self.progress,
             fingerprint=self.fingerprint,
+            extras=extras,
         )
-        self.tokenizer.save_pretrained(path)  # every checkpoint is servable with its chat template
-        self.objective.save_extras(path)
         self.events.emit(CheckpointMessage(step=step, path=str(path), metrics=self.progress.history[-1][1]))
 
     def _best_weights(self) -> tuple[int, Metrics] | None:
@@ -346,10 +362,14 @@ class Recipe:
     def save(self) -> None:
         """Publish the final artifact (what the method saves: an adapter, the trained tensors or the whole
         model; of the best checkpoint with publish_best) with the tokenizer (it carries the chat template),
-        the objective's extras and the results CSV."""
+        the objective's extras and the results CSV. Every rank calls it (a sharded model is gathered whole
+        for the save); rank 0 publishes."""
         best = self._best_weights()
         adapter_dir = self.output_dir / "adapter"
-        self.method.save(self.model, adapter_dir)
+        whole = distributed.whole_state(self.model)
+        if not distributed.is_main():
+            return
+        self.method.save(self.model, adapter_dir, whole)
         self.tokenizer.save_pretrained(adapter_dir)
         self.objective.save_extras(adapter_dir)
         merged_dir = self._export_merged() if self.spec.export_merged else None
@@ -388,6 +408,15 @@ class Recipe:
         return report.directory
 
 
+def transformer_blocks(model: PreTrainedModel) -> list[nn.Module]:
+    """FSDP2's units besides the root: the transformer blocks, or none (one unit, the whole model) when
+    they are ambiguous."""
+    try:
+        return list(find_blocks(model)[1])
+    except ValueError:
+        return []
+
+
 def check_training_examples(examples: Sequence[Example], max_tokens: int | None) -> None:
     """What a job refuses once its training file is tokenized: no example left to train on (a ValueError),
     or more tokens than the service takes (`settings.max_file_tokens`)."""
@@ -422,5 +451,5 @@ def run(spec: TrainingSpec, events: EventWriter) -> None:
     recipe.baseline()
     # Evaluations run whole on every rank (identical replicas, identical results: early stopping agrees
     # everywhere); only rank 0 reports them and publishes.
-    if recipe.fit() and distributed.is_main():
+    if recipe.fit():
         recipe.save()

@@ -14,12 +14,13 @@ the one place that tells them apart; every method trains a new head in full, sin
 
 import importlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from peft import PeftModel, TaskType, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
@@ -33,11 +34,20 @@ from models.spec import METHODS, ResolvedHyperparameters
 from worker.training.device import DeviceConfig
 from worker.training.loading import refuse_pickle_weights
 
+StateDict = Mapping[str, torch.Tensor]
 PrepareFn = Callable[[PreTrainedModel, ResolvedHyperparameters], nn.Module]
 """Takes the loaded base model and the job's hyperparameters; returns the model to train. Only its
 parameters with `requires_grad` are optimised."""
-SaveFn = Callable[[nn.Module, Path], None]
-"""Writes a checkpoint or the final artifact of the prepared model into a directory (safetensors only)."""
+
+
+class SaveFn(Protocol):
+    def __call__(self, model: nn.Module, directory: Path, state: StateDict | None = None) -> None:
+        """Writes a checkpoint or the final artifact of the prepared model into a directory (safetensors
+        only); `state`, when given, is the model's whole state by parameter name (a model sharded over
+        several ranks holds only its shards)."""
+        ...
+
+
 LoadOptionsFn = Callable[[DeviceConfig], dict[str, Any]]
 """Extra `from_pretrained` arguments for the base model on the given device."""
 
@@ -123,11 +133,11 @@ def peft_options(model: PreTrainedModel) -> dict[str, Any]:
     return {"task_type": task_type(model), "modules_to_save": new_head(model) or None}
 
 
-def save_pretrained(model: nn.Module, directory: Path) -> None:
+def save_pretrained(model: nn.Module, directory: Path, state: StateDict | None = None) -> None:
     """PEFT adapters and whole transformers models both know how to save themselves as safetensors."""
     if not isinstance(model, PeftModel | PreTrainedModel):
         raise TypeError(f"a {type(model).__name__} cannot save itself: its method must register a save")
-    model.save_pretrained(str(directory))
+    model.save_pretrained(str(directory), state_dict=None if state is None else dict(state))
 
 
 def no_load_options(device: DeviceConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@ tensors, as safetensors, plus a small JSON naming the method, the base and the t
 and apply onto any fresh copy of the base."""
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -13,9 +14,16 @@ WEIGHTS_FILE = "trained_tensors.safetensors"
 CONFIG_FILE = "trained_tensors.json"
 
 
-def save_trained_tensors(method: str, model: nn.Module, directory: Path) -> None:
-    """Write every parameter that trains (a tied one once, under its first name) and the JSON beside it."""
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def save_trained_tensors(
+    method: str, model: nn.Module, directory: Path, state: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Write every parameter that trains (a tied one once, under its first name) and the JSON beside it;
+    from `state` when given (a sharded model's whole state)."""
+    tensors = {
+        name: (p if state is None else state[name]).detach().cpu().contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     config = {

@@ -4,10 +4,9 @@
 (see `new_head`), else the LM head. The artifact is just those tensors (see `_tensors`); `load_freeze`
 applies it onto a fresh base.
 
-The blocks are the one `nn.ModuleList` with as many entries as the config has hidden layers (`model.layers`
-in Llama-likes, `transformer.h` in GPT-2-likes, `encoder.layer` in BERT-likes); the final norm is any norm
-layer next to that list (BERT-likes have none: their norms sit inside the blocks). Models where the blocks
-are ambiguous are refused at job start rather than guessed at. What lies outside the blocks and the head
+The blocks are those `loading.find_blocks` finds; the final norm is any norm layer next to them (BERT-likes
+have none: their norms sit inside the blocks). Models where the blocks are ambiguous are refused at job
+start rather than guessed at. What lies outside the blocks and the head
 stays frozen: the embeddings, and BERT's pooler, which is pretrained base, not head.
 
 Tied head: SmolLM2, like many small models, ties the LM head to the input embeddings, one matrix serving
@@ -19,29 +18,12 @@ it (about 28M of SmolLM2-135M's trainable parameters are that matrix).
 from functools import partial
 from pathlib import Path
 
-from torch import nn
 from transformers import PreTrainedModel
 
 from models.spec import ResolvedHyperparameters
+from worker.training.loading import find_blocks
 from worker.training.methods import new_head, on_fresh_base, register
 from worker.training.methods._tensors import copy_into, read_trained_tensors, save_trained_tensors
-
-
-def find_blocks(model: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList]:
-    """The module holding the transformer blocks, and the blocks."""
-    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    found = [
-        (parent, child)
-        for parent in model.modules()
-        for child in parent.children()
-        if isinstance(child, nn.ModuleList) and len(child) == n_layers
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"freeze: cannot tell which modules of {type(model).__name__} are its transformer blocks; "
-            "use another training_type for this model"
-        )
-    return found[0]
 
 
 def load_freeze(model: PreTrainedModel, directory: Path) -> PreTrainedModel:
