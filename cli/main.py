@@ -25,7 +25,7 @@ from models.migrate import open_database
 from models.queue import CeleryDispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
-from models.storage import StoreUnavailable, open_store
+from models.storage import ArtifactStore, StoreUnavailable, open_store
 from worker.child import die_with_parent, visible_devices
 from worker.reconciler import Reconciler
 from worker.training.quiet import hide_known_library_noise
@@ -79,10 +79,10 @@ def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
     return settings
 
 
-def _check_store(settings: Settings) -> None:
+def _check_store(settings: Settings) -> ArtifactStore:
     """A server refuses to start, in one line, when its artifact store cannot be used."""
     try:
-        open_store(settings)
+        return open_store(settings)
     except StoreUnavailable as error:
         typer.echo(f"error: artifact store: {error}", err=True)
         raise typer.Exit(1) from error
@@ -121,7 +121,7 @@ def up(
     _announce_admin_key(settings, runner.session_factory)
     dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
     dispatcher.start()
-    Reconciler(settings, runner.session_factory, dispatcher).start()
+    Reconciler(settings, runner.session_factory, dispatcher, runner.store).start()
     WebhookSender(settings, runner.session_factory).start()
     # Models load in their own process, so a long generation never stalls the API's event loop.
     inference = subprocess.Popen(
@@ -149,9 +149,9 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
     from api.metrics import shared_across_processes
 
     settings = _settings()
-    _check_store(settings)
+    store = _check_store(settings)
     log_config = configure_logging(settings)  # and in each worker process, through uvicorn
-    _announce_admin_key(settings, _start_reconciler(settings))
+    _announce_admin_key(settings, _start_reconciler(settings, store))
     with shared_across_processes(workers):
         uvicorn.run(
             "api.asgi:app", host=host, port=port, workers=workers, log_config=log_config, access_log=False
@@ -164,11 +164,11 @@ def serve(
 ) -> None:
     """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
     fine-tuned adapters attach per request."""
+    settings = _settings(data_dir)
+    _check_store(settings)  # before loading torch: a refusal comes at once
     hide_known_library_noise()  # before the import below loads bitsandbytes (through peft)
     from inference.app import serve as serve_models
 
-    settings = _settings(data_dir)
-    _check_store(settings)
     serve_models(settings, host=host, port=port, log_level=log_level)
 
 
@@ -196,18 +196,18 @@ def worker(loglevel: str | None = None, devices: Devices = None) -> None:
     from worker.tasks import app as celery_app
 
     settings = _settings()
-    _check_store(settings)
+    store = _check_store(settings)
     configure_logging(settings, loglevel)
     setup_logging.connect(lambda **_: None, weak=False)  # a receiver tells Celery to leave logging alone
-    _start_reconciler(settings)
+    _start_reconciler(settings, store)
     celery_app.worker_main(["worker", "--pool=solo", f"--queues={settings.worker_queue}"])
 
 
-def _start_reconciler(settings: Settings) -> sessionmaker[Session]:
-    """Migrate, then sweep for lost jobs and send webhooks in the background (distributed mode: every
-    process does)."""
+def _start_reconciler(settings: Settings, store: ArtifactStore) -> sessionmaker[Session]:
+    """Migrate, then sweep for lost jobs (and the store for leftovers) and send webhooks in the background
+    (distributed mode: every process does)."""
     factory = open_database(settings)
-    Reconciler(settings, factory, CeleryDispatcher(settings)).start()
+    Reconciler(settings, factory, CeleryDispatcher(settings), store).start()
     WebhookSender(settings, factory).start()
     return factory
 

@@ -11,7 +11,6 @@ import io
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,23 +21,14 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from models.node_cache import NodeCache
 from models.settings import Settings
-from models.storage import StoreUnavailable
+from models.storage import StoreUnavailable, Swept
 
 MANIFEST = ".manifest.json"
 PUBLISHING = ".publishing"
 """Marks a prefix whose files are being uploaded; its manifest, written last, makes it trusted."""
 DELETING = ".deleting"
 """Marks a prefix being deleted; once its manifest is gone nothing else in it is trusted."""
-ORPHAN_SECONDS = 24 * 3600.0
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Swept:
-    prefixes: list[str]
-    """Prefixes removed: half-published, or half-deleted."""
-    uploads: int
-    """Multipart uploads aborted (their parts are invisible, but stored and billed)."""
 
 
 class S3ArtifactStore:
@@ -116,9 +106,9 @@ class S3ArtifactStore:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{key}/{MANIFEST}"))  # untrusted first
         self._delete([name for name, _ in names if name != f"{key}/{MANIFEST}"] + [f"{key}/{DELETING}"])
 
-    def sweep(self, older_than: float = ORPHAN_SECONDS) -> Swept:
+    def sweep(self, older_than: float) -> Swept:
         """Remove prefixes a crash left half-published or half-deleted, and abort multipart uploads, both
-        older than `older_than` seconds (a day by default, far longer than any upload takes)."""
+        older than `older_than` seconds (`FTJOBS_STORE_ORPHAN_SECONDS`: a day by default)."""
         cutoff = time.time() - older_than
         names = dict(self._list(""))
         removed = []
@@ -143,6 +133,9 @@ class S3ArtifactStore:
                     )
                     aborted += 1
         return Swept(prefixes=removed, uploads=aborted)
+
+    def probe(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:
