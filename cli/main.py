@@ -19,6 +19,7 @@ from cli import inference as inference_commands
 from cli import models as api_models
 from cli.client import ApiErrors
 from models.auth import ApiKeys, InvalidName, Organizations
+from models.base_store import register_base
 from models.db import session_scope
 from models.logs import configure_logging
 from models.migrate import open_database
@@ -318,12 +319,17 @@ def _announce_admin_key(settings: Settings, factory: sessionmaker[Session]) -> N
 
 
 def _register(settings: Settings, name: str, path: Path, *, source: str) -> None:
+    """Register a base; with object storage it is uploaded too, so every machine's workers can fetch it."""
+    store = _check_store(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with session_scope(open_database(settings)) as session:
         try:
-            ModelRegistry(session).register(name, str(path), source)
+            register_base(session, store, name, path, source)
         except InvalidModelName as error:
             raise typer.BadParameter(str(error), param_hint="NAME") from error
+        except FileExistsError as error:  # same weights and config, other files (a tokenizer, say)
+            message = f"{error}: a base with these weights is stored already"
+            raise typer.BadParameter(message, param_hint="PATH") from error
     typer.echo(f"registered {name} -> {path}")
 
 

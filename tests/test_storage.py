@@ -6,6 +6,7 @@ and one tiny job whose artifacts all live in SeaweedFS."""
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,10 +22,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
+from models.base_store import local_base, register_base
+from models.db import session_scope
+from models.registry import content_hash
 from models.settings import Settings
 from models.storage import PARTIAL, ArtifactStore, LocalArtifactStore, StoreUnavailable, Swept, open_store
 from models.storage_s3 import MANIFEST, PUBLISHING, S3ArtifactStore
-from tests.conftest import RecordingDispatcher, S3Server
+from tests.conftest import RecordingDispatcher, S3Server, s3_settings
 from tests.jobs_helpers import chat_lines
 from worker.reconciler import Reconciler
 from worker.runner import JobRunner
@@ -38,25 +42,6 @@ class OneWayStream:
 
     def read(self, size: int = -1) -> bytes:
         return self._data.read(size)
-
-
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """Credentials where boto3 looks for them, as a deployment sets them."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    return s3_server
-
-
-def s3_settings(server: S3Server, tmp_path: Path, **overrides: Any) -> Settings:
-    """Settings for a store under a prefix of its own in the shared test bucket."""
-    return Settings(
-        data_dir=tmp_path / "data",
-        storage_url=f"s3://{server.bucket}/test-{uuid.uuid4().hex[:12]}",
-        s3_endpoint_url=server.endpoint_url,
-        **overrides,
-    )
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -353,6 +338,21 @@ def test_no_storage_url_is_the_local_directory(tmp_path: Path) -> None:
 def settings(s3_env: S3Server, tmp_path: Path, database_url: str) -> Settings:
     """The suite's settings with artifacts in object storage (the `client` and runner then use it)."""
     return s3_settings(s3_env, tmp_path, database_url=database_url, heartbeat_seconds=0.5)
+
+
+def test_a_base_registered_on_one_machine_is_fetched_on_another(
+    settings: Settings, session_factory: sessionmaker[Session], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    source = shutil.copytree(tiny_model_dir, tmp_path / "machine-a" / "tiny")
+    with session_scope(session_factory) as session:
+        entry = register_base(session, open_store(settings), "tiny", source, "local")
+        registered = (entry.path, entry.content_hash)
+    shutil.rmtree(source)  # nothing on machine A's disk is left to share
+    machine_b = open_store(settings.model_copy(update={"data_dir": tmp_path / "machine-b"}))
+    path = Path(local_base(machine_b, *registered))
+    assert path.is_relative_to(tmp_path / "machine-b" / "cache")
+    assert read_dir(path) == read_dir(tiny_model_dir) and content_hash(path) == registered[1]
+    assert local_base(LocalArtifactStore(tmp_path / "local"), *registered) == registered[0]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the store is all that differs here

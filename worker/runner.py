@@ -13,7 +13,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,11 +24,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import ids
 from models.auth import Organizations
+from models.base_store import local_base
 from models.db import session_scope
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
 from models.jobs import CompletedData, JobRepository, StartedData
-from models.lineage import write_lineage
+from models.lineage import renamed_metadata, write_lineage
 from models.logs import job_context
 from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint
@@ -39,6 +42,7 @@ from models.spec import (
     CompletedMessage,
     EvaluationMessage,
     LogMessage,
+    Metrics,
     MetricsMessage,
     Objective,
     StartedMessage,
@@ -47,7 +51,7 @@ from models.spec import (
     greater_is_better,
 )
 from models.states import JobStatus, transition
-from models.storage import ArtifactStore
+from models.storage import ArtifactStore, StoreUnavailable
 from models.validation import DataError, FileSummary, validate_job_files
 from worker.child import TrainingProcess, visible_devices
 from worker.integrations import trackers
@@ -227,12 +231,15 @@ class Attempt:
         self.prefix = f"jobs/{job_id}/attempt-{attempt}"
         self.last_error: LogMessage | None = None
         self.lease_deadline = time.monotonic() + self.settings.lease_seconds
+        self.base_renames: dict[str, str] = {}
+        """The base's directory on this machine (a cache entry, with object storage) by its registered path:
+        saving records the former, published artifacts the latter, wherever they were trained."""
 
     def run(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True)
         try:
-            child = TrainingProcess(self._spec(), self.workdir)
+            child = TrainingProcess(self._db(self._spec), self.workdir)
             outcome = self._supervise(child)
             if outcome is None and child.process.returncode < 0:
                 # Killed by a signal (the OOM killer, an operator): worth another attempt, unlike an error.
@@ -266,7 +273,7 @@ class Attempt:
         finally:
             log_file = self.workdir / "train.log"
             if log_file.exists():
-                with open(log_file, "rb") as source:
+                with open(log_file, "rb") as source, suppress(StoreUnavailable):  # only the log
                     self.store.put_stream(f"{self.prefix}/train.log", source)
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -296,9 +303,11 @@ class Attempt:
                     f"compute.devices is {devices}, but this worker trains on at most {available}.",
                     "compute.devices",
                 )
+            base_path = local_base(self.store, model.path, model.content_hash)
+            self.base_renames = {base_path: model.path} if base_path != model.path else {}
             return TrainingSpec(
                 job_id=job.id,
-                base_model_path=model.path,
+                base_model_path=base_path,
                 training_file=str(self.store.local_path(training.storage_key)),
                 validation_file=str(self.store.local_path(validation.storage_key)) if validation else None,
                 data_format=self.data.summary.format,
@@ -341,14 +350,16 @@ class Attempt:
         return outcome
 
     def _db(self, action: Callable[[], T]) -> T:
-        """Run a database write, riding out an outage for as long as this attempt's lease lasts."""
+        """Run a database write (and what it stores: a checkpoint's upload, say), riding out an outage of
+        the database or the artifact store for as long as this attempt's lease lasts."""
         while True:
             try:
                 result = action()
-            except OperationalError as error:
+            except (OperationalError, StoreUnavailable) as error:
                 if time.monotonic() > self.lease_deadline:
                     raise LeaseLost from error
-                log.warning("job %s: database unavailable (%s); retrying", self.job_id, type(error).__name__)
+                what = "database" if isinstance(error, OperationalError) else "artifact store"
+                log.warning("job %s: %s unavailable (%s); retrying", self.job_id, what, error)
                 time.sleep(1)
                 continue
             self.lease_deadline = time.monotonic() + self.settings.lease_seconds
@@ -410,7 +421,7 @@ class Attempt:
                 else:
                     repo.add_event(self.job_id, message.message, level=message.level)
         for key in expired:  # only once the rows that named them are gone for good
-            self.store.delete(key)
+            self._db(partial(self.store.delete, key))
         return True
 
     @staticmethod
@@ -451,7 +462,7 @@ class Attempt:
         repo = JobRepository(session)
         job = repo.get(self.job_id)
         assert job is not None and job.hyperparameters is not None
-        write_lineage(session, job, self.data.objective, message.step, message.metrics, Path(message.path))
+        self._describe(session, job, message.step, message.metrics, Path(message.path))
         self.store.put_dir(key, Path(message.path))
         name = f"{fine_tuned_model_name(session, job)}:ckpt-step-{message.step}"
         checkpoint = repo.add_checkpoint(
@@ -477,6 +488,13 @@ class Attempt:
             self.job_id, keep=self.settings.checkpoint_retention, spare=best["id"] if best else None
         )
 
+    def _describe(self, session: Session, job: Job, step: int, metrics: Metrics, directory: Path) -> None:
+        """Write an artifact's lineage, and name its base as registered rather than where it was read."""
+        write_lineage(session, job, self.data.objective, step, metrics, directory)
+        for path in directory.rglob("*"):
+            if path.is_file() and (renamed := renamed_metadata(path, self.base_renames)) is not None:
+                path.write_bytes(renamed)
+
     def _publish(self, done: CompletedMessage) -> None:
         """Store the adapter and results, then succeed in one CAS; a lost race discards them."""
         adapter_key = f"{self.prefix}/adapter"
@@ -488,7 +506,7 @@ class Attempt:
             job = JobRepository(session).get(self.job_id)
             assert job is not None
             for path in published.values():
-                write_lineage(session, job, self.data.objective, done.step, done.metrics, Path(path))
+                self._describe(session, job, done.step, done.metrics, Path(path))
         for key, path in published.items():
             self.store.put_dir(key, Path(path))
         results_key = None
