@@ -77,8 +77,8 @@ def fleet(
         serve = ["serve", "--host", "127.0.0.1", "--port", str(serve_port)]
         api = ["api", "--host", "127.0.0.1", "--port", str(api_port)]
         with (
+            process(["worker"], env["worker"], tmp_path / "worker.log"),  # starts while the others load
             process(serve, env["serve"], tmp_path / "serve.log", f"http://127.0.0.1:{serve_port}/healthz"),
-            process(["worker"], env["worker"], tmp_path / "worker.log"),
             process(api, env["api"], tmp_path / "api.log", f"http://127.0.0.1:{api_port}/healthz"),
         ):
             key, url = create_key(env["api"]), f"http://127.0.0.1:{api_port}/v1"
