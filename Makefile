@@ -60,3 +60,8 @@ bench-serving: install-dev
 
 bench-serving-load: install-dev
 	$(PYTHON) bench/serving_load.py $(ARGS)
+
+.PHONY: bench-store
+# Upload and download of a 500 MB file through the S3 store (a SeaweedFS it starts) beside `cp`.
+bench-store: install-dev
+	$(PYTHON) bench/store_throughput.py $(ARGS)

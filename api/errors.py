@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 
 from models.errors import APIError, ErrorResponse, envelope
+from models.storage import StoreUnavailable
 from web import errors as web_errors
 
 log = logging.getLogger("ftjobs.api")
@@ -20,7 +21,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Invalid request (400: `param` names the field), no or a wrong API key (401), not "
         "permitted (403), no such object or route (404, 405), body too large (413), rate limited (429).",
     },
-    503: {"model": ErrorResponse, "description": "The database or the inference server is unavailable."},
+    503: {
+        "model": ErrorResponse,
+        "description": "The database, the artifact store or the inference server is unavailable.",
+    },
 }
 """What every route may answer besides its success, as the OpenAPI schema declares it. A "4XX" entry also
 keeps FastAPI from declaring the 422 it would otherwise add: validation errors are 400s here."""
@@ -29,9 +33,13 @@ keeps FastAPI from declaring the 422 it would otherwise add: validation errors a
 def database_unavailable(method: str, path: str, exc: Exception) -> JSONResponse:
     # Connection refused, server restarting, SQLite locked: transient, so 503 and the SDK retries.
     log.warning("database unavailable on %s %s: %s", method, path, exc)
+    return _unavailable("database")
+
+
+def _unavailable(what: str) -> JSONResponse:
     return web_errors.error_response(
         APIError(
-            "The service's database is unavailable; retry shortly.",
+            f"The service's {what} is unavailable; retry shortly.",
             status_code=503,
             type="server_error",
             code="service_unavailable",
@@ -42,6 +50,12 @@ def database_unavailable(method: str, path: str, exc: Exception) -> JSONResponse
 
 def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return database_unavailable(request.method, request.url.path, exc)
+
+
+def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Object storage that does not answer (or answers 5xx) is as transient as a database outage.
+    log.warning("artifact store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return _unavailable("artifact store")
 
 
 def _unstorable(request: Request, exc: Exception) -> JSONResponse:
@@ -58,3 +72,4 @@ def install(app: FastAPI) -> None:
     web_errors.install(app, log)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(DataError, _unstorable)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)

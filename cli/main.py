@@ -19,13 +19,14 @@ from cli import inference as inference_commands
 from cli import models as api_models
 from cli.client import ApiErrors
 from models.auth import ApiKeys, InvalidName, Organizations
+from models.base_store import register_base
 from models.db import session_scope
 from models.logs import configure_logging
 from models.migrate import open_database
 from models.queue import CeleryDispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
-from models.storage import StoreUnavailable, open_store
+from models.storage import ArtifactStore, StoreUnavailable, open_store
 from worker.child import die_with_parent, visible_devices
 from worker.reconciler import Reconciler
 from worker.training.quiet import hide_known_library_noise
@@ -79,10 +80,10 @@ def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
     return settings
 
 
-def _check_store(settings: Settings) -> None:
+def _check_store(settings: Settings) -> ArtifactStore:
     """A server refuses to start, in one line, when its artifact store cannot be used."""
     try:
-        open_store(settings)
+        return open_store(settings)
     except StoreUnavailable as error:
         typer.echo(f"error: artifact store: {error}", err=True)
         raise typer.Exit(1) from error
@@ -121,7 +122,7 @@ def up(
     _announce_admin_key(settings, runner.session_factory)
     dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
     dispatcher.start()
-    Reconciler(settings, runner.session_factory, dispatcher).start()
+    Reconciler(settings, runner.session_factory, dispatcher, runner.store).start()
     WebhookSender(settings, runner.session_factory).start()
     # Models load in their own process, so a long generation never stalls the API's event loop.
     inference = subprocess.Popen(
@@ -149,9 +150,9 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
     from api.metrics import shared_across_processes
 
     settings = _settings()
-    _check_store(settings)
+    store = _check_store(settings)
     log_config = configure_logging(settings)  # and in each worker process, through uvicorn
-    _announce_admin_key(settings, _start_reconciler(settings))
+    _announce_admin_key(settings, _start_reconciler(settings, store))
     with shared_across_processes(workers):
         uvicorn.run(
             "api.asgi:app", host=host, port=port, workers=workers, log_config=log_config, access_log=False
@@ -164,11 +165,11 @@ def serve(
 ) -> None:
     """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
     fine-tuned adapters attach per request."""
+    settings = _settings(data_dir)
+    _check_store(settings)  # before loading torch: a refusal comes at once
     hide_known_library_noise()  # before the import below loads bitsandbytes (through peft)
     from inference.app import serve as serve_models
 
-    settings = _settings(data_dir)
-    _check_store(settings)
     serve_models(settings, host=host, port=port, log_level=log_level)
 
 
@@ -196,10 +197,10 @@ def worker(loglevel: str | None = None, devices: Devices = None) -> None:
     from worker.tasks import app as celery_app
 
     settings = _settings()
-    _check_store(settings)
+    store = _check_store(settings)
     configure_logging(settings, loglevel)
     setup_logging.connect(lambda **_: None, weak=False)  # a receiver tells Celery to leave logging alone
-    _start_reconciler(settings)
+    _start_reconciler(settings, store)
     celery_app.worker_main(["worker", "--pool=solo", f"--queues={settings.worker_queue}"])
 
 
@@ -232,11 +233,11 @@ def run_attempt(
     make_runner(settings).run_attempt(job_id, attempt, placement)
 
 
-def _start_reconciler(settings: Settings) -> sessionmaker[Session]:
-    """Migrate, then sweep for lost jobs and send webhooks in the background (distributed mode: every
-    process does)."""
+def _start_reconciler(settings: Settings, store: ArtifactStore) -> sessionmaker[Session]:
+    """Migrate, then sweep for lost jobs (and the store for leftovers) and send webhooks in the background
+    (distributed mode: every process does)."""
     factory = open_database(settings)
-    Reconciler(settings, factory, CeleryDispatcher(settings)).start()
+    Reconciler(settings, factory, CeleryDispatcher(settings), store).start()
     WebhookSender(settings, factory).start()
     return factory
 
@@ -347,12 +348,17 @@ def _announce_admin_key(settings: Settings, factory: sessionmaker[Session]) -> N
 
 
 def _register(settings: Settings, name: str, path: Path, *, source: str) -> None:
+    """Register a base; with object storage it is uploaded too, so every machine's workers can fetch it."""
+    store = _check_store(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with session_scope(open_database(settings)) as session:
         try:
-            ModelRegistry(session).register(name, str(path), source)
+            register_base(session, store, name, path, source)
         except InvalidModelName as error:
             raise typer.BadParameter(str(error), param_hint="NAME") from error
+        except FileExistsError as error:  # same weights and config, other files (a tokenizer, say)
+            message = f"{error}: a base with these weights is stored already"
+            raise typer.BadParameter(message, param_hint="PATH") from error
     typer.echo(f"registered {name} -> {path}")
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from inference.engine import Engine, Stream
+from inference.preflight import localized
 from inference.preflight.bounded import bounded_estimate
 from models.errors import APIError, envelope
 from models.inference import ChatCompletionRequest, ClassificationRequest, CompletionRequest, Forwarded
@@ -156,7 +157,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def preflight(body: PreflightRequest, http: HTTPRequest) -> PreflightReport:
         """The pre-flight estimate of a job request the API has checked (api/preflight), in a child process
         bounded in time and memory, and killed if the API hangs up (its client left)."""
-        return await bounded_estimate(body, settings.preflight_timeout_seconds, http.is_disconnected)
+        local = await run_in_threadpool(localized, body, engine.models.artifacts)
+        return await bounded_estimate(local, settings.preflight_timeout_seconds, http.is_disconnected)
 
     return app
 

@@ -41,6 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from models.base_store import local_base
 from models.errors import APIError
 from models.inference import Target
 from models.lineage import LINEAGE_FILE, BaseModelRef, tokenizer_hash
@@ -194,6 +195,8 @@ class ModelStore:
         self.bases: dict[str, Base] = {}
         self.cache: OrderedDict[tuple[str, str], AdapterEntry | DedicatedEntry] = OrderedDict()
         self._hashes: dict[str, str] = {}
+        self._base_dirs: dict[str, str] = {}
+        """Each base's directory on this machine, by content hash (with object storage: in the node cache)."""
         self._tokenizers: dict[tuple[str, str], PreTrainedTokenizerBase] = {}
         """By base and tokenizer_hash: the adapters trained on one base share its tokenizer's files."""
         self._locks: dict[str, threading.Lock] = {}
@@ -209,6 +212,7 @@ class ModelStore:
     def serving(self, target: Target) -> Iterator[Served]:
         """The target's model for the duration of one request. The base's lock is held only to find or
         load it; an adapter stays loaded (pinned) until the request ends."""
+        target = self._localized(target)
         lock = self.lock(target.base_path)
         with lock:
             self._delete_pending(target.base_path)
@@ -224,6 +228,18 @@ class ModelStore:
                     self._pins[pin] -= 1
                 with lock:
                     self._delete_pending(target.base_path)
+
+    def _localized(self, target: Target) -> Target:
+        """The target with its base at a directory on this machine (fetched from object storage once)."""
+        if target.base_content_hash is None:
+            return target
+        with self._mutex:
+            known = self._base_dirs.get(target.base_content_hash)
+        if known is None or not Path(known).is_dir():  # a cache entry can be evicted once its base unloads
+            known = local_base(self.artifacts, target.base_path, target.base_content_hash)
+            with self._mutex:
+                self._base_dirs[target.base_content_hash] = known
+        return target.model_copy(update={"base_path": known})
 
     def _resolve(self, target: Target, lock: threading.Lock) -> tuple[Served, tuple[str, str] | None]:
         """The served model and, for an adapter on a shared base, its pin (the caller holds `lock`)."""

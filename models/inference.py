@@ -49,6 +49,8 @@ class Target(BaseModel):
     model: str
     """The name the request used, echoed in responses."""
     base_path: str
+    """Where the base was registered; with object storage the server reads it by `base_content_hash`."""
+    base_content_hash: str | None = None
     artifact_key: str | None = None
     """Artifact-store key of the adapter, checkpoint or other artifact (it holds its `lineage.json`)."""
     method: str | None = None

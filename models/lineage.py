@@ -5,6 +5,7 @@ job for the models API.
 Serving reads `base_model.content_hash` and refuses to put the artifact on a base whose hash differs."""
 
 import hashlib
+import json
 from importlib import metadata
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from models.storage import ArtifactStore
 from models.versions import root_base
 
 LINEAGE_FILE = "lineage.json"
+RENAMED_IN = {".json", ".md"}
+"""Where saving records the base model's directory: peft's adapter_config.json and model card (README.md),
+our own methods' JSON."""
 
 
 class BaseModelRef(BaseModel):
@@ -119,6 +123,18 @@ def write_lineage(
     )
     (directory / LINEAGE_FILE).write_text(lineage.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return lineage
+
+
+def renamed_metadata(path: Path, renames: dict[str, str]) -> bytes | None:
+    """A text metadata file with each of `renames`' strings replaced; None when nothing changes."""
+    if path.suffix not in RENAMED_IN:
+        return None
+    text = original = path.read_text(encoding="utf-8", errors="surrogateescape")
+    for old, new in renames.items():
+        if path.suffix == ".json":  # as JSON spells the strings inside its quotes
+            old, new = json.dumps(old)[1:-1], json.dumps(new)[1:-1]
+        text = text.replace(old, new)
+    return None if text == original else text.encode("utf-8", errors="surrogateescape")
 
 
 def read_lineage(store: ArtifactStore, artifact_key: str) -> Lineage | None:

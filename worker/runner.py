@@ -16,7 +16,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -25,12 +27,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import ids
 from models.auth import Organizations
+from models.base_store import local_base
 from models.continuation import Parent, how_to_start, resolve_model
 from models.db import session_scope
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
 from models.jobs import CompletedData, JobRepository, StartedData
-from models.lineage import Lineage, write_lineage
+from models.lineage import Lineage, renamed_metadata, write_lineage
 from models.logs import job_context
 from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint
@@ -43,6 +46,7 @@ from models.spec import (
     CompletedMessage,
     EvaluationMessage,
     LogMessage,
+    Metrics,
     MetricsMessage,
     Objective,
     ResolvedHyperparameters,
@@ -53,7 +57,7 @@ from models.spec import (
     greater_is_better,
 )
 from models.states import JobStatus, transition
-from models.storage import ArtifactStore
+from models.storage import ArtifactStore, StoreUnavailable
 from models.validation import DataError, FileSummary, validate_job_files
 from models.versions import root_base
 from worker.child import Placement, TrainingProcess, visible_devices
@@ -287,12 +291,15 @@ class Attempt:
         """The lineage of the tuned model the job started from (set with the spec)."""
         self.heard = False
         self.lease_deadline = time.monotonic() + self.settings.lease_seconds
+        self.base_renames: dict[str, str] = {}
+        """The base's directory on this machine (a cache entry, with object storage) by its registered path:
+        saving records the former, published artifacts the latter, wherever they were trained."""
 
     def run(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True)
         try:
-            child = TrainingProcess(self._spec(), self.workdir, self.placement)
+            child = TrainingProcess(self._db(self._spec), self.workdir, self.placement)
             outcome = self._supervise(child)
             if outcome is None and child.process.returncode < 0:
                 # Killed by a signal (the OOM killer, an operator): worth another attempt, unlike an error.
@@ -330,7 +337,7 @@ class Attempt:
         finally:
             log_file = self.workdir / "train.log"
             if log_file.exists():
-                with open(log_file, "rb") as source:
+                with open(log_file, "rb") as source, suppress(StoreUnavailable):  # only the log
                     self.store.put_stream(self.log_key, source)
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -352,7 +359,6 @@ class Attempt:
             if resolved is None:
                 raise JobFailed("model_not_found", f"Model {job.model!r} no longer exists.", "model")
             model, parent = resolved
-            base_model_path, start_from = self._start(model.path, parent, job.hyperparameters)
             # A new attempt (after a crash or a pause) continues from the newest checkpoint of any attempt.
             latest = JobRepository(session).latest_checkpoint(job.id)
             if training is None or (job.validation_file and validation is None):
@@ -372,6 +378,9 @@ class Attempt:
                     f"compute.devices is {devices}, but this worker trains on at most {available}.",
                     "compute.devices",
                 )
+            base_path = local_base(self.store, model.path, model.content_hash)
+            self.base_renames = {base_path: model.path} if base_path != model.path else {}
+            base_model_path, start_from = self._start(base_path, parent, job.hyperparameters)
             return TrainingSpec(
                 job_id=job.id,
                 base_model_path=base_model_path,
@@ -452,14 +461,16 @@ class Attempt:
             return True
 
     def _db(self, action: Callable[[], T]) -> T:
-        """Run a database write, riding out an outage for as long as this attempt's lease lasts."""
+        """Run a database write (and what it stores: a checkpoint's upload, say), riding out an outage of
+        the database or the artifact store for as long as this attempt's lease lasts."""
         while True:
             try:
                 result = action()
-            except OperationalError as error:
+            except (OperationalError, StoreUnavailable) as error:
                 if time.monotonic() > self.lease_deadline:
                     raise LeaseLost from error
-                log.warning("job %s: database unavailable (%s); retrying", self.job_id, type(error).__name__)
+                what = "database" if isinstance(error, OperationalError) else "artifact store"
+                log.warning("job %s: %s unavailable (%s); retrying", self.job_id, what, error)
                 time.sleep(1)
                 continue
             self.lease_deadline = time.monotonic() + self.settings.lease_seconds
@@ -521,7 +532,7 @@ class Attempt:
                 else:
                     repo.add_event(self.job_id, message.message, level=message.level)
         for key in expired:  # only once the rows that named them are gone for good
-            self.store.delete(key)
+            self._db(partial(self.store.delete, key))
         return True
 
     @staticmethod
@@ -562,9 +573,7 @@ class Attempt:
         repo = JobRepository(session)
         job = repo.get(self.job_id)
         assert job is not None and job.hyperparameters is not None
-        write_lineage(
-            session, job, self.data.objective, message.step, message.metrics, Path(message.path), self.parent
-        )
+        self._describe(session, job, message.step, message.metrics, Path(message.path))
         self.store.put_dir(key, Path(message.path))
         name = f"{fine_tuned_model_name(session, job)}:ckpt-step-{message.step}"
         checkpoint = repo.add_checkpoint(
@@ -590,6 +599,13 @@ class Attempt:
             self.job_id, keep=self.settings.checkpoint_retention, spare=best["id"] if best else None
         )
 
+    def _describe(self, session: Session, job: Job, step: int, metrics: Metrics, directory: Path) -> None:
+        """Write an artifact's lineage, and name its base as registered rather than where it was read."""
+        write_lineage(session, job, self.data.objective, step, metrics, directory, self.parent)
+        for path in directory.rglob("*"):
+            if path.is_file() and (renamed := renamed_metadata(path, self.base_renames)) is not None:
+                path.write_bytes(renamed)
+
     def _publish(self, done: CompletedMessage) -> None:
         """Store the adapter and results, then succeed in one CAS; a lost race discards them."""
         adapter_key = f"{self.prefix}/adapter"
@@ -602,7 +618,7 @@ class Attempt:
             job = JobRepository(session).get(self.job_id)
             assert job is not None
             for path in published.values():
-                write_lineage(session, job, self.data.objective, step, done.metrics, Path(path), self.parent)
+                self._describe(session, job, step, done.metrics, Path(path))
         for key, path in published.items():
             self.store.put_dir(key, Path(path))
         results_key = None

@@ -43,7 +43,7 @@ async def estimate(
 def inference_request(
     session: Session, store: ArtifactStore, settings: Settings, organization_id: str, body: JobCreate
 ) -> PreflightRequest:
-    """The request checked as job creation checks it, with its files and base model resolved to paths."""
+    """The request checked as job creation checks it, with its files and base model resolved."""
     method, model = check_request(
         session, store, organization_id, body, settings.devices, several_nodes=settings.executor == "slurm"
     )
@@ -51,10 +51,11 @@ def inference_request(
     def file(file_id: str) -> PreflightFile:
         record = FileRepository(session).get(organization_id, file_id)
         assert record is not None  # checked with the request
-        return PreflightFile(id=file_id, path=str(store.local_path(record.storage_key)))
+        return PreflightFile(id=file_id, key=record.storage_key)
 
     return PreflightRequest(
         base_model_path=model.path,
+        base_content_hash=model.content_hash,
         method=method,
         training_file=file(body.training_file),
         validation_file=file(body.validation_file) if body.validation_file else None,

@@ -2,21 +2,18 @@
 the archive into a bounded queue that the response reads from."""
 
 import io
-import json
 import queue
 import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from models.lineage import renamed_metadata
 from models.spec import PICKLE_SUFFIXES
 
 _CHUNKS_AHEAD = 16
 _DONE = b""
 
-RENAMED_IN = {".json", ".md"}
-"""Where saving records the base model's directory: peft's adapter_config.json and model card (README.md),
-our own methods' JSON."""
 SKIPPED = {"trainer", "COMPLETE"}
 """Checkpoints' trainer state (optimizer, RNG) and completion marker: for resuming, not for using."""
 
@@ -52,18 +49,6 @@ def archive_members(directory: Path) -> list[Path]:
     )
 
 
-def _renamed(path: Path, renames: dict[str, str]) -> bytes | None:
-    """A text metadata file with each of `renames`' strings replaced; None when nothing changes."""
-    if path.suffix not in RENAMED_IN:
-        return None
-    text = original = path.read_text(encoding="utf-8", errors="surrogateescape")
-    for old, new in renames.items():
-        if path.suffix == ".json":  # as JSON spells the strings inside its quotes
-            old, new = json.dumps(old)[1:-1], json.dumps(new)[1:-1]
-        text = text.replace(old, new)
-    return None if text == original else text.encode("utf-8", errors="surrogateescape")
-
-
 def stream_tar_gz(directory: Path, root: str, renames: dict[str, str] | None = None) -> Iterator[bytes]:
     """The archive's bytes; its members sit under `root/`. `renames`: strings replaced in its text metadata
     files (a server path by a public name)."""
@@ -79,7 +64,7 @@ def stream_tar_gz(directory: Path, root: str, renames: dict[str, str] | None = N
             with tarfile.open(fileobj=writer, mode="w|gz") as archive:  # pyright: ignore[reportArgumentType, reportCallIssue]
                 for path in archive_members(directory):
                     arcname = f"{root}/{path.relative_to(directory)}"
-                    renamed = _renamed(path, renames or {})
+                    renamed = renamed_metadata(path, renames or {})
                     if renamed is None:
                         archive.add(path, arcname=arcname, recursive=False)
                         continue

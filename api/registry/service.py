@@ -85,7 +85,12 @@ def target(store: ArtifactStore, version: ModelVersion) -> Target:
         raise APIError(message, param="model", code="model_not_found")
     key = version.artifact_key
     if key is None:
-        return Target(model=version.id, base_path=version.base.path, kind=_base_kind(version))
+        return Target(
+            model=version.id,
+            base_path=version.base.path,
+            base_content_hash=version.base.content_hash,
+            kind=_base_kind(version),
+        )
     # Never hand the inference server pickle weights: peft would load an `adapter_model.bin` with torch.load.
     if pickles := pickle_weights(store.local_path(key)):
         raise APIError(
@@ -103,6 +108,7 @@ def target(store: ArtifactStore, version: ModelVersion) -> Target:
     return Target(
         model=version.id,
         base_path=version.base.path,
+        base_content_hash=version.base.content_hash,
         artifact_key=key,
         method=lineage.training_type,
         kind=_tuned_kind(version.id, lineage),

@@ -8,14 +8,33 @@ from pathlib import Path
 
 from inference.preflight.examples import file_stats, load, preview, unpacked
 from inference.preflight.memory import estimate_job_memory
+from models.base_store import local_base
 from models.hyperparameters import HYPERPARAMETERS, resolve
 from models.objectives import Mismatch, objective_for
-from models.preflight import Device, PreflightReport, PreflightRequest
+from models.preflight import Device, PreflightFile, PreflightReport, PreflightRequest
 from models.spec import DataError, TrainingSpec
+from models.storage import ArtifactStore
 from models.validation import validate_job_files
 from worker.training.device import describe, select_device
 from worker.training.loading import load_tokenizer
 from worker.training.recipe import check_training_examples
+
+
+def localized(request: PreflightRequest, store: ArtifactStore) -> PreflightRequest:
+    """The request with its files and base model at paths on this machine (from the node cache, with object
+    storage)."""
+
+    def file(ref: PreflightFile | None) -> PreflightFile | None:
+        return ref.model_copy(update={"path": str(store.local_path(ref.key))}) if ref else None
+
+    base = local_base(store, request.base_model_path, request.base_content_hash)
+    return request.model_copy(
+        update={
+            "base_model_path": base,
+            "training_file": file(request.training_file),
+            "validation_file": file(request.validation_file),
+        }
+    )
 
 
 def estimate(request: PreflightRequest) -> PreflightReport:

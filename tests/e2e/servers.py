@@ -60,7 +60,7 @@ def process(
         )
     try:
         if health_url:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 180  # a loaded machine takes a while to import torch
             while True:
                 assert proc.poll() is None, log.read_text()
                 try:
