@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
+from models.scheduling import class_name
 from models.spec import ChildMessage, TrainingSpec
 
 _messages = TypeAdapter(ChildMessage)
@@ -39,6 +40,16 @@ def visible_devices() -> int:
         return max(1, len([device for device in visible.split(",") if device.strip()]))
     gpus = Path("/proc/driver/nvidia/gpus")
     return max(1, len(list(gpus.iterdir()))) if gpus.is_dir() else 1
+
+
+def visible_device_class() -> str:
+    """The device class of this machine: its first GPU's model name (`nvidia-a100-sxm4-80gb`), or `cpu`.
+    Read from the driver's /proc files, without torch."""
+    gpus = sorted(Path("/proc/driver/nvidia/gpus").glob("*/information"))
+    for line in gpus[0].read_text().splitlines() if gpus else ():
+        if line.startswith("Model:"):
+            return class_name(line.removeprefix("Model:"))
+    return "cpu"
 
 
 class TrainingProcess:

@@ -45,7 +45,7 @@ class EmbeddedDispatcher:
         self._stopping.set()
         self._wake.set()
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, device_class: str | None = None) -> None:
         self._wake.set()
 
     def _next(self) -> str | None:

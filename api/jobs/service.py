@@ -19,6 +19,7 @@ from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint, JobEvent
 from models.queue import Dispatcher
 from models.registry import ModelRegistry, is_generative
+from models.scheduling import Workers, check_budget
 from models.spec import LORA_FAMILY, METHODS
 from models.states import ACTIVE, JobStatus, transition
 from models.storage import ArtifactStore
@@ -121,17 +122,20 @@ def check_request(
     return _check_method(session, store, organization_id, body)
 
 
-def check_compute(compute: Compute, training_type: str, max_devices: int | None) -> None:
-    """What this service can train one job on: one node, no device classes yet, at most the workers'
-    devices (`max_devices`, when the API knows it), and several devices only for a method that trains
-    data-parallel."""
+def check_compute(session: Session, compute: Compute, training_type: str, max_devices: int | None) -> None:
+    """What this service can train one job on: one node, a device class some worker has registered, at
+    most the workers' devices (`max_devices`, when the API knows it), and several devices only for a
+    method that trains data-parallel."""
     if compute.nodes > 1:
         raise APIError("A job runs on one node for now; compute.nodes must be 1.", param="compute.nodes")
     if compute.device_class is not None:
-        raise APIError(
-            "This service has no device classes configured; leave compute.device_class unset.",
-            param="compute.device_class",
-        )
+        known = Workers(session).known_classes()
+        if compute.device_class not in known:
+            raise APIError(
+                f"No worker has registered device class {compute.device_class!r} (known: "
+                f"{', '.join(sorted(known)) or 'none'}); leave compute.device_class unset to run on any.",
+                param="compute.device_class",
+            )
     if max_devices is not None and compute.devices > max_devices:
         raise APIError(
             f"compute.devices is {compute.devices}, but the workers train a job on at most {max_devices}.",
@@ -155,7 +159,7 @@ def create(
     max_devices: int | None = None,
 ) -> Job:
     if body.compute is not None:
-        check_compute(body.compute, _method(body)[1].training_type, max_devices)
+        check_compute(session, body.compute, _method(body)[1].training_type, max_devices)
     method = check_request(session, store, organization_id, body)
     repo = JobRepository(session)
     Organizations(session).lock(organization_id)  # two creates can't both take the last free place
@@ -167,6 +171,7 @@ def create(
             code="too_many_active_jobs",
             headers={"Retry-After": str(ACTIVE_JOBS_RETRY_SECONDS)},
         )
+    check_budget(session, organization_id, now=time.time())
     job_id = ids.job_id()
     job = repo.add(
         Job(
@@ -182,6 +187,10 @@ def create(
             metadata_=body.metadata,
             export_merged=body.export_merged,
             compute=body.compute.model_dump() if body.compute else None,
+            devices=body.compute.devices if body.compute else 1,
+            device_class=body.compute.device_class if body.compute else None,
+            priority=body.priority,
+            preemptible=body.preemptible,
             integrations=[integration.stored(job_id) for integration in body.integrations or []] or None,
             result_files=[],
             created_at=int(time.time()),
@@ -194,7 +203,7 @@ def create(
     if job.validation_file:
         files += f" and validation file: {job.validation_file}"
     repo.add_event(job.id, f"Validating {files}")
-    on_commit(session, lambda: dispatcher.submit(job.id))
+    on_commit(session, lambda: dispatcher.submit(job.id, job.device_class))
     return job
 
 
@@ -289,7 +298,7 @@ def resume(session: Session, dispatcher: Dispatcher, organization_id: str, job_i
         event="Fine-tuning job resumed",
         values={"dispatched_at": time.time()},
     )
-    on_commit(session, lambda: dispatcher.submit(job.id))
+    on_commit(session, lambda: dispatcher.submit(job.id, job.device_class))
     return job
 
 
