@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Row, func, select, text, union_all, update
 from sqlalchemy.orm import Session
 
 from models.errors import APIError
@@ -113,23 +113,24 @@ class Scheduler:
         """Claim for this worker the next queued job that fits it (queued → running as the job's next
         attempt, with `values` and a fresh lease written in the same compare-and-set), other than those in
         `skip`; None if none fits. The caller commits."""
+        # First, outside the lock (its own row); on SQLite, whose one writer at a time needs no lock, this
+        # write takes the database's before anything is read.
+        Workers(self.session).register(worker_id, capacity, now=now)
         if self.session.get_bind().dialect.name == "postgresql":
             self.session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": CLAIM_LOCK})
-        # SQLite has one writer at a time: the register below takes its lock before anything is read.
-        Workers(self.session).register(worker_id, capacity, now=now)
         free = capacity.devices - self._devices_held(worker_id)
         if free < 1:
             return None
         tenants = self._tenants(capacity.device_class, now)
-        candidates = []
+        rooms = {}
         for organization_id, tenant in tenants.items():
             room = free if tenant.cap is None else min(free, tenant.cap - tenant.running_in_class)
-            job = self._next_of(organization_id, capacity.device_class, room, skip) if room >= 1 else None
-            if job is not None:
-                candidates.append((_rank(job, tenant), job))
+            if room >= 1:
+                rooms[organization_id] = room
+        candidates = self._candidates(rooms, capacity.device_class, skip)
         if not candidates:
             return None
-        job = min(candidates, key=lambda candidate: candidate[0])[1]
+        job = min(candidates, key=lambda job: _rank(job, tenants[job.organization_id]))
         claimed = transition(
             self.session,
             job.id,
@@ -140,10 +141,7 @@ class Scheduler:
             | {"started_at": int(now), "heartbeat_at": now},
         )
         # Under the lock no other claim can have moved it; a cancel or pause may have: not this one, then.
-        if not claimed:
-            return None
-        self.session.refresh(job)
-        return job
+        return self.session.get(Job, job.seq, populate_existing=True) if claimed else None
 
     def _devices_held(self, worker_id: str) -> int:
         stmt = select(func.coalesce(func.sum(Job.devices), 0)).where(
@@ -197,24 +195,36 @@ class Scheduler:
             )
         return tenants
 
-    def _next_of(self, organization_id: str, device_class: str, room: int, skip: Iterable[str]) -> Job | None:
-        """The organisation's highest-priority, oldest queued job that fits `room` devices of the class."""
-        stmt = (
-            select(Job)
+    def _candidates(
+        self, rooms: dict[str, int], device_class: str, skip: Iterable[str]
+    ) -> Sequence[Row[Any]]:
+        """Each organisation's highest-priority, oldest queued job that fits its room (devices) on a worker
+        of the class, in one query."""
+        skipped = list(skip)
+        heads = [
+            select(*CANDIDATE)
             .where(
                 Job.status == JobStatus.QUEUED.value,
                 Job.organization_id == organization_id,
                 Job.devices <= room,
                 (Job.device_class.is_(None)) | (Job.device_class == device_class),
-                Job.id.not_in(list(skip)),
+                Job.id.not_in(skipped),
             )
             .order_by(Job.priority.desc(), Job.seq)
             .limit(1)
-        )
-        return self.session.scalar(stmt)
+            .subquery()
+            for organization_id, room in rooms.items()
+        ]
+        if not heads:
+            return []
+        return self.session.execute(union_all(*(select(head) for head in heads))).all()
 
 
-def _rank(job: Job, tenant: _Tenant) -> tuple[float, ...]:
+CANDIDATE = (Job.seq, Job.id, Job.organization_id, Job.priority, Job.devices, Job.attempt)
+"""What the claim reads of a candidate job."""
+
+
+def _rank(job: Row[Any], tenant: _Tenant) -> tuple[float, ...]:
     # Priority first; then the share the organisation would hold with this job, over its weight (Kueue's
     # and the design note's dominant term); then what it used lately, over its weight (so a tenant that
     # just had a turn yields to one that had none); then age.
