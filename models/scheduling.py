@@ -17,7 +17,7 @@ from sqlalchemy import Row, func, select, text, union_all, update
 from sqlalchemy.orm import Session
 
 from models.errors import APIError
-from models.jobs import JobRepository, accrued
+from models.jobs import WAITING, JobRepository, accrued
 from models.orm import Job, Organization, Worker
 from models.states import JobStatus, transition
 
@@ -350,13 +350,15 @@ class Preemption:
         running = select(Job.worker_id, func.sum(Job.devices)).where(Job.status == JobStatus.RUNNING.value)
         for worker_id, devices in self.session.execute(running.group_by(Job.worker_id)).tuples():
             held[str(worker_id)] = int(devices)
+        # Jobs still validating their files count: the busy workers are what keeps them from validating.
         waiting = self.session.scalars(
             select(Job)
-            .where(Job.status == JobStatus.QUEUED.value, Job.priority > min(v.priority for v in victims))
+            .where(Job.status.in_(WAITING), Job.priority > min(v.priority for v in victims))
             .order_by(Job.priority.desc(), Job.seq)
             .limit(20)
         ).all()
         pairs: list[tuple[str, str]] = []
+        paused: set[str] = set()
         for job in waiting:
             fitting = [w for w in self.workers.values() if _fits(w, job.devices, job.device_class)]
             if any(w.devices - held.get(w.id, 0) >= job.devices for w in fitting):
@@ -364,7 +366,7 @@ class Preemption:
             for victim in victims:
                 worker = self.workers[victim.worker_id or ""]
                 if (
-                    victim.status != JobStatus.RUNNING
+                    victim.id in paused
                     or victim.priority >= job.priority
                     or worker not in fitting
                     or worker.devices - held.get(worker.id, 0) + victim.devices < job.devices
@@ -372,7 +374,7 @@ class Preemption:
                     continue
                 if self._pause(victim, job):
                     held[worker.id] = held.get(worker.id, 0) - victim.devices
-                    victim.status = JobStatus.PAUSED.value
+                    paused.add(victim.id)
                     pairs.append((victim.id, job.id))
                     break
         return pairs
@@ -396,6 +398,7 @@ class Preemption:
             JobRepository(self.session).add_event(
                 job.id, f"Preempting job {victim.id} (priority {victim.priority}) to make room for this one."
             )
+            job.dispatched_at = None  # the sweep wakes a worker for it right away
         return paused
 
     def resume_preempted(self) -> list[tuple[str, str | None]]:

@@ -5,8 +5,10 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select
@@ -19,10 +21,13 @@ from models.orm import Job, JobEvent, Organization
 from models.scheduling import Capacity, Preemption, Scheduler, Workers, check_budget, wait_reason
 from models.settings import Settings
 from models.states import JobStatus, transition
+from models.storage import LocalArtifactStore
 from tests.conftest import RecordingDispatcher, Tenant
-from tests.jobs_helpers import chat_lines
+from tests.jobs_helpers import chat_lines, wait_for
 from tests.test_api_files import assert_error
-from tests.test_runner import upload
+from tests.test_runner import FAST, adapter_tensors, upload
+from worker.reconciler import Reconciler
+from worker.runner import JobRunner
 
 CPU = Capacity(1, "cpu")
 _ids = itertools.count()
@@ -282,3 +287,66 @@ def test_bad_scheduling_input_is_a_400_naming_the_field_and_a_spent_budget_a_429
     refused = client.post("/v1/fine_tuning/jobs", json=base)
     assert_error(refused, 429, "monthly_device_hours", code="quota_exceeded")
     assert "ftjobs_organization_device_seconds" in client.get("/metrics").text
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_preemption_round_trip_resumes_exactly(
+    client: TestClient,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    registered_model: str,
+    dispatcher: RecordingDispatcher,
+) -> None:
+    """A preemptible job is paused for a priority-9 job through the pause path, the urgent job runs, and the
+    preempted one resumes by itself from its checkpoint and ends with the adapter of an uninterrupted run."""
+    fast = settings.model_copy(update={"heartbeat_seconds": 0.1})
+    runner = JobRunner(fast, session_factory, LocalArtifactStore(settings.artifacts_root))
+    reconciler = Reconciler(fast, session_factory, dispatcher)
+    train = chat_lines(30)
+
+    def create(priority: int, preemptible: bool, n_epochs: int) -> str:
+        hyper = {**FAST, "n_epochs": n_epochs, "batch_size": 1}
+        body = {
+            "model": registered_model,
+            "seed": 11,
+            "training_file": upload(client, train),
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+            "priority": priority,
+            "preemptible": preemptible,
+        }
+        response = client.post("/v1/fine_tuning/jobs", json=body)
+        assert response.status_code == 200, response.text
+        return str(response.json()["id"])
+
+    def events(job_id: str) -> list[dict[str, Any]]:
+        url = f"/v1/fine_tuning/jobs/{job_id}/events"
+        return list(reversed(client.get(url, params={"limit": 1000}).json()["data"]))
+
+    straight = create(1, False, 4)
+    runner.run(straight)
+    victim = create(1, True, 4)
+    thread = threading.Thread(target=runner.run, args=(victim,))
+    thread.start()
+    wait_for(lambda: any(e["type"] == "metrics" for e in events(victim)), 120, "training")
+    urgent = create(9, False, 1)
+    assert reconciler.sweep().preempted == [victim]
+    thread.join(timeout=60)
+    assert not thread.is_alive() and client.get(f"/v1/fine_tuning/jobs/{victim}").json()["status"] == "paused"
+    pause_step = client.get(f"/v1/fine_tuning/jobs/{victim}/checkpoints").json()["data"][0]["step_number"]
+
+    runner.run(urgent)  # its wake-up: the urgent job runs first, the preempted one is still paused
+    assert client.get(f"/v1/fine_tuning/jobs/{urgent}").json()["status"] == "succeeded"
+    assert client.get(f"/v1/fine_tuning/jobs/{victim}").json()["status"] == "paused"
+    reconciler.sweep()  # the urgent job has started: the preempted one is queued again
+    runner.run(victim)
+    job = client.get(f"/v1/fine_tuning/jobs/{victim}").json()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["usage"]["device_seconds"] > 0
+    messages = [e["message"] for e in events(victim)]
+    assert any(m.startswith(f"Preempted: paused at a checkpoint for job {urgent}") for m in messages)
+    assert any(m.startswith("Resumed after preemption") for m in messages)
+    assert any(f"resumed from step {pause_step}" in m for m in messages)
+    final, reference = adapter_tensors(settings, victim, 2), adapter_tensors(settings, straight, 1)
+    assert final.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-6, rtol=1e-5)
