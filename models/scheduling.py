@@ -7,7 +7,6 @@ recent device-seconds over the weight), then age, within the organisation's per-
 claims it with the one compare-and-set (`models.states.transition`). Celery messages only wake workers.
 """
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,11 +34,6 @@ class Capacity:
 
     devices: int
     device_class: str
-
-
-def class_name(name: str) -> str:
-    """A device name as a class: lower case, runs of anything but a-z, 0-9, '.', '_' and '-' as '-'."""
-    return re.sub(r"[^a-z0-9._-]+", "-", name.strip().lower()).strip("-")[:64] or "cpu"
 
 
 class Workers:

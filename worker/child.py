@@ -8,6 +8,7 @@ with it (docs/distributed.md).
 
 import ctypes
 import os
+import re
 import select
 import signal
 import subprocess
@@ -18,7 +19,6 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from models.scheduling import class_name
 from models.spec import ChildMessage, TrainingSpec
 
 _messages = TypeAdapter(ChildMessage)
@@ -40,6 +40,11 @@ def visible_devices() -> int:
         return max(1, len([device for device in visible.split(",") if device.strip()]))
     gpus = Path("/proc/driver/nvidia/gpus")
     return max(1, len(list(gpus.iterdir()))) if gpus.is_dir() else 1
+
+
+def class_name(name: str) -> str:
+    """A device name as a class: lower case, runs of anything but a-z, 0-9, '.', '_' and '-' as '-'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.strip().lower()).strip("-")[:64] or "cpu"
 
 
 def visible_device_class() -> str:
