@@ -27,7 +27,7 @@ JOB_FIELDS = {
     "id", "object", "created_at", "model", "status", "training_file", "validation_file", "fine_tuned_model",
     "finished_at", "trained_tokens", "result_files", "hyperparameters", "method", "organization_id", "seed",
     "error", "estimated_finish", "integrations", "metadata", "user_provided_suffix",
-    "evaluation", "export_merged", "compute",  # extensions
+    "evaluation", "export_merged", "compute", "priority", "preemptible", "usage",  # extensions
 }  # fmt: skip
 
 
