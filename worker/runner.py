@@ -94,10 +94,11 @@ class JobRunner:
         self.capacity = capacity or worker_capacity(settings)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
-    def run(self, job_id: str) -> None:
+    def run(self, job_id: str) -> int:
         """Validate `job_id`'s files if it waits for that, then train what this worker claims, one job
         after another, until no queued job fits it (the woken job or any other: a message is a wake-up).
-        Each job once: one requeued by its attempt waits for the next wake-up, as a retry should."""
+        Each job once: one requeued by its attempt waits for the next wake-up, as a retry should. Returns
+        how many attempts it ran."""
         with job_context(job_id):  # every log line of this run names the job
             try:
                 self._validate(job_id, JobStatus.VALIDATING_FILES)
@@ -106,6 +107,7 @@ class JobRunner:
         ran: set[str] = set()
         while (done := self.run_next(skip=ran)) is not None:
             ran.add(done)
+        return len(ran)
 
     def run_next(self, skip: Iterable[str] = ()) -> str | None:
         """Claim the next job that fits this worker (but those in `skip`) and run an attempt of it; its id,
