@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Row, func, select, text, union_all, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from models.errors import APIError
@@ -44,12 +46,11 @@ class Workers:
 
     def register(self, worker_id: str, capacity: Capacity, *, now: float) -> None:
         """Record (or refresh) a worker's capacity; it is live until `live_seconds` after `now`."""
-        row = self.session.get(Worker, worker_id)
-        if row is None:
-            row = Worker(id=worker_id, started_at=now)
-            self.session.add(row)
-        row.devices, row.device_class, row.heartbeat_at = capacity.devices, capacity.device_class, now
-        self.session.flush()
+        # An upsert: a process's runner threads share its id and may register at the same moment.
+        upsert = pg_insert if self.session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        fields = {"devices": capacity.devices, "device_class": capacity.device_class, "heartbeat_at": now}
+        stmt = upsert(Worker).values(id=worker_id, started_at=now, **fields)
+        self.session.execute(stmt.on_conflict_do_update(index_elements=[Worker.id], set_=fields))
 
     def heartbeat(self, worker_id: str, *, now: float) -> bool:
         stmt = update(Worker).where(Worker.id == worker_id).values(heartbeat_at=now)
