@@ -44,6 +44,10 @@ bench-api: install-dev
 bench-methods: install-dev
 	$(PYTHON) bench/methods_table.py
 
+.PHONY: bench-scheduler
+bench-scheduler: install-dev
+	$(PYTHON) bench/scheduler.py $(ARGS)
+
 .PHONY: bench-throughput bench-qlora bench-serving bench-serving-load bench-distributed
 # These take the model from FTJOBS_DATA_DIR (pulled there if missing) unless given ARGS="--model-dir DIR".
 bench-throughput: install-dev

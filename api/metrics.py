@@ -23,7 +23,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -34,6 +34,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.jobs import WAITING, Distribution, JobStatistics
+from models.scheduling import Usage
 from models.states import JobStatus
 
 log = logging.getLogger("ftjobs.api")
@@ -105,12 +106,24 @@ class JobCollector(Collector):
         try:
             with Session(self.engine) as session:
                 families = list(_job_families(JobStatistics(session), time.time()))
+                families.append(_usage_family(Usage(session).total_seconds()))
         except SQLAlchemyError as error:
             log.warning("job metrics: database unavailable: %s", error)
             families = []
         up.add_metric([], 1 if families else 0)
         yield up
         yield from families
+
+
+def _usage_family(seconds: dict[str, float]) -> Metric:
+    family = CounterMetricFamily(
+        "ftjobs_organization_device_seconds",
+        "Devices times seconds the organisation's jobs have held them (docs/scheduling.md).",
+        labels=["organization_id"],
+    )
+    for organization_id, total in sorted(seconds.items()):
+        family.add_metric([organization_id], total)
+    return family
 
 
 def _job_families(stats: JobStatistics, now: float) -> Iterator[Metric]:

@@ -11,7 +11,9 @@ from cli.output import Json, err, show
 app = typer.Typer(
     help="Organisations, storage quotas and API keys, over the API with the admin key.", no_args_is_help=True
 )
-orgs_app = typer.Typer(help="Organisations and their storage quotas.", no_args_is_help=True)
+orgs_app = typer.Typer(
+    help="Organisations, their storage quotas and scheduling policies.", no_args_is_help=True
+)
 keys_app = typer.Typer(help="Organisations' API keys.", no_args_is_help=True)
 app.add_typer(orgs_app, name="orgs")
 app.add_typer(keys_app, name="keys")
@@ -54,6 +56,54 @@ def set_quota(
     body = {"storage_quota_bytes": None if quota == "default" else int(quota)}
     path = f"/admin/organizations/{segment(_org_id(org, base_url))}"
     show(client(base_url, admin=True).post(path, body=body, cast_to=object), as_json)
+
+
+@orgs_app.command("set-policy")
+def set_policy(
+    org: Org,
+    weight: Annotated[float | None, typer.Option(help="Fair-share weight (> 0; default 1).")] = None,
+    cap: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="CLASS=N: most devices of CLASS its running jobs may hold (`*=N`: any class); "
+            "repeatable; `--cap none` removes every cap."
+        ),
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option(help="Device-hours per calendar month (UTC); `none` removes the budget.")
+    ] = None,
+    as_json: Json = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+) -> None:
+    """Set an organisation's scheduling policy; options not given stay as they are (docs/scheduling.md)."""
+    body: dict[str, Any] = {}
+    if weight is not None:
+        body["share_weight"] = weight
+    if cap is not None:
+        body["device_caps"] = None if cap == ["none"] else _caps(cap)
+    if budget is not None:
+        body["monthly_device_hours"] = None if budget == "none" else _hours(budget)
+    if not body:
+        raise typer.BadParameter("give --weight, --cap or --budget", param_hint="options")
+    path = f"/admin/organizations/{segment(_org_id(org, base_url))}"
+    show(client(base_url, admin=True).post(path, body=body, cast_to=object), as_json)
+
+
+def _caps(items: list[str]) -> dict[str, int]:
+    caps = {}
+    for item in items:
+        device_class, _, number = item.partition("=")
+        if not device_class or not number.isdigit():
+            raise typer.BadParameter(f"{item!r} is not CLASS=N", param_hint="--cap")
+        caps[device_class] = int(number)
+    return caps
+
+
+def _hours(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number of hours", param_hint="--budget") from None
 
 
 @keys_app.command("create")

@@ -61,6 +61,14 @@ Devices = Annotated[
     ),
 ]
 
+DeviceClass = Annotated[
+    str | None,
+    typer.Option(
+        help="The class of those devices: jobs asking for compute.device_class run only on workers of it "
+        "(default: $FTJOBS_DEVICE_CLASS, else the GPUs' name, `cpu` without any).",
+    ),
+]
+
 
 def _settings(data_dir: Path | None = None, **overrides: Any) -> Settings:
     """The server's settings. Every server command starts here, so here the process (and every child it
@@ -96,6 +104,7 @@ def up(
     inference_port: Annotated[int, typer.Option(help="The inference server's port (0: any free one).")] = 0,
     data_dir: DataDir = None,
     devices: Devices = None,
+    device_class: DeviceClass = None,
 ) -> None:
     """Run everything on one machine: API + in-process dispatcher, SQLite, local artifacts, and an inference
     server in a child process."""
@@ -103,10 +112,12 @@ def up(
 
     from api.main import create_app
     from worker.embedded import EmbeddedDispatcher
-    from worker.runtime import make_runner
+    from worker.runtime import keep_registered, make_runner
 
     inference_port = inference_port or _free_port()
     token = secrets.token_urlsafe(32)  # so only this API's requests reach its inference server
+    if device_class is not None:
+        os.environ["FTJOBS_DEVICE_CLASS"] = device_class
     settings = _settings(data_dir, inference_url=f"http://127.0.0.1:{inference_port}", inference_token=token)
     # The API and the runner share this process: the API refuses jobs asking more than the runner has.
     settings = settings.model_copy(update={"devices": devices or settings.devices or visible_devices()})
@@ -119,6 +130,7 @@ def up(
     _check_store(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     runner = make_runner(settings)
+    keep_registered(runner)
     _announce_admin_key(settings, runner.session_factory)
     dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
     dispatcher.start()
@@ -188,20 +200,29 @@ def _free_port() -> int:
 
 
 @app.command()
-def worker(loglevel: str | None = None, devices: Devices = None) -> None:
-    """Run a Celery worker that trains jobs (one at a time, each on up to --devices devices)."""
+def worker(loglevel: str | None = None, devices: Devices = None, device_class: DeviceClass = None) -> None:
+    """Run a Celery worker that trains jobs (one at a time, each on up to --devices devices of its
+    --device-class); it consumes the queue of jobs for any class and the one of its class."""
     if devices is not None:  # the Celery task builds its runner from the environment
         os.environ["FTJOBS_DEVICES"] = str(devices)
+    if device_class is not None:
+        os.environ["FTJOBS_DEVICE_CLASS"] = device_class
     from celery.signals import setup_logging
 
+    from models.queue import class_queue
+    from worker.runtime import keep_registered
     from worker.tasks import app as celery_app
+    from worker.tasks import runner
 
     settings = _settings()
     store = _check_store(settings)
     configure_logging(settings, loglevel)
     setup_logging.connect(lambda **_: None, weak=False)  # a receiver tells Celery to leave logging alone
     _start_reconciler(settings, store)
-    celery_app.worker_main(["worker", "--pool=solo", f"--queues={settings.worker_queue}"])
+    trainer = runner()
+    keep_registered(trainer)
+    queues = f"{settings.worker_queue},{class_queue(settings.worker_queue, trainer.capacity.device_class)}"
+    celery_app.worker_main(["worker", "--pool=solo", f"--queues={queues}"])
 
 
 @app.command("run-attempt")

@@ -54,6 +54,13 @@ class CompletedData(BaseModel):
     """Time in the training loop over every attempt; None from a trainer that did not measure it."""
 
 
+def accrued(now: float) -> dict[str, Any]:
+    """What a job's heartbeat at `now` writes: the device-seconds since its last one (its `usage`), and
+    the new heartbeat time."""
+    since = func.coalesce(Job.heartbeat_at, now)
+    return {"device_seconds": Job.device_seconds + Job.devices * (now - since), "heartbeat_at": now}
+
+
 class JobRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -182,7 +189,7 @@ class JobRepository:
         stmt = (
             update(Job)
             .where(Job.id == job_id, Job.attempt == attempt, Job.status.in_(statuses))
-            .values(heartbeat_at=now, lease_expires_at=now + lease_seconds, **(values or {}))
+            .values(**accrued(now), lease_expires_at=now + lease_seconds, **(values or {}))
         )
         return self.session.execute(stmt).rowcount == 1  # pyright: ignore[reportAttributeAccessIssue]  # DML gives a CursorResult
 
@@ -193,9 +200,11 @@ class JobRepository:
         stmt = select(Job).where(Job.status == JobStatus.RUNNING.value, lease_end < now)
         return self.session.scalars(stmt).all()
 
-    def redispatch_waiting(self, *, now: float, redispatch_seconds: float) -> Sequence[str]:
-        """Mark as woken at `now` the waiting jobs not woken for a while, and return them; the interval grows
-        with the job's age (few duplicates)."""
+    def redispatch_waiting(
+        self, *, now: float, redispatch_seconds: float
+    ) -> Sequence[tuple[str, str | None]]:
+        """Mark as woken at `now` the waiting jobs not woken for a while, and return them (with their device
+        class, which says whose queue); the interval grows with the job's age (few duplicates)."""
         waited = now - func.coalesce(Job.dispatched_at, 0)
         backoff = func.max if self.session.get_bind().dialect.name == "sqlite" else func.greatest
         interval = backoff(redispatch_seconds, func.coalesce(Job.dispatched_at, 0) - Job.created_at)
@@ -203,9 +212,9 @@ class JobRepository:
             update(Job)
             .where(Job.status.in_(WAITING), or_(Job.dispatched_at.is_(None), waited > interval))
             .values(dispatched_at=now)
-            .returning(Job.id)
+            .returning(Job.id, Job.device_class)
         )
-        return self.session.scalars(stmt).all()
+        return self.session.execute(stmt).tuples().all()
 
     def add_checkpoint(self, checkpoint: JobCheckpoint) -> JobCheckpoint:
         self.session.add(checkpoint)

@@ -49,6 +49,12 @@ class Organization(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger)
     """Most bytes its files and artifacts may hold (0: no limit); None: the server's default."""
+    share_weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    """Fair-share weight: the scheduler orders organisations by their device use divided by it."""
+    device_caps: Mapped[dict[str, int] | None] = mapped_column(JSONType)
+    """Most devices its running jobs may hold per device class (`"*"`: every class); None: no cap."""
+    monthly_device_hours: Mapped[float | None] = mapped_column(Float)
+    """Device-hours its jobs may use per calendar month (UTC); None: no budget."""
 
 
 class ApiKey(Base):
@@ -94,6 +100,8 @@ class Job(Base):
         Index("ix_fine_tuning_job_org_seq", "organization_id", "seq"),
         Index("ix_fine_tuning_job_status", "status"),
         Index("ix_fine_tuning_job_fine_tuned_model", "fine_tuned_model"),
+        # The claim: each organisation's next queued job, highest priority then oldest.
+        Index("ix_fine_tuning_job_claim", "status", "organization_id", "priority", "seq"),
     )
 
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
@@ -130,13 +138,29 @@ class Job(Base):
     artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
     """Size of the published adapter and merged export: what they count against the storage quota."""
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    """Baseline vs tuned metrics and the best checkpoint (see docs/evaluation.md), kept up to date."""
     compute: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     """The request's `compute` (devices, nodes, device class); None for one device."""
     publish: Mapped[str | None] = mapped_column(String(8))
     """Extension: `best` (the best evaluated checkpoint's weights) or `last`; None: a job from before it."""
     published_step: Mapped[int | None] = mapped_column(Integer)
     """The step whose weights `fine_tuned_model` holds."""
-    """Baseline vs tuned metrics and the best checkpoint (see docs/evaluation.md), kept up to date."""
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """`compute.devices` as a column, for the claim."""
+    device_class: Mapped[str | None] = mapped_column(String(64))
+    """`compute.device_class` as a column, for the claim; None: any class."""
+    priority: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
+    """Extension: 0-9, higher first."""
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Extension: a higher-priority job that cannot start may pause it (it resumes by itself)."""
+    device_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    """Devices times seconds its attempts have held them (the job's `usage`)."""
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    """The worker that claimed its latest attempt."""
+    wait_reason: Mapped[str | None] = mapped_column(String(256))
+    """Why a queued job waits (no worker offers what it needs), said once in an event."""
+    preempted_by: Mapped[str | None] = mapped_column(String(64))
+    """The job a preemption paused this one for: it resumes by itself once that one has started."""
     # Reliability: each run is an attempt; a worker holds the job through a renewed lease.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
@@ -144,6 +168,19 @@ class Job(Base):
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
     dispatched_at: Mapped[float | None] = mapped_column(Float)
     """When a runner was last woken for this job; the reconciler wakes one again if nothing happened."""
+
+
+class Worker(Base):
+    """A training worker's capacity, recorded when it starts and renewed by its heartbeat. Rows stay after a
+    worker stops: the device classes ever registered are the ones a job may ask for."""
+
+    __tablename__ = "worker"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    device_class: Mapped[str] = mapped_column(String(64))
+    devices: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
 
 
 class JobEvent(Base):

@@ -1,6 +1,7 @@
 """The Celery app both sides share: the API publishes wake-ups, workers consume them.
 
-A message carries only a job id; Postgres holds the job. Settings suit multi-hour tasks: early ack
+A message carries only a job id; Postgres holds the job. One queue per device class: a job for class C wakes
+only the workers of C (docs/scheduling.md). Settings suit multi-hour tasks: early ack
 (the database, not the broker, recovers crashed jobs), one message per worker process at a time,
 JSON only, no result backend.
 """
@@ -38,7 +39,12 @@ def make_celery(settings: Settings) -> Celery:
 class Dispatcher(Protocol):
     """Wakes a runner for a committed job. The database row is the job; this is only a nudge."""
 
-    def submit(self, job_id: str) -> None: ...
+    def submit(self, job_id: str, device_class: str | None = None) -> None: ...
+
+
+def class_queue(prefix: str, device_class: str | None) -> str:
+    """The queue whose workers a job of `device_class` wakes: `prefix` for any class, `prefix.CLASS`."""
+    return f"{prefix}.{device_class}" if device_class else prefix
 
 
 class CeleryDispatcher:
@@ -46,8 +52,8 @@ class CeleryDispatcher:
         self.celery = make_celery(settings)
         self.queue = settings.worker_queue
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, device_class: str | None = None) -> None:
         try:
-            self.celery.send_task(RUN_JOB, args=[job_id], queue=self.queue)
+            self.celery.send_task(RUN_JOB, args=[job_id], queue=class_queue(self.queue, device_class))
         except Exception:  # broker down: the reconciler publishes the job again later; it is not lost
             log.exception("could not publish job %s to the broker", job_id)

@@ -140,7 +140,25 @@ class Settings(BaseSettings):
         "asking for more. Unset: a worker uses the GPUs it sees (1 on CPU), and the API leaves the check "
         "to the worker (docs/distributed.md).",
     )
-    worker_queue: str = Field(default="ftjobs", description="Celery queue that training workers consume.")
+    device_class: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z0-9][a-z0-9._-]*$",
+        description="The class of a worker's devices (`ftjobs worker|up --device-class`): jobs asking for "
+        "`compute.device_class` run only on workers of that class. Unset: the GPUs' name, or `cpu`.",
+    )
+    fair_share_window_seconds: float = Field(
+        default=86400.0,
+        gt=0,
+        description="How far back an organisation's device-seconds count towards its fair share "
+        "(docs/scheduling.md).",
+    )
+    worker_queue: str = Field(
+        default="ftjobs",
+        description="Celery queue prefix: jobs of any class wake `NAME`, jobs of class C wake `NAME.C`; a "
+        "worker consumes both.",
+    )
     executor: Literal["local", "slurm"] = Field(
         default="local",
         description="Where a claimed job trains: `local`, a child process of the worker (one node); `slurm`, "

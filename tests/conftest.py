@@ -125,7 +125,7 @@ class RecordingDispatcher:
     def __init__(self) -> None:
         self.submitted: list[str] = []
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, device_class: str | None = None) -> None:
         self.submitted.append(job_id)
 
 

@@ -45,7 +45,7 @@ def test_compute_is_echoed_with_its_defaults(client: TestClient, registered_mode
         ({"devices": WORKER_DEVICES + 1}, "lora", "compute.devices"),  # more than the workers have
         ({"nodes": 2}, "lora", "compute.nodes"),  # several nodes: only with FTJOBS_EXECUTOR=slurm
         ({"nodes": 0}, "lora", "compute.nodes"),
-        ({"device_class": "a100"}, "lora", "compute.device_class"),  # none configured
+        ({"device_class": "a100"}, "lora", "compute.device_class"),  # no worker registered it
         ({"gpus": 2}, "lora", "compute.gpus"),
     ],
 )

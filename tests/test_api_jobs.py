@@ -27,7 +27,8 @@ JOB_FIELDS = {
     "id", "object", "created_at", "model", "status", "training_file", "validation_file", "fine_tuned_model",
     "finished_at", "trained_tokens", "result_files", "hyperparameters", "method", "organization_id", "seed",
     "error", "estimated_finish", "integrations", "metadata", "user_provided_suffix",
-    "evaluation", "export_merged", "compute", "publish", "published_step",  # extensions
+    "evaluation", "export_merged", "compute", "publish", "published_step", "priority", "preemptible",
+    "usage",  # extensions
 }  # fmt: skip
 
 

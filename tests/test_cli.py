@@ -245,6 +245,15 @@ def test_admin_and_webhooks(server: Server) -> None:
     admin = {"FTJOBS_ADMIN_KEY": ADMIN_KEY}
     org = server.json("admin", "orgs", "create", "cli-team", **admin)
     assert org["name"] in server.run("admin", "orgs", "list", **admin).stdout
+    policy = ("--weight", "2", "--cap", "cpu=1", "--cap", "*=4", "--budget", "10")
+    set_policy = server.json("admin", "orgs", "set-policy", "cli-team", *policy, **admin)
+    assert (set_policy["share_weight"], set_policy["device_caps"], set_policy["monthly_device_hours"]) == (
+        2.0,
+        {"cpu": 1, "*": 4},
+        10.0,
+    )
+    cleared = server.json("admin", "orgs", "set-policy", "cli-team", "--cap", "none", **admin)
+    assert cleared["device_caps"] is None and cleared["share_weight"] == 2.0
     created = server.run("admin", "keys", "create", "cli-team", "--name", "ci", **admin)
     key = created.stdout.strip()  # the key alone on stdout, by the organisation's name
     assert key.startswith("sk-ftj-") and "not shown again" in created.stderr

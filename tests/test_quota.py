@@ -141,6 +141,10 @@ def test_the_admin_sets_and_sees_each_organisations_quota(
         "storage_quota_bytes": None,
         "storage_limit_bytes": default,
         "storage_used_bytes": 0,
+        "share_weight": 1.0,
+        "device_caps": None,
+        "monthly_device_hours": None,
+        "device_hours_this_month": 0.0,
     }
     assert upload(client).status_code == 200
     limited = set_quota(client, tenant, len(CONTENT))

@@ -8,6 +8,7 @@ per device; the ranks die with it (docs/distributed.md).
 
 import ctypes
 import os
+import re
 import select
 import signal
 import subprocess
@@ -40,6 +41,21 @@ def visible_devices() -> int:
         return max(1, len([device for device in visible.split(",") if device.strip()]))
     gpus = Path("/proc/driver/nvidia/gpus")
     return max(1, len(list(gpus.iterdir()))) if gpus.is_dir() else 1
+
+
+def class_name(name: str) -> str:
+    """A device name as a class: lower case, runs of anything but a-z, 0-9, '.', '_' and '-' as '-'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.strip().lower()).strip("-")[:64] or "cpu"
+
+
+def visible_device_class() -> str:
+    """The device class of this machine: its first GPU's model name (`nvidia-a100-sxm4-80gb`), or `cpu`.
+    Read from the driver's /proc files, without torch."""
+    gpus = sorted(Path("/proc/driver/nvidia/gpus").glob("*/information"))
+    for line in gpus[0].read_text().splitlines() if gpus else ():
+        if line.startswith("Model:"):
+            return class_name(line.removeprefix("Model:"))
+    return "cpu"
 
 
 @dataclass(frozen=True)

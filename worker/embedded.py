@@ -1,6 +1,7 @@
 """Embedded deployment: runner threads inside the `ftjobs up` process, fed straight from the database.
 
-There is no broker: threads poll for pending jobs (oldest first) and `submit` only wakes them early.
+There is no broker: threads poll for pending jobs (oldest first) and `submit` only wakes them early; the
+runner then claims whichever job fits best (models/scheduling.py).
 Training still happens in child processes, never in this process.
 """
 
@@ -45,7 +46,7 @@ class EmbeddedDispatcher:
         self._stopping.set()
         self._wake.set()
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, device_class: str | None = None) -> None:
         self._wake.set()
 
     def _next(self) -> str | None:
@@ -70,10 +71,14 @@ class EmbeddedDispatcher:
                 self._wake.wait(self.poll_seconds)
                 self._wake.clear()
                 continue
+            ran = 0
             try:
-                self.runner.run(job_id)
+                ran = self.runner.run(job_id)
             except Exception:
                 log.exception("runner failed on job %s", job_id)
             finally:
                 with self._lock:
                     self._taken.discard(job_id)
+            if not ran:  # it waits for room (a cap, a busy device): not again until something changes
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()

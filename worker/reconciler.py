@@ -11,6 +11,9 @@
 - Every `store_sweep_seconds` (an hour), and once at start, the artifact store is swept of what crashed
   writers left: half-published or half-deleted prefixes and multipart uploads never completed, older than
   `store_orphan_seconds` (a day). It lists the whole store, so it runs far less often than the job sweep.
+- Scheduling (`models.scheduling.Preemption`): a queued job no live worker could run gets one event saying
+  what it waits for; a higher-priority job that cannot start pauses a preemptible one; a preempted job is
+  queued again once the job it made room for has started.
 
 Every API and worker process runs one; on Postgres a transaction-scoped advisory lock lets one sweep at a
 time, and every change is a compare-and-set, so overlapping sweeps cannot requeue a job twice. Store sweeps
@@ -31,6 +34,7 @@ from models.idempotency import IdempotencyRepository
 from models.jobs import JobRepository
 from models.orm import Job
 from models.queue import Dispatcher
+from models.scheduling import Preemption
 from models.settings import Settings
 from models.states import JobStatus, transition
 from models.storage import ArtifactStore, Swept
@@ -47,6 +51,7 @@ class Sweep:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     woken: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
 
 
 def retry_or_fail(
@@ -103,11 +108,17 @@ class Reconciler:
                 self._watch_allocations(session, now, result)
             for job in repo.expired_leases(now=now, lease_seconds=self.settings.lease_seconds):
                 self._recover(session, job, now, result)
+            queue = Preemption(session, now=now, live_seconds=self.settings.lease_seconds)
+            queue.note_waits()
+            preempted = queue.preempt()
+            queue.resume_preempted()
             woken = repo.redispatch_waiting(now=now, redispatch_seconds=self.settings.redispatch_seconds)
-            result.woken = list(woken)
+            result.woken = [job_id for job_id, _ in woken]
+            result.preempted = [victim for victim, _ in preempted]
             IdempotencyRepository(session).expire()
-        for job_id in result.woken:  # requeued jobs are among them
-            self.dispatcher.submit(job_id)
+        # Requeued and resumed jobs are among the woken (they have no wake-up time).
+        for job_id, device_class in woken:
+            self.dispatcher.submit(job_id, device_class)
         return result
 
     def _recover(self, session: Session, job: Job, now: float, result: Sweep) -> None:

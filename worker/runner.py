@@ -39,6 +39,7 @@ from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint
 from models.quota import QuotaExceeded, StorageQuota, directory_bytes
 from models.registry import ModelRegistry, is_generative
+from models.scheduling import Capacity, Scheduler, Usage
 from models.settings import Settings
 from models.spec import (
     CheckpointMessage,
@@ -60,7 +61,7 @@ from models.states import JobStatus, transition
 from models.storage import ArtifactStore, StoreUnavailable
 from models.validation import DataError, FileSummary, validate_job_files
 from models.versions import root_base
-from worker.child import Placement, TrainingProcess, visible_devices
+from worker.child import Placement, TrainingProcess, visible_device_class, visible_devices
 from worker.integrations import trackers
 from worker.reconciler import retry_or_fail
 
@@ -111,35 +112,54 @@ class JobRunner:
         session_factory: sessionmaker[Session],
         store: ArtifactStore,
         executor: Executor | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
         self.store = store
         self.executor = executor or LocalExecutor()
+        self.capacity = capacity or worker_capacity(settings)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
-    def run(self, job_id: str) -> None:
-        """Take `job_id` as far as it goes; returns quietly when another runner owns it."""
+    def run(self, job_id: str) -> int:
+        """Validate `job_id`'s files if it waits for that, then train what this worker claims, one job
+        after another, until no queued job fits it (the woken job or any other: a message is a wake-up).
+        Each job once: one requeued by its attempt waits for the next wake-up, as a retry should. Returns
+        how many attempts it ran."""
         with job_context(job_id):  # every log line of this run names the job
-            self._run(job_id)
+            try:
+                self._validate(job_id, JobStatus.VALIDATING_FILES)
+            except JobFailed as failure:
+                fail_job(self.session_factory, job_id, failure, from_=JobStatus.VALIDATING_FILES)
+        ran: set[str] = set()
+        while (done := self.run_next(skip=ran)) is not None:
+            ran.add(done)
+        return len(ran)
 
-    def _run(self, job_id: str) -> None:
-        try:
-            data = self._validate(job_id)
-            attempt = self._claim(job_id, data) if data else None
-        except JobFailed as failure:
-            fail_job(
-                self.session_factory, job_id, failure, from_=(JobStatus.VALIDATING_FILES, JobStatus.QUEUED)
-            )
-            return
-        if data and attempt:
+    def run_next(self, skip: Iterable[str] = ()) -> str | None:
+        """Claim the next job that fits this worker (but those in `skip`) and start an attempt of it where
+        the executor trains it; its id, or None if none fits."""
+        claimed = self._claim(skip)
+        if claimed is None:
+            return None
+        job_id, attempt = claimed
+        with job_context(job_id):
+            try:
+                data = self._validate(job_id, JobStatus.RUNNING, attempt)
+                assert data is not None
+                self._start(job_id, attempt, data)
+            except JobFailed as failure:
+                fail_job(self.session_factory, job_id, failure, from_=JobStatus.RUNNING, attempt=attempt)
+                return job_id
             self.executor.start(Attempt(self, job_id, attempt, data))
+        return job_id
 
     def run_attempt(self, job_id: str, attempt: int, placement: Placement | None = None) -> bool:
         """Train attempt `attempt` of `job_id`, claimed by another process (`ftjobs run-attempt` on each node
         of a Slurm allocation); False, doing nothing, when the job no longer runs on that attempt."""
         with job_context(job_id):
             try:
-                data = self._inspect(job_id, attempt)
+                data = self._validate(job_id, JobStatus.RUNNING, attempt)
             except JobFailed as failure:
                 fail_job(self.session_factory, job_id, failure, from_=JobStatus.RUNNING, attempt=attempt)
                 return False
@@ -149,30 +169,22 @@ class JobRunner:
             Attempt(self, job_id, attempt, data, placement).run()
             return True
 
-    def _validate(self, job_id: str) -> "JobData | None":
-        """Check the files and what the job trains on them, then mark it queued; None if not pending."""
-        data = self._inspect(job_id)
-        if data is not None:
-            with session_scope(self.session_factory) as session:
-                if transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED):
-                    JobRepository(session).add_event(job_id, "Files validated, moving job to queued state")
-        return data
-
-    def _inspect(self, job_id: str, attempt: int | None = None) -> "JobData | None":
-        """Check the files (read-only, so duplicate runners may both do it) and what the job trains on
-        them; None if the job is not pending (or, given `attempt`, not running on it)."""
+    def _validate(self, job_id: str, status: JobStatus, attempt: int | None = None) -> "JobData | None":
+        """Check the files of a job in `status` (and on `attempt`, if given) and what the job trains on them
+        (read-only, so duplicate runners may both do it); None if the job is not there. A job validating
+        its files is queued."""
         with session_scope(self.session_factory) as session:
             job = JobRepository(session).get(job_id)
-            pending = job is not None and job.status in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED)
-            running = job is not None and (job.status, job.attempt) == (JobStatus.RUNNING, attempt)
-            if job is None or not (running if attempt is not None else pending):
+            if job is None or job.status != status or attempt not in (None, job.attempt):
                 return None
             method_type = job.method["type"]
             requested = HYPERPARAMETERS[method_type].model_validate(
                 job.method[method_type]["hyperparameters"]
             )
             model = ModelRegistry(session).get(root_base(job.model))
-            generative = is_generative(model) if model else None
+            if model is None:
+                raise JobFailed("model_not_found", f"Model {job.model!r} is no longer registered.", "model")
+            generative = is_generative(model)
             files = [("training_file", job.training_file)]
             if job.validation_file:
                 files.append(("validation_file", job.validation_file))
@@ -205,38 +217,46 @@ class JobRunner:
             # The API refuses these at create time; a file replaced since then can still get here.
             raise JobFailed("invalid_file_format", mismatch.message, mismatch.param)
         assert not isinstance(objective, Mismatch)
+        with session_scope(self.session_factory) as session:
+            if transition(session, job_id, from_=JobStatus.VALIDATING_FILES, to=JobStatus.QUEUED):
+                JobRepository(session).add_event(job_id, "Files validated, moving job to queued state")
         return JobData(train, objective, requested)
 
-    def _claim(self, job_id: str, data: "JobData") -> int | None:
-        """queued → running as attempt N+1, with the hyperparameters resolved; None if not ours."""
+    def _claim(self, skip: Iterable[str]) -> tuple[str, int] | None:
+        """queued → running: the next job that fits this worker, as its attempt N+1; None if none fits."""
         with session_scope(self.session_factory) as session:
-            job = JobRepository(session).get(job_id)
-            if job is None or job.status != JobStatus.QUEUED:
-                return None
-            if ModelRegistry(session).get(root_base(job.model)) is None:
-                raise JobFailed("model_not_found", f"Model {job.model!r} is no longer registered.", "model")
             now = time.time()
-            attempt = job.attempt + 1
-            claimed = transition(
-                session,
-                job_id,
-                from_=JobStatus.QUEUED,
-                to=JobStatus.RUNNING,
-                attempt=job.attempt,
+            job = Scheduler(session, window_seconds=self.settings.fair_share_window_seconds).claim_next(
+                self.worker_id,
+                self.capacity,
+                now=now,
                 values={
-                    "attempt": attempt,
-                    "hyperparameters": resolve(data.requested, data.summary.n_examples, data.objective),
-                    "started_at": int(now),
-                    "lease_owner": f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}",
-                    "heartbeat_at": now,
+                    "lease_owner": f"{self.worker_id}:{threading.get_ident()}",
                     "lease_expires_at": now + self.settings.lease_seconds,
                 },
+                skip=skip,
             )
-            if not claimed:
+            if job is None:
                 return None
-            JobRepository(session).add_event(job_id, "Fine-tuning job started", data=None)
-            log.info("job %s: attempt %s started", job_id, attempt)
-            return attempt
+            JobRepository(session).add_event(job.id, "Fine-tuning job started", data=None)
+            log.info("job %s: attempt %s started on %s", job.id, job.attempt, self.worker_id)
+            return job.id, job.attempt
+
+    def _start(self, job_id: str, attempt: int, data: "JobData") -> None:
+        """Write the claimed attempt's resolved hyperparameters (fenced: a cancel may have come first)."""
+        with session_scope(self.session_factory) as session:
+            JobRepository(session).renew_lease(
+                job_id,
+                attempt,
+                now=time.time(),
+                lease_seconds=self.settings.lease_seconds,
+                values={"hyperparameters": resolve(data.requested, data.summary.n_examples, data.objective)},
+            )
+
+
+def worker_capacity(settings: Settings) -> Capacity:
+    """This worker's devices and their class: as configured, else the GPUs it sees (or 1 CPU device)."""
+    return Capacity(settings.devices or visible_devices(), settings.device_class or visible_device_class())
 
 
 @dataclass(frozen=True)
@@ -335,11 +355,20 @@ class Attempt:
                 self.runner.session_factory, self.job_id, exc, from_=JobStatus.RUNNING, attempt=self.attempt
             )
         finally:
+            self._settle_usage()
             log_file = self.workdir / "train.log"
             if log_file.exists():
                 with open(log_file, "rb") as source, suppress(StoreUnavailable):  # only the log
                     self.store.put_stream(self.log_key, source)
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _settle_usage(self) -> None:
+        """Count the devices' time since the last heartbeat towards the job's usage."""
+        try:
+            with session_scope(self.runner.session_factory) as session:
+                Usage(session).settle(self.job_id, self.attempt, now=time.time())
+        except OperationalError:  # the database is down: the job's usage misses a heartbeat's worth
+            log.warning("job %s: could not count its last device time", self.job_id)
 
     def retry(self, reason: str) -> None:
         """Queue the job's next attempt (or fail it once they are spent), if it still runs on this one."""

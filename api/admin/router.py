@@ -1,6 +1,8 @@
 """Extension: organisations, their storage quotas and their API keys, managed with the admin key (`ftjobs
 keys` does the same from the server's shell)."""
 
+import time
+
 from fastapi import APIRouter
 from sqlalchemy.orm import Session
 
@@ -18,9 +20,13 @@ from models.auth import ApiKeys, InvalidName, Organizations
 from models.errors import APIError, not_found
 from models.orm import Organization
 from models.quota import StorageQuota
+from models.scheduling import Usage
 from models.settings import Settings
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+POLICY_FIELDS = frozenset({"share_weight", "device_caps", "monthly_device_hours"})
+"""The scheduling policy's fields (docs/scheduling.md): for an organisation that does not exist, a 400."""
 
 
 @router.post("/organizations")
@@ -54,10 +60,24 @@ def retrieve_organization(
 def update_organization(
     organization_id: str, body: OrganizationUpdate, session: SessionDep, settings: SettingsDep, _: AdminDep
 ) -> OrganizationObject:
-    """Set the organisation's storage limit. Stored bytes over a lowered limit stay; new uploads and jobs'
-    artifacts are refused until deletions bring the use under it."""
+    """Set the organisation's storage limit and its scheduling policy (fair-share weight, devices in use
+    per class, monthly device-hour budget); fields not given stay. Stored bytes over a lowered limit stay;
+    new uploads and jobs' artifacts are refused until deletions bring the use under it."""
+    given = body.model_fields_set
+    if not given:
+        raise APIError(
+            "Give at least one of storage_quota_bytes, share_weight, device_caps, monthly_device_hours.",
+            param="storage_quota_bytes",
+        )
+    policy = given & POLICY_FIELDS
+    if policy and Organizations(session).get(organization_id) is None:
+        raise APIError(
+            f"No such organization: {organization_id!r}; a policy needs an existing organization.",
+            param="organization_id",
+        )
     organization = _organization(session, organization_id)
-    organization.storage_quota_bytes = body.storage_quota_bytes
+    for field in given:
+        setattr(organization, field, getattr(body, field))
     return _organization_object(session, settings, organization)
 
 
@@ -91,9 +111,12 @@ def _organization_object(
     session: Session, settings: Settings, organization: Organization
 ) -> OrganizationObject:
     usage = StorageQuota(session, settings.storage_quota_bytes).usage(organization.id)
+    month = Usage(session).month_seconds([organization.id], now=time.time()).get(organization.id, 0.0)
     return OrganizationObject.model_validate(
         {
             **{column: getattr(organization, column) for column in ("id", "name", "created_at")},
+            **{field: getattr(organization, field) for field in POLICY_FIELDS},
+            "device_hours_this_month": round(month / 3600, 6),
             "storage_quota_bytes": organization.storage_quota_bytes,
             "storage_limit_bytes": usage.limit,
             "storage_used_bytes": usage.used,

@@ -1,6 +1,6 @@
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints
 
 
 class OrganizationCreate(BaseModel):
@@ -23,13 +23,38 @@ class OrganizationObject(BaseModel):
     storage_used_bytes: int = Field(
         description="Bytes its files, fine-tuned models and checkpoints hold in the artifact store."
     )
+    share_weight: float = Field(description="Fair-share weight (docs/scheduling.md).")
+    device_caps: dict[str, int] | None = Field(
+        description="Most devices its running jobs may hold per device class (`*`: any other); null: none."
+    )
+    monthly_device_hours: float | None = Field(description="Monthly device-hour budget; null: none.")
+    device_hours_this_month: float = Field(
+        description="Device-hours used by the jobs it created this calendar month (UTC)."
+    )
+
+
+DeviceClassName = Annotated[str, StringConstraints(pattern=r"^(\*|[a-z0-9][a-z0-9._-]{0,63})$")]
 
 
 class OrganizationUpdate(BaseModel):
+    """Only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid")
+
     storage_quota_bytes: int | None = Field(
+        default=None,
         ge=0,
         description="Most bytes its files, fine-tuned models and checkpoints may hold (0: no limit); null: "
         "the server's default (FTJOBS_STORAGE_QUOTA_BYTES).",
+    )
+    share_weight: Annotated[float, Field(gt=0, le=1000)] = Field(
+        default=1.0, description="Fair-share weight: its share of devices is proportional to it."
+    )
+    device_caps: dict[DeviceClassName, Annotated[int, Field(strict=True, ge=0, le=100_000)]] | None = Field(
+        default=None, max_length=64, description="Most devices in use per class; `*` for every other."
+    )
+    monthly_device_hours: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="Device-hours its jobs may use per calendar month (UTC); null: no budget."
     )
 
 

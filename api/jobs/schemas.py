@@ -174,7 +174,7 @@ class Compute(BaseModel):
     nodes: Annotated[int, Field(strict=True, ge=1, le=64)] = 1
     """Machines the job spans (only 1 for now)."""
     device_class: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    """A named class of device to run on (none are configured yet)."""
+    """A class of device to run on, as workers register it (`ftjobs worker --device-class`); None: any."""
 
 
 class JobCreate(BaseModel):
@@ -209,6 +209,10 @@ class JobCreate(BaseModel):
     """Extension: which weights `fine_tuned_model` names: the best evaluated checkpoint's by
     `metric_for_best_checkpoint` (`best`, the default with a validation file) or the last step's (`last`,
     OpenAI's meaning, the default without one; docs/evaluation.md)."""
+    priority: Annotated[int, Field(strict=True, ge=0, le=9)] = 5
+    """Extension: 0-9, higher first among its organisation's and others' queued jobs (docs/scheduling.md)."""
+    preemptible: Annotated[bool, Field(strict=True)] = False
+    """Extension: a job of higher priority that cannot start may pause it; it resumes by itself."""
 
     @field_validator("suffix")
     @classmethod
@@ -282,6 +286,10 @@ class FineTuningJob(BaseModel):
     export_merged: bool
     compute: dict[str, Any]
     """What the job trains on: devices, nodes, device_class."""
+    priority: int
+    preemptible: bool
+    usage: dict[str, float]
+    """`{"device_seconds": N}`: devices times the seconds its attempts held them."""
     evaluation: dict[str, Any] | None
     """Baseline vs tuned metrics and the best checkpoint, once the job has a validation file and has
     started (docs/evaluation.md)."""
@@ -322,6 +330,9 @@ class FineTuningJob(BaseModel):
             user_provided_suffix=job.suffix,
             export_merged=job.export_merged,
             compute=Compute.model_validate(job.compute or {}).model_dump(),
+            priority=job.priority,
+            preemptible=job.preemptible,
+            usage={"device_seconds": round(job.device_seconds, 3)},
             evaluation=job.evaluation,
             publish="best" if job.publish == "best" else "last",
             published_step=job.published_step,

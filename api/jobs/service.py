@@ -27,6 +27,7 @@ from models.objectives import Mismatch, check, objective_for
 from models.orm import Job, JobCheckpoint, JobEvent, RegisteredModel
 from models.queue import Dispatcher
 from models.registry import is_generative
+from models.scheduling import Workers, check_budget
 from models.spec import LORA_FAMILY, METHODS, Objective
 from models.states import ACTIVE, JobStatus, transition
 from models.storage import ArtifactStore
@@ -156,7 +157,7 @@ def check_request(
     estimate (api/preflight) apply them: what it trains on, its model (a base, or one of the organisation's
     tuned models), its files and its method (400s). Returns the method as stored and the registered base."""
     if body.compute is not None:
-        check_compute(body.compute, _method(body)[1].training_type, max_devices, several_nodes)
+        check_compute(session, body.compute, _method(body)[1].training_type, max_devices, several_nodes)
     resolved = resolve_model(session, store, organization_id, body.model)
     if resolved is None:
         raise model_not_found(body.model)
@@ -168,12 +169,16 @@ def check_request(
 
 
 def check_compute(
-    compute: Compute, training_type: str, max_devices: int | None, several_nodes: bool = False
+    session: Session,
+    compute: Compute,
+    training_type: str,
+    max_devices: int | None,
+    several_nodes: bool = False,
 ) -> None:
     """What this service can train one job on: one node unless a cluster executor allocates several
-    (`several_nodes`, FTJOBS_EXECUTOR=slurm), no device classes yet, at most the workers' devices
-    (`max_devices`, when the API knows it), several devices only for a method that can spread over them
-    (data-parallel or sharded) and several nodes only for a data-parallel one."""
+    (`several_nodes`, FTJOBS_EXECUTOR=slurm), a device class some worker has registered, at most the
+    workers' devices (`max_devices`, when the API knows it), several devices only for a method that can
+    spread over them (data-parallel or sharded) and several nodes only for a data-parallel one."""
     if compute.nodes > 1 and not several_nodes:
         raise APIError(
             "This service trains a job on one node (several need FTJOBS_EXECUTOR=slurm); "
@@ -181,10 +186,13 @@ def check_compute(
             param="compute.nodes",
         )
     if compute.device_class is not None:
-        raise APIError(
-            "This service has no device classes configured; leave compute.device_class unset.",
-            param="compute.device_class",
-        )
+        known = Workers(session).known_classes()
+        if compute.device_class not in known:
+            raise APIError(
+                f"No worker has registered device class {compute.device_class!r} (known: "
+                f"{', '.join(sorted(known)) or 'none'}); leave compute.device_class unset to run on any.",
+                param="compute.device_class",
+            )
     if max_devices is not None and compute.devices > max_devices:
         raise APIError(
             f"compute.devices is {compute.devices}, but the workers train a job on at most {max_devices}.",
@@ -226,6 +234,7 @@ def create(
             code="too_many_active_jobs",
             headers={"Retry-After": str(ACTIVE_JOBS_RETRY_SECONDS)},
         )
+    check_budget(session, organization_id, now=time.time())
     job_id = ids.job_id()
     job = repo.add(
         Job(
@@ -242,6 +251,10 @@ def create(
             export_merged=body.export_merged,
             publish=_publish(body),
             compute=body.compute.model_dump() if body.compute else None,
+            devices=body.compute.devices if body.compute else 1,
+            device_class=body.compute.device_class if body.compute else None,
+            priority=body.priority,
+            preemptible=body.preemptible,
             integrations=[integration.stored(job_id) for integration in body.integrations or []] or None,
             result_files=[],
             created_at=int(time.time()),
@@ -254,7 +267,7 @@ def create(
     if job.validation_file:
         files += f" and validation file: {job.validation_file}"
     repo.add_event(job.id, f"Validating {files}")
-    on_commit(session, lambda: dispatcher.submit(job.id))
+    on_commit(session, lambda: dispatcher.submit(job.id, job.device_class))
     return job
 
 
@@ -360,7 +373,7 @@ def resume(session: Session, dispatcher: Dispatcher, organization_id: str, job_i
         event="Fine-tuning job resumed",
         values={"dispatched_at": time.time()},
     )
-    on_commit(session, lambda: dispatcher.submit(job.id))
+    on_commit(session, lambda: dispatcher.submit(job.id, job.device_class))
     return job
 
 
