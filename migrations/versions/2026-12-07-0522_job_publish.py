@@ -4,7 +4,7 @@ Which weights a job publishes as its fine-tuned model (`publish`: best or last, 
 before it, which published the last) and the step they are from (`published_step`).
 
 Revision ID: 5d0c1e7a9b21
-Revises: eb8cb347a710
+Revises: 73633dabd6da
 Create Date: 2026-12-07 05:22:00.000000
 """
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "5d0c1e7a9b21"
-down_revision: str | None = "eb8cb347a710"
+down_revision: str | None = "73633dabd6da"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
