@@ -1,9 +1,9 @@
 """OpenAI's grader objects, field by field as the openai SDK types them (`types/graders/*.py`). Unknown keys
 are refused, so a misspelt field is an error rather than silently ignored."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 
 class Shape(BaseModel):
@@ -117,3 +117,11 @@ AnyGrader = (
 
 def sub_graders(grader: MultiGrader) -> dict[str, SubGrader]:
     return grader.graders if isinstance(grader.graders, dict) else {grader.graders.name: grader.graders}
+
+
+_GRADER: TypeAdapter[Grader] = TypeAdapter(Grader)
+
+
+def parse_grader(data: Any) -> AnyGrader:
+    """A grader from its JSON shape (as a job stores it); pydantic's ValidationError when it is not one."""
+    return _GRADER.validate_python(data)
