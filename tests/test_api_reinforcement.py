@@ -64,10 +64,12 @@ def test_the_method_is_accepted_and_echoed_in_openais_shape(
     response = create(client, registered_model, prompts(10), method)
     assert response.status_code == 200, response.text
     job = FineTuningJob.model_validate(response.json())
-    assert job.method.type == "reinforcement" and job.method.reinforcement is not None
-    assert job.method.reinforcement.grader.type == "string_check"
-    assert job.method.reinforcement.grader.model_dump(exclude_none=True) == GRADER
-    echoed = job.method.reinforcement.hyperparameters
+    assert job.method is not None and job.method.type == "reinforcement"
+    settings = job.method.reinforcement
+    assert settings is not None and settings.grader.type == "string_check"
+    assert settings.grader.model_dump(exclude_none=True) == GRADER
+    echoed = settings.hyperparameters
+    assert echoed is not None
     assert (echoed.compute_multiplier, echoed.eval_interval, echoed.eval_samples) == (1.5, 2, 2)
     assert echoed.reasoning_effort == "low"
     assert response.json()["method"]["reinforcement"]["response_format"] == {"type": "json_object"}
