@@ -238,7 +238,7 @@ def test_reinforcement_job_with_openai_client(embedded, tmp_path: Path) -> None:
     )
     csv = client.files.content(job.result_files[0]).text.splitlines()
     assert "full_valid_mean_reward" in csv[0].split(",") and len(csv) == 4
-    evaluation = job.model_extra["evaluation"]  # type: ignore[index]
+    evaluation = (job.model_extra or {})["evaluation"]
     assert evaluation["metric"] == "full_valid_mean_reward"
     assert evaluation["baseline"]["step"] == 0 and evaluation["tuned"]["step"] == 2
     assert evaluation["best_checkpoint"]["metric"] == "full_valid_mean_reward"
