@@ -187,3 +187,9 @@ def test_the_job_checks_every_row_with_line_numbers(
         assert job is not None and job.status == "failed" and job.error is not None
         assert job.error["code"] == "invalid_example" and job.error["param"] == "training_file"
         assert message in job.error["message"]
+
+
+def test_the_preflight_estimate_refuses_reinforcement_jobs(client: TestClient, registered_model: str) -> None:
+    training_file = upload(client, prompts(10)).json()["id"]
+    body = {"model": registered_model, "training_file": training_file, "method": reinforcement()}
+    assert_error(client.post("/v1/fine_tuning/preflight", json=body), 400, "method.type")

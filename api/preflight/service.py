@@ -49,6 +49,12 @@ def inference_request(
 ) -> PreflightRequest:
     """The request checked as job creation checks it, with its files and base model resolved to paths."""
     method: dict[str, Any] = check_request(session, store, organization_id, body)
+    if method["type"] == "reinforcement":
+        # Its cost is sampling and grading, which the estimate's token counts and throughput do not measure.
+        raise APIError(
+            "The pre-flight estimate does not cover reinforcement jobs yet; create the job itself.",
+            param="method.type",
+        )
     model = ModelRegistry(session).get(body.model)
     assert model is not None  # checked with the request
 
