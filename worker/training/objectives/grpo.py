@@ -45,6 +45,9 @@ ADVANTAGE_EPSILON = 1e-4
 """Added to a group's reward deviation, so a group whose answers all score alike has zero advantages."""
 DETAIL_SAMPLES = 8
 """Validation answers kept in an evaluation's details."""
+EVAL_BATCH = 16
+"""Validation prompts per generation call at least: one call per prompt is several times slower, and the
+left-padded prompts are masked, so the batch does not change what is generated."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,7 @@ class GRPO(Objective[Prompt]):
 
     def evaluate(self, model: nn.Module, examples: Sequence[Prompt]) -> tuple[Metrics, Details]:
         samples = self.hp.eval_samples
-        size = self.hp.batch_size
+        size = max(self.hp.batch_size, EVAL_BATCH)
         results: list[Result] = []
         answers: list[list[int]] = []
         for start in range(0, len(examples), size):
