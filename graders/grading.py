@@ -87,6 +87,31 @@ def check(grader: AnyGrader, param: str = "grader") -> None:
         formula.check(grader.calculate_output, set(graders), f"{param}.calculate_output")
 
 
+def item_fields(grader: AnyGrader, param: str = "grader") -> dict[str, str]:
+    """The item fields the grader's templates name (dotted paths after `item.`), each with the grader field
+    that names it first; python graders read the item as they like, so name none."""
+    templates: list[tuple[str, str]] = []
+    if isinstance(grader, StringCheckGrader | TextSimilarityGrader):
+        templates = [(grader.input, f"{param}.input"), (grader.reference, f"{param}.reference")]
+    elif isinstance(grader, ScoreModelGrader | LabelModelGrader):
+        templates = [
+            (text, f"{param}.input[{i}].content")
+            for i, message in enumerate(grader.input)
+            for text in judging.texts(message.content)
+        ]
+    elif isinstance(grader, MultiGrader):
+        found: dict[str, str] = {}
+        for name, sub in sub_graders(grader).items():
+            found = item_fields(sub, f"{param}.graders.{name}") | found
+        return found
+    fields: dict[str, str] = {}
+    for text, where in templates:
+        for path in template.paths(text, where):
+            if path.startswith("item."):
+                fields.setdefault(path.removeprefix("item."), where)
+    return fields
+
+
 def grade(
     grader: AnyGrader, model_sample: str, item: Any, judge: Judge | None = None, param: str = "grader"
 ) -> Result:

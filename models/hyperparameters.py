@@ -5,6 +5,7 @@ the method and optimisation extensions ride beside them in `method.supervised.hy
 """
 
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,8 @@ Auto = Literal["auto"]
 # other default is ResolvedHyperparameters'.
 DEFAULT_EPOCHS = 3
 MAX_AUTO_BATCH_SIZE = 8
+AUTO_EVALUATIONS_PER_EPOCH = 4
+"""Reinforcement jobs are short and their reward curve is the point: "auto" evaluates this often."""
 APPLIES_TO: dict[str, frozenset[str]] = {
     knob: frozenset(name for name, method in METHODS.items() if knob in method.knobs)
     for knob in dict.fromkeys(knob for method in METHODS.values() for knob in method.knobs)
@@ -110,9 +113,32 @@ class DpoHyperparameters(SupervisedHyperparameters):
     )
 
 
+class ReinforcementHyperparameters(DpoHyperparameters):
+    """OpenAI's reinforcement hyperparameters with the same extensions; `beta` (the KL weight) and
+    `max_completion_tokens` are extensions here."""
+
+    compute_multiplier: Auto | Annotated[float, Field(gt=0.00001, le=10)] = Field(
+        default="auto", description=f"{RESOLVED['compute_multiplier'].description} auto: 1."
+    )
+    eval_interval: Auto | Annotated[int, Field(strict=True, ge=1)] = Field(
+        default="auto",
+        description=f"{RESOLVED['eval_interval'].description} auto: about four evaluations per epoch.",
+    )
+    eval_samples: Auto | Annotated[int, Field(strict=True, ge=1, le=64)] = Field(
+        default="auto", description=f"{RESOLVED['eval_samples'].description} auto: 1."
+    )
+    reasoning_effort: Literal["default", "low", "medium", "high"] = Field(
+        default="default", description=str(RESOLVED["reasoning_effort"].description)
+    )
+    max_completion_tokens: Annotated[int, Field(strict=True, ge=1, le=4096)] | None = _extension(
+        "max_completion_tokens"
+    )
+
+
 HYPERPARAMETERS: dict[str, type[SupervisedHyperparameters]] = {
     "supervised": SupervisedHyperparameters,
     "dpo": DpoHyperparameters,
+    "reinforcement": ReinforcementHyperparameters,
     "reward_model": SupervisedHyperparameters,
 }
 """The request shape of each method type's `hyperparameters`."""
@@ -152,13 +178,14 @@ def resolve(
     else:
         learning_rate = base * multiplier
     given = {k: v for k, v in requested.model_dump(include=requested.given()).items() if v != "auto"}
+    batch_size = auto_batch_size(n_examples) if requested.batch_size == "auto" else requested.batch_size
+    if getattr(requested, "eval_interval", None) == "auto":
+        given["eval_interval"] = max(1, math.ceil(n_examples / batch_size) // AUTO_EVALUATIONS_PER_EPOCH)
     return ResolvedHyperparameters(
         **{
             **given,
             "n_epochs": auto_epochs(n_examples) if requested.n_epochs == "auto" else requested.n_epochs,
-            "batch_size": auto_batch_size(n_examples)
-            if requested.batch_size == "auto"
-            else requested.batch_size,
+            "batch_size": batch_size,
             "learning_rate_multiplier": multiplier,
             "learning_rate": learning_rate,
             # Raw text has no example boundaries worth padding; instruction data is packed on request.

@@ -17,8 +17,9 @@ OBJECTIVES: dict[tuple[str, str], Objective] = {
     ("supervised", "token_classification"): "token_classification",
     ("dpo", "preference"): "dpo",
     ("reward_model", "preference"): "reward",
+    ("reinforcement", "prompts"): "grpo",
 }
-GENERATIVE: frozenset[Objective] = frozenset({"sft", "pretrain", "dpo"})
+GENERATIVE: frozenset[Objective] = frozenset({"sft", "pretrain", "dpo", "grpo"})
 """Objectives that need a base with a language-model head; the others put a classifier or scorer on it."""
 
 EVAL_METRICS: dict[Objective, tuple[str, ...]] = {
@@ -28,6 +29,7 @@ EVAL_METRICS: dict[Objective, tuple[str, ...]] = {
     "token_classification": ("loss", "accuracy", "entity_precision", "entity_recall", "entity_f1"),
     "dpo": ("loss", "reward_accuracy", "reward_margin"),
     "reward": ("loss", "reward_accuracy", "reward_margin"),
+    "grpo": ("mean_reward",),
 }
 """What a full evaluation reports, as `full_valid_{name}` (the baseline and every checkpoint)."""
 BEST_METRIC: dict[Objective, str] = {
@@ -37,6 +39,7 @@ BEST_METRIC: dict[Objective, str] = {
     "token_classification": "full_valid_entity_f1",
     "dpo": "full_valid_loss",
     "reward": "full_valid_reward_accuracy",
+    "grpo": "full_valid_mean_reward",
 }
 
 TRAINING_TYPES: dict[Objective, frozenset[str]] = {

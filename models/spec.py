@@ -12,11 +12,12 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 DataFormat = Literal[
-    "chat", "prompt_completion", "text", "classification", "token_classification", "preference"
+    "chat", "prompt_completion", "text", "classification", "token_classification", "preference", "prompts"
 ]
-MethodType = Literal["supervised", "dpo", "reward_model"]
+"""`prompts`: chat messages ending with the user's, plus fields for graders (a reinforcement file)."""
+MethodType = Literal["supervised", "dpo", "reinforcement", "reward_model"]
 """OpenAI's `method.type` values we train, plus `reward_model` (an extension)."""
-Objective = Literal["sft", "pretrain", "classification", "token_classification", "dpo", "reward"]
+Objective = Literal["sft", "pretrain", "classification", "token_classification", "dpo", "reward", "grpo"]
 """What a job learns; it follows from the method type and the training file's format."""
 TrainingType = Literal[
     "lora",
@@ -172,7 +173,24 @@ class ResolvedHyperparameters(BaseModel):
     """Validation examples whose assistant answer is checked by exact match of a greedy generation."""
     # Preference objectives.
     beta: float = 0.1
-    """How far the tuned policy may move from the base (higher: more conservative)."""
+    """How far the tuned policy may move from the base (higher: more conservative); in reinforcement
+    jobs, the weight of the KL penalty to the starting model."""
+    # Reinforcement (GRPO).
+    compute_multiplier: float = 1.0
+    """Scales the answers sampled per prompt (a group): round(4 * compute_multiplier), at least 2."""
+    eval_interval: int = 0
+    """Reinforcement: evaluate (and checkpoint) every N steps, as eval_steps does (0: each epoch end)."""
+    eval_samples: int = 1
+    """Reinforcement: answers per validation prompt in an evaluation (1: the greedy answer)."""
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    """Accepted for OpenAI compatibility; the models served here do not reason, so it changes nothing."""
+    max_completion_tokens: int = 64
+    """Reinforcement: the longest answer sampled for a prompt, in tokens."""
+
+    @property
+    def group_size(self) -> int:
+        """Answers sampled per prompt in a reinforcement step."""
+        return max(2, round(4 * self.compute_multiplier))
 
 
 class DataError(Exception):
@@ -256,6 +274,8 @@ class TrainingSpec(BaseModel):
     """Where the job's hyperparameters and metric curves are also logged (worker/training/trackers.py)."""
     devices: int = 1
     """Ranks on this machine, one per device (docs/distributed.md); 1 runs the plain child."""
+    grader: dict[str, Any] | None = None
+    """Reinforcement: the grader (OpenAI's shape, checked by the API) that scores sampled answers."""
 
 
 Metrics = dict[str, float]

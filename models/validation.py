@@ -7,11 +7,12 @@ bounded whatever the file holds.
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
+from graders.template import MISSING, lookup
 from models.spec import DataError, DataFormat
 
 MAX_LINE_BYTES = 16 * 2**20
@@ -29,6 +30,7 @@ _FORMATS: dict[DataFormat, str] = {
     "classification": 'classification examples ("text" and "label")',
     "token_classification": 'token classification examples ("tokens" and "tags")',
     "preference": 'preference examples ("input", "preferred_output" and "non_preferred_output")',
+    "prompts": 'prompts ("messages" ending with the user\'s, and fields for the grader)',
 }
 # Keys that identify an example's format. "text" alone means text; with "label" it means classification.
 _FORMAT_KEYS: dict[DataFormat, tuple[str, ...]] = {
@@ -105,10 +107,13 @@ def validate_file(
     min_examples: int,
     max_examples: int | None = None,
     require_two_labels: bool = False,
+    grader_fields: Sequence[str] | None = None,
 ) -> FileSummary:
     """Stream-validate a JSONL fine-tuning file; raise DataError on the first problem.
 
     require_two_labels: a classification file must have at least two distinct labels (for training files).
+    grader_fields: a reinforcement job's file, whose every row must have these fields (dotted paths: the
+    grader's `{{item.PATH}}` placeholders); its chat examples are prompts.
     """
     file_name = param.replace("_", " ").capitalize()
     file_format: DataFormat | None = None
@@ -118,7 +123,7 @@ def validate_file(
     with path.open("rb") as file:
         for line_no, example in _examples(file, param):
             try:
-                line_format = _detect_format(example, line_no)
+                line_format = _detect_format(example, line_no, prompts=grader_fields is not None)
                 if file_format is None:
                     file_format, first_line = line_format, line_no
                 elif line_format != file_format:
@@ -126,7 +131,10 @@ def validate_file(
                     raise _InvalidExample(
                         f"Line {line_no} mixes formats: expected {expected} like line {first_line}."
                     )
-                _check_example(example, line_format, line_no, labels)
+                if line_format == "prompts":
+                    _check_prompt(example, line_no, grader_fields or ())
+                else:
+                    _check_example(example, line_format, line_no, labels)
             except _InvalidExample as exc:
                 raise DataError("invalid_example", str(exc), param) from None
             n_examples += 1
@@ -160,20 +168,32 @@ def validate_file(
 
 
 def validate_job_files(
-    training: Path, validation: Path | None, *, max_examples: int | None
+    training: Path,
+    validation: Path | None,
+    *,
+    max_examples: int | None,
+    grader_fields: Sequence[str] | None = None,
 ) -> tuple[FileSummary, FileSummary | None]:
     """A job's files as they must be to train (its runner checks them, the pre-flight estimate too): each on
-    its own, then the validation file against the training file, whose model must be able to score it."""
+    its own, then the validation file against the training file, whose model must be able to score it.
+    grader_fields: a reinforcement job's (`validate_file`)."""
     train = validate_file(
         training,
         param="training_file",
         min_examples=MIN_TRAINING_EXAMPLES,
         max_examples=max_examples,
         require_two_labels=True,
+        grader_fields=grader_fields,
     )
     if validation is None:
         return train, None
-    valid = validate_file(validation, param="validation_file", min_examples=1, max_examples=max_examples)
+    valid = validate_file(
+        validation,
+        param="validation_file",
+        min_examples=1,
+        max_examples=max_examples,
+        grader_fields=grader_fields,
+    )
     if valid.format != train.format:
         raise DataError(
             "invalid_file_format",
@@ -191,13 +211,29 @@ def validate_job_files(
     return train, valid
 
 
-def peek_format(file: BinaryIO) -> DataFormat | None:
+def peek_format(file: BinaryIO, *, prompts: bool = False) -> DataFormat | None:
     """The format of a file's first example, or None when it has none that parses (a job on the file
-    reports exactly why when it validates the whole file). Reads one line."""
+    reports exactly why when it validates the whole file). Reads one line. prompts: for a reinforcement
+    job, whose chat examples are prompts."""
     try:
         for line_no, example in _examples(file, "training_file"):
-            return _detect_format(example, line_no)
+            return _detect_format(example, line_no, prompts=prompts)
     except (DataError, _InvalidExample):
+        return None
+    return None
+
+
+def first_missing_field(file: BinaryIO, fields: Sequence[str], max_rows: int) -> tuple[int, str] | None:
+    """(line number, field) of the first of a file's first max_rows rows that lacks one of the fields (dotted
+    paths); None when they all have them, or when the file does not parse (its job says why)."""
+    try:
+        for row, (line_no, example) in enumerate(_examples(file, "training_file")):
+            if row == max_rows:
+                break
+            for field in fields:
+                if lookup(example, field.split(".")) is MISSING:
+                    return line_no, field
+    except DataError:
         return None
     return None
 
@@ -244,7 +280,9 @@ def _parse_line(raw: bytes, line_no: int, param: str) -> dict[str, Any] | None:
     return value
 
 
-def _detect_format(example: dict[str, Any], line_no: int) -> DataFormat:
+def _detect_format(example: dict[str, Any], line_no: int, *, prompts: bool = False) -> DataFormat:
+    if prompts and "messages" in example:
+        return "prompts"  # the other keys are the grader's fields, whatever their names
     found: dict[DataFormat, str] = {}  # format -> its first identifying key in the example
     for data_format, keys in _FORMAT_KEYS.items():
         key = next((key for key in keys if key in example), None)
@@ -440,6 +478,28 @@ def _check_chat(example: dict[str, Any], line_no: int) -> None:
             f"Line {line_no} has no assistant message to train on: "
             "at least one assistant message must have weight 1 (or no weight)."
         )
+
+
+def _check_prompt(example: dict[str, Any], line_no: int, fields: Sequence[str]) -> None:
+    """A reinforcement prompt: chat messages ending with the user's; other keys are the grader's, and
+    each field its templates name must be there."""
+    messages = example["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _InvalidExample(f'"messages" on line {line_no} must be a non-empty list of messages.')
+    _check_tool_options(example, "", line_no)
+    call_ids: set[str] = set()
+    for index, message in enumerate(messages, start=1):
+        _check_message(message, f"message {index} on line {line_no}", call_ids)
+    if messages[-1]["role"] != "user":
+        raise _InvalidExample(
+            f"The last message on line {line_no} has role `{messages[-1]['role']}`; in a reinforcement file "
+            "it must be the user's, which the model answers."
+        )
+    for field in fields:
+        if lookup(example, field.split(".")) is MISSING:
+            raise _InvalidExample(
+                f"Line {line_no} has no field `{field}`, which the grader names as {{{{item.{field}}}}}."
+            )
 
 
 def _check_tool_options(obj: dict[str, Any], prefix: str, line_no: int) -> None:

@@ -25,6 +25,8 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from graders.grading import item_fields
+from graders.shapes import parse_grader
 from models import ids
 from models.auth import Organizations
 from models.base_store import local_base
@@ -188,6 +190,7 @@ class JobRunner:
             files = [("training_file", job.training_file)]
             if job.validation_file:
                 files.append(("validation_file", job.validation_file))
+            grader = job.method[method_type].get("grader")
             paths = []
             for param, file_id in files:
                 record = FileRepository(session).get(job.organization_id, file_id)
@@ -196,7 +199,10 @@ class JobRunner:
                 paths.append(self.store.local_path(record.storage_key))
         try:
             train, _ = validate_job_files(
-                paths[0], paths[1] if len(paths) == 2 else None, max_examples=self.settings.max_file_examples
+                paths[0],
+                paths[1] if len(paths) == 2 else None,
+                max_examples=self.settings.max_file_examples,
+                grader_fields=None if grader is None else list(item_fields(parse_grader(grader))),
             )
         except DataError as error:
             raise JobFailed(error.code, error.message, error.param) from error
@@ -431,6 +437,7 @@ class Attempt:
                 max_training_tokens=self.settings.max_file_tokens,
                 trackers=trackers(self.settings, job, organization_name(session, job)),
                 devices=devices,
+                grader=job.method[job.method["type"]].get("grader"),
             )
 
     def _best_checkpoint(self, session: Session, job: Job) -> str | None:

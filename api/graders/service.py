@@ -14,12 +14,12 @@ from models.storage import ArtifactStore
 from models.versions import ModelVersions
 
 
-def validate(session: Session, org: str, grader: AnyGrader) -> None:
+def validate(session: Session, org: str, grader: AnyGrader, param: str = "grader") -> None:
     try:
-        grading.check(grader)
+        grading.check(grader, param)
     except GraderError as error:
         raise APIError(error.message, param=error.param, code="invalid_grader") from error
-    _check_judges(session, org, grader, "grader")
+    _check_judges(session, org, grader, param)
 
 
 def run(

@@ -13,7 +13,13 @@ from pydantic import (
     model_validator,
 )
 
-from models.hyperparameters import DpoHyperparameters, SupervisedHyperparameters, echoed
+from graders.shapes import Grader
+from models.hyperparameters import (
+    DpoHyperparameters,
+    ReinforcementHyperparameters,
+    SupervisedHyperparameters,
+    echoed,
+)
 from models.orm import Job
 
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
@@ -41,18 +47,29 @@ class DpoMethod(BaseModel):
     """What the job trains with; unset keys resolve when it starts."""
 
 
+class ReinforcementMethod(BaseModel):
+    model_config = REQUEST
+    grader: Grader
+    """Scores each sampled answer: string_check, text_similarity, python or multi (docs/api.md#graders)."""
+    hyperparameters: ReinforcementHyperparameters = Field(default_factory=ReinforcementHyperparameters)
+    """What the job trains with; unset keys resolve when it starts."""
+    response_format: dict[str, Any] | None = None
+    """Accepted and echoed: answers are not constrained to it; `{{sample.output_json}}` is the answer
+    parsed as JSON whenever it parses (docs/api.md)."""
+
+
 class Method(BaseModel):
     """OpenAI's `method`; `reward_model` (reward modelling on preference pairs) is our extension."""
 
     model_config = REQUEST
     type: Literal["supervised", "dpo", "reinforcement", "reward_model"]
-    """The method; its settings go in the key of the same name (`reinforcement` is not supported yet)."""
+    """The method; its settings go in the key of the same name."""
     supervised: SupervisedMethod | None = None
     """Settings of a supervised job (chat, prompt/completion, raw text, classification, NER files)."""
     dpo: DpoMethod | None = None
     """Settings of a DPO job (preference files)."""
-    reinforcement: dict[str, Any] | None = None
-    """Settings of a reinforcement job (refused: not supported yet)."""
+    reinforcement: ReinforcementMethod | None = None
+    """Settings of a reinforcement job (prompt files; GRPO with the grader's rewards)."""
     reward_model: SupervisedMethod | None = None
     """Extension: settings of a reward-model job (preference files)."""
 
@@ -304,7 +321,11 @@ class FineTuningJob(BaseModel):
         requested = job.method[method_type]["hyperparameters"]
         resolved = job.hyperparameters
         hyperparameters = echoed(method_type, requested, resolved) if resolved else requested
-        method = {"type": method_type, method_type: {"hyperparameters": hyperparameters}}
+        # A reinforcement method also carries its grader and response_format.
+        method = {
+            "type": method_type,
+            method_type: {**job.method[method_type], "hyperparameters": hyperparameters},
+        }
         return cls(
             id=job.id,
             created_at=job.created_at,

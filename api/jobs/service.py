@@ -8,6 +8,7 @@ from typing import get_args
 from sqlalchemy.orm import Session
 
 from api.deps import on_commit
+from api.jobs.reinforcement import check_grader
 from api.jobs.schemas import Compute, JobCreate
 from api.pagination import cursor
 from models import ids
@@ -62,8 +63,11 @@ def _method(body: JobCreate) -> tuple[str, SupervisedHyperparameters, str]:
     if body.method is None:
         return "supervised", body.hyperparameters or SupervisedHyperparameters(), "hyperparameters"
     method_type = body.method.type
-    if method_type == "reinforcement":
-        raise APIError("Method 'reinforcement' is not supported yet.", param="method.type")
+    if method_type == "reinforcement" and body.method.reinforcement is None:
+        raise APIError(
+            "A reinforcement job needs method.reinforcement with the grader that scores its answers.",
+            param="method.reinforcement.grader",
+        )
     given = getattr(body.method, method_type)
     hyperparameters = given.hyperparameters if given else HYPERPARAMETERS[method_type]()
     return method_type, hyperparameters, f"method.{method_type}.hyperparameters"
@@ -92,8 +96,9 @@ def _check_method(
         )
     file = FileRepository(session).get(organization_id, body.training_file)
     assert file is not None  # checked by the caller
+    reinforcement = body.method.reinforcement if body.method else None
     with store.open(file.storage_key) as stream:
-        data_format = peek_format(stream)
+        data_format = peek_format(stream, prompts=reinforcement is not None)
     objective = objective_for(method_type, data_format) if data_format is not None else None
     if objective is not None:
         mismatch = (
@@ -118,7 +123,16 @@ def _check_method(
             "artifact is not an adapter to merge.",
             param="export_merged",
         )
-    return {"type": method_type, method_type: {"hyperparameters": hyperparameters.model_dump()}}
+    settings: dict[str, object] = {"hyperparameters": hyperparameters.model_dump()}
+    if reinforcement is not None:
+        files = {"training_file": file}
+        if body.validation_file is not None and (
+            valid := FileRepository(session).get(organization_id, body.validation_file)
+        ):
+            files["validation_file"] = valid
+        check_grader(session, store, organization_id, reinforcement, files)
+        settings |= reinforcement.model_dump(include={"grader", "response_format"})
+    return {"type": method_type, method_type: settings}
 
 
 def _check_start(parent: Parent, requested: SupervisedHyperparameters, objective: Objective | None) -> None:

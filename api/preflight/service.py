@@ -47,6 +47,12 @@ def inference_request(
     method, model = check_request(
         session, store, organization_id, body, settings.devices, several_nodes=settings.executor == "slurm"
     )
+    if method["type"] == "reinforcement":
+        # Its cost is sampling and grading, which the estimate's token counts and throughput do not measure.
+        raise APIError(
+            "The pre-flight estimate does not cover reinforcement jobs yet; create the job itself.",
+            param="method.type",
+        )
 
     def file(file_id: str) -> PreflightFile:
         record = FileRepository(session).get(organization_id, file_id)

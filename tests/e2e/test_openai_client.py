@@ -182,3 +182,63 @@ def test_distributed_celery_worker_with_openai_client(
         check_adapter(
             tmp_path / "data" / "artifacts" / "jobs" / job.id / "attempt-1" / "adapter", tiny_model_dir
         )
+
+
+def test_reinforcement_job_with_openai_client(embedded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An RFT LoRA job on the tiny model runs two GRPO steps and reports rewards: the baseline's and each
+    step's in events, each checkpoint's, in the results file and in the job's evaluation."""
+    client, _ = embedded
+    files = []
+    for name, rows in (("train", range(10)), ("valid", range(50, 53))):
+        path = tmp_path / f"{name}.jsonl"
+        lines = (
+            {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], "answer": str(2 * i)}
+            for i in rows
+        )
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with open(path, "rb") as file:
+            files.append(client.files.create(file=file, purpose="fine-tune").id)
+    grader = {
+        "type": "text_similarity",
+        "name": "close",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "evaluation_metric": "fuzzy_match",
+    }
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=files[0],
+        validation_file=files[1],
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": grader,  # type: ignore[typeddict-item]
+                "hyperparameters": {
+                    "n_epochs": 1,
+                    "batch_size": 5,
+                    "eval_interval": 1,
+                    "max_completion_tokens": 8,  # type: ignore[typeddict-unknown-key]
+                    "lora_r": 4,
+                },
+            },
+        },
+    )
+    job = succeeded(client, job)
+    assert (
+        job.method and job.method.reinforcement and job.method.reinforcement.grader.type == "text_similarity"
+    )
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    metrics = {e.data["step"]: e.data for e in events if e.type == "metrics" and e.data}  # type: ignore[index]
+    assert sorted(metrics) == [0, 1, 2] and "full_valid_mean_reward" in metrics[0]
+    assert all({"train_mean_reward", "full_valid_mean_reward"} <= set(metrics[step]) for step in (1, 2))
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [2, 1]
+    assert all(
+        c.metrics.model_extra and "full_valid_mean_reward" in c.metrics.model_extra for c in checkpoints
+    )
+    csv = client.files.content(job.result_files[0]).text.splitlines()
+    assert "full_valid_mean_reward" in csv[0].split(",") and len(csv) == 4
+    evaluation = (job.model_extra or {})["evaluation"]
+    assert evaluation["metric"] == "full_valid_mean_reward"
+    assert evaluation["baseline"]["step"] == 0 and evaluation["tuned"]["step"] == 2
+    assert evaluation["best_checkpoint"]["metric"] == "full_valid_mean_reward"

@@ -191,7 +191,8 @@ class Recipe:
                 step, epoch_end = progress.step, index + 1 == len(steps)
                 if self.valid_examples and (step % eval_every == 0 or step == self.total_steps):
                     metrics.update(self._validate_batch())
-                evaluate = epoch_end or (hp.eval_steps > 0 and step % hp.eval_steps == 0)
+                interval = hp.eval_steps or hp.eval_interval  # eval_interval: reinforcement's name
+                evaluate = epoch_end or (interval > 0 and step % interval == 0)
                 if self.valid_examples and evaluate:
                     full, details = self._evaluate()
                     progress.last_full_valid = full

@@ -50,8 +50,9 @@ class BatchStats:
     loss_sum: torch.Tensor
     """Differentiable sum of the per-unit losses; the recipe divides by the units of the whole step."""
     units: int
-    correct: int
-    """Units predicted right: tokens (token accuracy), examples (accuracy), pairs (reward accuracy)."""
+    correct: float
+    """Units predicted right: tokens (token accuracy), examples (accuracy), pairs (reward accuracy); for
+    GRPO, the sum of each prompt's mean reward."""
     tokens: int
     """Real (non-padding) tokens the batch fed the model."""
 
@@ -111,11 +112,15 @@ _MODULES = {
     "token_classification": "token_classification",
     "dpo": "preference",
     "reward": "preference",
+    "grpo": "grpo",
 }
 
 
-def register(*names: str) -> Callable[[ObjectiveClass], ObjectiveClass]:
-    def decorator(cls: ObjectiveClass) -> ObjectiveClass:
+C = TypeVar("C", bound=ObjectiveClass)
+
+
+def register(*names: str) -> Callable[[C], C]:
+    def decorator(cls: C) -> C:
         for name in names:
             if name in _REGISTRY:
                 raise ValueError(f"objective {name!r} is registered twice")

@@ -1,0 +1,53 @@
+"""What a reinforcement job's grader must pass at create: everything the graders API checks (templates,
+formula, python source, judge models), graders a training job can run, and the item fields its templates
+name present in the job's files (their first rows here; every row when the job validates its files)."""
+
+from sqlalchemy.orm import Session
+
+from api.graders import service as graders
+from api.jobs.schemas import ReinforcementMethod
+from graders.grading import item_fields
+from graders.shapes import AnyGrader, LabelModelGrader, MultiGrader, ScoreModelGrader, sub_graders
+from models.errors import APIError
+from models.orm import File
+from models.storage import ArtifactStore
+from models.validation import first_missing_field
+
+PARAM = "method.reinforcement.grader"
+CHECKED_ROWS = 1000
+"""Rows of each file checked at create, so a mistyped field is a 400 at once without reading a whole
+large file in the request; the job checks every row."""
+
+
+def check_grader(
+    session: Session, store: ArtifactStore, org: str, method: ReinforcementMethod, files: dict[str, File]
+) -> None:
+    """A 400 naming the grader's field, or the file's line and field, for a grader this job cannot use."""
+    graders.validate(session, org, method.grader, PARAM)
+    if judge := _model_grader(method.grader, PARAM):
+        raise APIError(
+            "Model graders (score_model, label_model) cannot grade a training job here yet: the trainer "
+            "does not call the inference tier. Use them with /v1/fine_tuning/alpha/graders/run.",
+            param=judge,
+        )
+    fields = item_fields(method.grader, PARAM)
+    for param, record in files.items():
+        with store.open(record.storage_key) as stream:
+            missing = first_missing_field(stream, list(fields), CHECKED_ROWS)
+        if missing is not None:
+            line_no, field = missing
+            raise APIError(
+                f"Line {line_no} of the {param.replace('_', ' ')} has no field `{field}`, which the grader "
+                f"names as {{{{item.{field}}}}}.",
+                param=fields[field],
+            )
+
+
+def _model_grader(grader: AnyGrader, param: str) -> str | None:
+    """The `type` field of the first model grader in `grader`, if any."""
+    if isinstance(grader, ScoreModelGrader | LabelModelGrader):
+        return f"{param}.type"
+    if isinstance(grader, MultiGrader):
+        subs = sub_graders(grader).items()
+        return next(filter(None, (_model_grader(sub, f"{param}.graders.{name}") for name, sub in subs)), None)
+    return None
