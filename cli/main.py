@@ -160,14 +160,21 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
 
 @app.command()
 def serve(
-    host: str = "127.0.0.1", port: int = 8001, log_level: str | None = None, data_dir: DataDir = None
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    log_level: str | None = None,
+    data_dir: DataDir = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="ftjobs or vllm (default FTJOBS_INFERENCE_ENGINE, else ftjobs); vllm needs vLLM."),
+    ] = None,
 ) -> None:
     """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
     fine-tuned adapters attach per request."""
     hide_known_library_noise()  # before the import below loads bitsandbytes (through peft)
     from inference.app import serve as serve_models
 
-    settings = _settings(data_dir)
+    settings = _settings(data_dir, **({"inference_engine": engine} if engine else {}))
     _check_store(settings)
     serve_models(settings, host=host, port=port, log_level=log_level)
 

@@ -45,6 +45,9 @@ class Engine:
         self.models = ModelStore(settings, device)
         self.batching = Batching(settings.inference_max_queue)
 
+    def close(self) -> None:
+        """Stop what the engine runs beside this process (nothing here; vLLM's engine has processes)."""
+
     # Public surface: OpenAI's chat completions, completions, and the classifications extension.
     # `organization` is whose request it is (batches are fair between organisations); `cancelled`, once
     # set, drops the request from its batch (its client left).
@@ -110,39 +113,12 @@ class Engine:
             generator.seed()
         else:
             generator.manual_seed(request.seed)
-        limit = (
-            request.token_limit(DEFAULT_MAX_TOKENS)
-            if isinstance(request, ChatCompletionRequest)
-            else request.max_tokens or DEFAULT_MAX_TOKENS
-        )
         with self.models.serving(target) as served:
             # Tokenizers only read their state here and when decoding, so requests share them without a lock.
             model = served.now()
             prompts = prompts_of(served.tokenizer)
-            room, eos = context_length(model), eos_token_ids(model, served.tokenizer)
-            param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
-            total = sum(map(len, prompts))
-            if total > MAX_PROMPT_TOKENS:
-                raise APIError(
-                    f"A request's prompts may total at most {MAX_PROMPT_TOKENS} tokens; these have {total}.",
-                    param=param,
-                )
-            for prompt in prompts:
-                if room is not None and len(prompt) >= room:
-                    raise APIError(
-                        f"This model's maximum context length is {room} tokens; the prompt has "
-                        f"{len(prompt)} tokens, which leaves no room for a completion.",
-                        param=param,
-                        code="context_length_exceeded",
-                    )
-            sampling = Sampling(
-                max_new_tokens=limit,
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                stop=request.stop_sequences(),
-                n=n,
-            )
-            limits = [min(limit, room - len(p)) if room is not None else limit for p in prompts]
+            eos = eos_token_ids(model, served.tokenizer)
+            sampling, limits = checked_sampling(request, prompts, context_length(model))
             ready = (lambda: on_ready(n * len(prompts))) if on_ready is not None else None
             if is_prompt_learning(model):
                 outputs = self._one_by_one(
@@ -277,6 +253,42 @@ class Stream:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+
+def checked_sampling(
+    request: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], room: int | None
+) -> tuple[Sampling, list[int]]:
+    """The request's sampling and each prompt's completion-token limit, once its prompts fit the limits
+    and the model's context of `room` positions (a 400 naming the parameter otherwise). Every engine
+    checks requests here."""
+    limit = (
+        request.token_limit(DEFAULT_MAX_TOKENS)
+        if isinstance(request, ChatCompletionRequest)
+        else request.max_tokens or DEFAULT_MAX_TOKENS
+    )
+    param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+    total = sum(map(len, prompts))
+    if total > MAX_PROMPT_TOKENS:
+        raise APIError(
+            f"A request's prompts may total at most {MAX_PROMPT_TOKENS} tokens; these have {total}.",
+            param=param,
+        )
+    for prompt in prompts:
+        if room is not None and len(prompt) >= room:
+            raise APIError(
+                f"This model's maximum context length is {room} tokens; the prompt has "
+                f"{len(prompt)} tokens, which leaves no room for a completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+    sampling = Sampling(
+        max_new_tokens=limit,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        stop=request.stop_sequences(),
+        n=request.n or 1,
+    )
+    return sampling, [min(limit, room - len(p)) if room is not None else limit for p in prompts]
 
 
 def include_usage(request: ChatCompletionRequest | CompletionRequest) -> bool:
