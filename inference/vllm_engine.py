@@ -56,7 +56,7 @@ def engine_args(settings: Settings, base_path: str) -> AsyncEngineArgs:
         "enable_lora": True,
         "max_loras": settings.inference_adapter_cache,
         "max_cpu_loras": settings.inference_adapter_cache,
-        "max_lora_rank": 64,
+        "max_lora_rank": 16,  # vLLM pads every adapter to it: on CPU its cost grows with it (docs)
         "seed": 0,
     }
     return AsyncEngineArgs(**{**options, **settings.inference_vllm_args})
