@@ -172,11 +172,16 @@ def serve(
     """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
     fine-tuned adapters attach per request."""
     hide_known_library_noise()  # before the import below loads bitsandbytes (through peft)
+    from inference.app import EngineUnavailable
     from inference.app import serve as serve_models
 
     settings = _settings(data_dir, **({"inference_engine": engine} if engine else {}))
     _check_store(settings)
-    serve_models(settings, host=host, port=port, log_level=log_level)
+    try:
+        serve_models(settings, host=host, port=port, log_level=log_level)
+    except EngineUnavailable as error:  # one line, not a traceback
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _is_loopback(host: str) -> bool:

@@ -105,6 +105,10 @@ def api_token(settings: Settings) -> Callable[[str | None], None]:
     return check
 
 
+class EngineUnavailable(RuntimeError):
+    """The configured engine cannot run in this environment."""
+
+
 def engine_for(settings: Settings) -> Engine:
     """The engine `settings.inference_engine` names: ftjobs' own, or vLLM's (an optional install)."""
     if settings.inference_engine == "ftjobs":
@@ -112,7 +116,7 @@ def engine_for(settings: Settings) -> Engine:
     try:
         from inference.vllm_engine import VLLMEngine
     except ImportError as exc:
-        raise RuntimeError(
+        raise EngineUnavailable(
             f"FTJOBS_INFERENCE_ENGINE=vllm needs vLLM, which is not importable here ({exc}); "
             "see docs/models.md for installing it."
         ) from exc
