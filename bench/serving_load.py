@@ -13,9 +13,15 @@ p50/p95 time to first token. Then the same 8 clients all on one adapter: mixed-a
 one-adapter batches. Targets: 8 clients >= 3x the 1-client tokens/s; p50 TTFT at 8 clients <= 3x the
 1-client p50; mixed >= 0.8x one adapter. The last line gives the 8-client ratios (the largest count run,
 if 8 isn't).
+
+When vLLM is importable (and not `--no-vllm`), the same run adds base-model figures for both engines at
+each client count (`inference.vllm_engine.VLLMEngine`, float32 like ours, VLLM_CPU_KVCACHE_SPACE=1 GiB
+unless set), and vLLM's mixed-adapter figure at the reference count.
 """
 
 import argparse
+import importlib.util
+import os
 import shlex
 import sys
 import tempfile
@@ -100,7 +106,9 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--model-dir", type=Path, help="default: the copy `ftjobs models pull` makes")
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM's figures even if it is installed")
     args = parser.parse_args()
+    with_vllm = not args.no_vllm and importlib.util.find_spec("vllm") is not None
     counts = sorted({int(c) for c in args.clients.split(",")})
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -114,15 +122,23 @@ def main() -> None:
         for target in adapters:  # load the base and every adapter (and the spare slot) before timing
             engine.chat(target, chat(1))
         engine.models.settle()
+        base = Target(model=adapters[0].model, base_path=str(model_dir))
         loads = {}
         for count in counts:
             loads[count] = run_clients(
                 engine, [adapters[i % len(adapters)] for i in range(count)], args.tokens
             )
             print(line(f"{count} clients, mixed", loads[count]), flush=True)
+            if with_vllm:
+                print(
+                    line(f"{count} clients, base", run_clients(engine, [base] * count, args.tokens)),
+                    flush=True,
+                )
         reference = 8 if 8 in loads else counts[-1]
         single = run_clients(engine, [adapters[0]] * reference, args.tokens)
         print(line(f"{reference} clients, one adapter", single), flush=True)
+        if with_vllm:
+            vllm_figures(settings, base, adapters, counts, reference, args.tokens)
     one, many = loads[counts[0]], loads[reference]
     print(
         f"runtime {time.monotonic() - STARTED:.0f} s; targets: tokens/s >= {TOKENS_RATIO}x, TTFT p50 <= "
@@ -134,6 +150,33 @@ def main() -> None:
         f"{many.ttft(50) / one.ttft(50):.2f}x, mixed/one adapter "
         f"{many.tokens_per_second / single.tokens_per_second:.2f}x"
     )
+
+
+def vllm_figures(
+    settings: Settings, base: Target, adapters: list[Target], counts: list[int], reference: int, tokens: int
+) -> None:
+    """vLLM's base-model figures at each count, then its mixed adapters at `reference` clients."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from inference.vllm_engine import VLLMEngine
+
+    started = time.perf_counter()
+    engine = VLLMEngine(settings.model_copy(update={"inference_vllm_args": {"dtype": "float32"}}))
+    try:
+        engine.chat(base, chat(1))
+        print(f"vLLM: base loaded and answered in {time.perf_counter() - started:.0f} s", flush=True)
+        for count in counts:
+            print(
+                line(f"vLLM {count} clients, base", run_clients(engine, [base] * count, tokens)), flush=True
+            )
+        started = time.perf_counter()
+        engine.chat(adapters[0], chat(1))
+        print(f"vLLM: first adapter request {time.perf_counter() - started:.1f} s", flush=True)
+        for target in adapters[1:]:
+            engine.chat(target, chat(1))
+        mixed = run_clients(engine, [adapters[i % len(adapters)] for i in range(reference)], tokens)
+        print(line(f"vLLM {reference} clients, mixed", mixed), flush=True)
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":

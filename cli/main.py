@@ -173,16 +173,30 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
 
 @app.command()
 def serve(
-    host: str = "127.0.0.1", port: int = 8001, log_level: str | None = None, data_dir: DataDir = None
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    log_level: str | None = None,
+    data_dir: DataDir = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="ftjobs or vllm (default FTJOBS_INFERENCE_ENGINE, else ftjobs); vllm needs vLLM."),
+    ] = None,
 ) -> None:
     """Run an inference server (the API forwards to FTJOBS_INFERENCE_URL): each base model loads once,
     fine-tuned adapters attach per request."""
     settings = _settings(data_dir)
     _check_store(settings)  # before loading torch: a refusal comes at once
     hide_known_library_noise()  # before the import below loads bitsandbytes (through peft)
+    from inference.app import EngineUnavailable
     from inference.app import serve as serve_models
 
-    serve_models(settings, host=host, port=port, log_level=log_level)
+    settings = _settings(data_dir, **({"inference_engine": engine} if engine else {}))
+    _check_store(settings)
+    try:
+        serve_models(settings, host=host, port=port, log_level=log_level)
+    except EngineUnavailable as error:  # one line, not a traceback
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _is_loopback(host: str) -> bool:

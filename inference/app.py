@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -105,10 +106,34 @@ def api_token(settings: Settings) -> Callable[[str | None], None]:
     return check
 
 
+class EngineUnavailable(RuntimeError):
+    """The configured engine cannot run in this environment."""
+
+
+def engine_for(settings: Settings) -> Engine:
+    """The engine `settings.inference_engine` names: ftjobs' own, or vLLM's (an optional install)."""
+    if settings.inference_engine == "ftjobs":
+        return Engine(settings)
+    try:
+        from inference.vllm_engine import VLLMEngine
+    except ImportError as exc:
+        raise EngineUnavailable(
+            f"FTJOBS_INFERENCE_ENGINE=vllm needs vLLM, which is not importable here ({exc}); "
+            "see docs/models.md for installing it."
+        ) from exc
+    return VLLMEngine(settings)
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The app, with its own `Engine` unless one is given (tests look inside theirs)."""
-    engine = engine or Engine(settings)
-    app = FastAPI(title="ftjobs inference", docs_url=None, redoc_url=None)
+    """The app, with the engine settings name unless one is given (tests look inside theirs)."""
+    engine = engine or engine_for(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()  # vLLM's engine processes would otherwise keep this one from exiting
+
+    app = FastAPI(title="ftjobs inference", docs_url=None, redoc_url=None, lifespan=lifespan)
     install(app, log)
     # The API's own limit, plus room for what forwarding adds (the resolved target; the request itself is
     # re-encoded compactly): one oversized body must not cost this shared process gigabytes either.

@@ -54,6 +54,9 @@ class Engine:
         self.models = ModelStore(settings, device)
         self.batching = Batching(settings.inference_max_queue)
 
+    def close(self) -> None:
+        """Stop what the engine runs beside this process (nothing here; vLLM's engine has processes)."""
+
     # Public surface: OpenAI's chat completions, completions, and the classifications extension.
     # `organization` is whose request it is (batches are fair between organisations); `cancelled`, once
     # set, drops the request from its batch (its client left).
@@ -119,45 +122,14 @@ class Engine:
             generator.seed()
         else:
             generator.manual_seed(request.seed)
-        limit = (
-            request.token_limit(DEFAULT_MAX_TOKENS)
-            if isinstance(request, ChatCompletionRequest)
-            else request.max_tokens or DEFAULT_MAX_TOKENS
-        )
         with self.models.serving(target) as served:
             # Tokenizers only read their state here and when decoding, so requests share them without a lock.
             model = served.now()
             prompts = prompts_of(served.tokenizer)
-            room, eos = context_length(model), eos_token_ids(model, served.tokenizer)
-            param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
-            total = sum(map(len, prompts))
-            if total > MAX_PROMPT_TOKENS:
-                raise APIError(
-                    f"A request's prompts may total at most {MAX_PROMPT_TOKENS} tokens; these have {total}.",
-                    param=param,
-                )
-            for prompt in prompts:
-                if room is not None and len(prompt) >= room:
-                    raise APIError(
-                        f"This model's maximum context length is {room} tokens; the prompt has "
-                        f"{len(prompt)} tokens, which leaves no room for a completion.",
-                        param=param,
-                        code="context_length_exceeded",
-                    )
-            schema = request.json_schema() if isinstance(request, ChatCompletionRequest) else None
-            sampling = Sampling(
-                max_new_tokens=limit,
-                temperature=1.0 if request.temperature is None else request.temperature,
-                top_p=1.0 if request.top_p is None else request.top_p,
-                stop=request.stop_sequences(),
-                n=n,
-                frequency_penalty=request.frequency_penalty or 0.0,
-                presence_penalty=request.presence_penalty or 0.0,
-                logit_bias=checked_logit_bias(request.logit_bias or {}, vocabulary_size(model)),
-                logprobs=request.logprob_alternatives(),
-                grammar=Grammar(served.tokenizer, eos, schema) if schema is not None else None,
+            eos = eos_token_ids(model, served.tokenizer)
+            sampling, limits = checked_sampling(
+                request, prompts, context_length(model), served.tokenizer, eos, vocabulary_size(model)
             )
-            limits = [min(limit, room - len(p)) if room is not None else limit for p in prompts]
             ready = (lambda: on_ready(n * len(prompts))) if on_ready is not None else None
             if is_prompt_learning(model):
                 outputs = self._one_by_one(
@@ -300,6 +272,65 @@ class Stream:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+
+def checked_sampling(
+    request: ChatCompletionRequest | CompletionRequest,
+    prompts: list[list[int]],
+    room: int | None,
+    tokenizer: PreTrainedTokenizerBase,
+    eos: set[int],
+    vocabulary: int,
+) -> tuple[Sampling, list[int]]:
+    """The request's sampling and each prompt's completion-token limit, once its prompts fit the limits
+    and the model's context of `room` positions (a 400 naming the parameter otherwise). Every engine
+    checks requests here."""
+    limit = (
+        request.token_limit(DEFAULT_MAX_TOKENS)
+        if isinstance(request, ChatCompletionRequest)
+        else request.max_tokens or DEFAULT_MAX_TOKENS
+    )
+    param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+    total = sum(map(len, prompts))
+    if total > MAX_PROMPT_TOKENS:
+        raise APIError(
+            f"A request's prompts may total at most {MAX_PROMPT_TOKENS} tokens; these have {total}.",
+            param=param,
+        )
+    for prompt in prompts:
+        if room is not None and len(prompt) >= room:
+            raise APIError(
+                f"This model's maximum context length is {room} tokens; the prompt has "
+                f"{len(prompt)} tokens, which leaves no room for a completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+    schema = request.json_schema() if isinstance(request, ChatCompletionRequest) else None
+    sampling = Sampling(
+        max_new_tokens=limit,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        stop=request.stop_sequences(),
+        n=request.n or 1,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        logit_bias=checked_logit_bias(request.logit_bias or {}, vocabulary),
+        logprobs=request.logprob_alternatives(),
+        grammar=Grammar(tokenizer, eos, schema) if schema is not None else None,
+    )
+    return sampling, [min(limit, room - len(p)) if room is not None else limit for p in prompts]
+
+
+def adjusts_scores(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Whether the request reads or changes each draw's scores (logprobs, penalties, logit_bias,
+    response_format): what only ftjobs' own engine does."""
+    return bool(
+        request.logprob_alternatives() is not None
+        or request.frequency_penalty
+        or request.presence_penalty
+        or request.logit_bias
+        or (isinstance(request, ChatCompletionRequest) and request.json_schema() is not None)
+    )
 
 
 def include_usage(request: ChatCompletionRequest | CompletionRequest) -> bool:

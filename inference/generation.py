@@ -298,8 +298,13 @@ def token_logprob(
 
 def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """What ends an answer: the tokenizer's eos and the model's generation eos (one id or several)."""
+    return generation_eos(getattr(model, "generation_config", None), tokenizer)
+
+
+def generation_eos(generation_config: object, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """`eos_token_ids` from a generation config (or None) rather than a loaded model."""
     ids = {eos} if isinstance(eos := tokenizer.eos_token_id, int) else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:

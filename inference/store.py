@@ -60,6 +60,11 @@ log = logging.getLogger("ftjobs.inference")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
+def shares_base(method: str, target: Target) -> bool:
+    """Whether the artifact is a LoRA-family adapter that rides on its shared base (else: dedicated)."""
+    return method in METHODS and METHODS[method].shares_base and target.kind == "causal_lm"
+
+
 class ServingLineage(BaseModel):
     """What serving reads of `lineage.json` (`models.lineage.Lineage`); the other fields describe the job,
     and lineage files that have more or fewer of those still serve."""
@@ -275,6 +280,28 @@ class ModelStore:
         )
 
     def _load(self, target: Target) -> AdapterEntry | DedicatedEntry:
+        directory, method, lineage = self.checked_artifact(target)
+        tokenizer_dir = directory if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
+        if shares_base(method, target):
+            base = self._base(target.base_path)
+            tokenizer = self._tokenizer(target.base_path, tokenizer_dir) if tokenizer_dir else base.tokenizer
+            name = base.swap_into_spare(directory, str(self.device.device))
+            if name is None:
+                name = self._new_name()
+                if base.peft is None:
+                    base.peft = PeftModel.from_pretrained(base.model, directory, adapter_name=name).eval()
+                else:
+                    base.peft.load_adapter(directory, adapter_name=name)
+                base.refresh_layers()
+            base.shape = base.lora_config(name)
+            self.background.submit(self._inject_spare, target.base_path)
+            return AdapterEntry(target.base_path, name, tokenizer)
+        tokenizer = load_tokenizer(str(tokenizer_dir or target.base_path))
+        return DedicatedEntry(self._dedicated(target, directory, method, tokenizer, lineage))
+
+    def checked_artifact(self, target: Target) -> tuple[Path, str, ServingLineage]:
+        """The target's artifact directory, the method that made it and its lineage, once it is known to
+        be servable on the target's base: present, free of pickle weights, trained on this very base."""
         assert target.artifact_key is not None
         directory = self.artifacts.local_path(target.artifact_key)
         if not directory.is_dir():
@@ -298,24 +325,7 @@ class ModelStore:
                 param="model",
                 code="model_mismatch",
             )
-        method = target.method or lineage.training_type
-        tokenizer_dir = directory if any((directory / f).is_file() for f in TOKENIZER_FILES) else None
-        if method in METHODS and METHODS[method].shares_base and target.kind == "causal_lm":
-            base = self._base(target.base_path)
-            tokenizer = self._tokenizer(target.base_path, tokenizer_dir) if tokenizer_dir else base.tokenizer
-            name = base.swap_into_spare(directory, str(self.device.device))
-            if name is None:
-                name = self._new_name()
-                if base.peft is None:
-                    base.peft = PeftModel.from_pretrained(base.model, directory, adapter_name=name).eval()
-                else:
-                    base.peft.load_adapter(directory, adapter_name=name)
-                base.refresh_layers()
-            base.shape = base.lora_config(name)
-            self.background.submit(self._inject_spare, target.base_path)
-            return AdapterEntry(target.base_path, name, tokenizer)
-        tokenizer = load_tokenizer(str(tokenizer_dir or target.base_path))
-        return DedicatedEntry(self._dedicated(target, directory, method, tokenizer, lineage))
+        return directory, target.method or lineage.training_type, lineage
 
     def _dedicated(
         self,

@@ -3,7 +3,7 @@
 import zlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -272,6 +272,18 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests an inference process lets wait for a place in a batch; the next get a 429 "
         "with Retry-After.",
+    )
+
+    inference_engine: Literal["ftjobs", "vllm"] = Field(
+        default="ftjobs",
+        description="What generates in `ftjobs serve`: `ftjobs` (continuous batching, any artifact) or "
+        "`vllm` (vLLM's engine for base models and LoRA adapters, an optional install; other artifacts "
+        "still run on ftjobs' engine in the same process). See docs/models.md.",
+    )
+    inference_vllm_args: dict[str, Any] = Field(
+        default={},
+        description='Extra vLLM engine arguments as JSON (e.g. \'{"gpu_memory_utilization": 0.8, '
+        "\"max_lora_rank\": 128}'), over ftjobs' defaults; only with inference_engine=vllm.",
     )
 
     def resolved_database_url(self) -> str:

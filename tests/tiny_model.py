@@ -65,9 +65,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llama(path: Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
+def build_tiny_llama(
+    path: Path, seed: int = 0, tie_word_embeddings: bool = False, head_dim: int | None = None
+) -> Path:
     """Save a random-weight LlamaForCausalLM (safetensors) and its tokenizer into `path`; return `path`.
-    `tie_word_embeddings`: the LM head shares the input embeddings, as in SmolLM2."""
+    `tie_word_embeddings`: the LM head shares the input embeddings, as in SmolLM2. `head_dim` widens the
+    attention heads past hidden_size / heads (vLLM's CPU attention takes 32 and up)."""
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -75,6 +78,7 @@ def build_tiny_llama(path: Path, seed: int = 0, tie_word_embeddings: bool = Fals
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=head_dim,
         intermediate_size=64,
         max_position_embeddings=512,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),

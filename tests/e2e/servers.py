@@ -1,13 +1,14 @@
 """Start real ftjobs processes (`python -m cli ...`) for end-to-end tests, and stop them cleanly."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -49,18 +50,28 @@ def create_key(env: dict[str, str], org: str = "local") -> str:
 
 @contextmanager
 def process(
-    args: list[str], env: dict[str, str], log: Path, health_url: str | None = None
+    args: list[str],
+    env: dict[str, str],
+    log: Path,
+    health_url: str | None = None,
+    python: str = sys.executable,
+    startup_seconds: float = 60,
+    own_group: bool = False,
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m cli ARGS` (`python`: another environment's interpreter, e.g. one with vLLM), healthy
+    within `startup_seconds` if `health_url` is given. `own_group`: the process leads a process group,
+    stopped as a whole (vLLM's engine processes outlive a killed parent)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", *args],
+            [python, "-m", "cli", *args],
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=own_group,
         )
     try:
         if health_url:
-            deadline = time.monotonic() + 180  # a loaded machine takes a while to import torch
+            deadline = time.monotonic() + startup_seconds
             while True:
                 assert proc.poll() is None, log.read_text()
                 try:
@@ -78,3 +89,6 @@ def process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if own_group:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
