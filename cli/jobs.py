@@ -3,6 +3,7 @@ follow one with a progress bar, pause, resume or cancel it, and read its events 
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
@@ -33,10 +34,17 @@ def _job_command(send: Callable[[OpenAI, dict[str, Any]], Any], doc: str) -> Cal
         method: Annotated[
             str,
             typer.Option(
-                help="supervised, dpo or reward_model: with the training file's format, it picks the "
-                "objective (docs/api.md)."
+                help="supervised, dpo, reward_model or reinforcement (with --grader): with the training "
+                "file's format, it picks the objective (docs/api.md)."
             ),
         ] = "supervised",
+        grader: Annotated[
+            Path | None,
+            typer.Option(
+                metavar="FILE.json",
+                help="A reinforcement job's grader, in OpenAI's JSON shape (docs/api.md, Graders).",
+            ),
+        ] = None,
         hyperparameter: Annotated[
             list[str] | None,
             typer.Option(
@@ -68,10 +76,23 @@ def _job_command(send: Callable[[OpenAI, dict[str, Any]], Any], doc: str) -> Cal
     ) -> None:
         tuned = _json(hyperparameters, "--hyperparameters", dict) or {}
         tuned |= {key: _value(raw) for key, raw in _pairs(hyperparameter, "--hyperparameter").items()}
+        settings: dict[str, Any] = {"hyperparameters": tuned}
+        if (method == "reinforcement") != (grader is not None):
+            raise typer.BadParameter(
+                "goes with --method reinforcement, and it needs one", param_hint="--grader"
+            )
+        if grader is not None:
+            try:
+                text = grader.read_text()
+            except OSError as error:
+                raise typer.BadParameter(
+                    f"cannot read it: {error.strerror}", param_hint="--grader"
+                ) from error
+            settings["grader"] = _json(text, "--grader", dict)
         body: dict[str, Any] = {
             "model": model,
             "training_file": training_file,
-            "method": {"type": method, method: {"hyperparameters": tuned}},
+            "method": {"type": method, method: settings},
         }
         body |= given(
             validation_file=validation_file,

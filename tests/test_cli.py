@@ -295,6 +295,15 @@ def test_errors_are_one_line_on_stderr(server: Server) -> None:
             "jobs", "create", "--model", "m", "--training-file", "f", "--hyperparameters", "[]", code=2
         ).stderr
     )
+    # A reinforcement job's grader comes from a file, sent as OpenAI's shape (the API checks it).
+    rft = ["jobs", "create", "--model", "tiny-llama", "--training-file", "f", "--method", "reinforcement"]
+    assert "--grader" in server.run(*rft, code=2).stderr
+    grader = server.tmp / "grader.json"
+    grader.write_text(json.dumps({"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+                                  "reference": "{{item.label}}", "operation": "nope"}))  # fmt: skip
+    refused = server.run(*rft, "--grader", str(grader), code=1).stderr
+    assert refused.startswith("error 400") and "(param: method.reinforcement.grader" in refused, refused
+    assert "cannot read it" in server.run(*rft, "--grader", str(server.tmp / "none.json"), code=2).stderr
 
 
 def _answers(url: str) -> bool:

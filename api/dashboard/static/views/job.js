@@ -81,14 +81,17 @@ export async function jobPage(main, { signal }, id) {
     const by = (test) => lines.filter(({ name }) => test(name));
     const isLoss = (name) => name.endsWith("loss");
     const isAccuracy = (name) => name.includes("accuracy");
+    // Reinforcement jobs: the grader's mean reward on sampled answers (and each multi sub-grader's).
+    const isReward = (name) => name.includes("mean_reward");
     fill(
       charts,
       lineChart("Loss", by(isLoss), totalSteps),
       lineChart("Accuracy", by(isAccuracy), totalSteps),
+      by(isReward).length ? lineChart("Reward", by(isReward), totalSteps) : null,
       // Perplexity is exp(loss): the loss chart already shows it; it is in the evaluation table.
       lineChart(
         "Task metrics",
-        by((name) => !isLoss(name) && !isAccuracy(name) && !name.includes("perplexity")),
+        by((name) => !isLoss(name) && !isAccuracy(name) && !isReward(name) && !name.includes("perplexity")),
         totalSteps,
       ),
     );
