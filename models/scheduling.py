@@ -68,9 +68,10 @@ def wait_reason(
     session: Session, devices: int, device_class: str | None, *, now: float, live_seconds: float
 ) -> str | None:
     """Why a job on `devices` devices of `device_class` (None: any) cannot run on any live worker, or None
-    when one could (idle or not). The pre-flight's `fits` is `wait_reason(...) is None`."""
+    when one could (idle or not) or none is live (nothing to judge by: workers may be starting). The
+    pre-flight says `fits: false` with it."""
     live = Workers(session).live(now=now, live_seconds=live_seconds)
-    if any(_fits(worker, devices, device_class) for worker in live):
+    if not live or any(_fits(worker, devices, device_class) for worker in live):
         return None
     return wait_reason_text(live, devices, device_class)
 

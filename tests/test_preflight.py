@@ -34,6 +34,7 @@ from models.jobs import CompletedData, JobRepository, StartedData
 from models.orm import Job, JobEvent
 from models.preflight import SCALING_EFFICIENCY, Device, Memory, PreflightRequest
 from models.registry import ModelRegistry
+from models.scheduling import Capacity, Workers
 from models.settings import Settings
 from models.spec import DeviceInfo, ResolvedHyperparameters, TrainingSpec
 from models.states import JobStatus
@@ -180,6 +181,14 @@ def test_counts_are_the_jobs_and_the_duration_its_measured_throughput(
     assert (two["duration"]["devices"], two["duration"]["scaling_efficiency"]) == (2, efficiency)
     assert two["duration"]["tokens_per_second"] == pytest.approx(rate * 2 * efficiency)
     assert (two["memory"]["devices"], two["memory"]["strategy"]) == (2, "ddp")
+    # Workers of 1 CPU device (the one that ran the job, and one more): no live worker could run it.
+    with session_scope(session_factory) as session:
+        Workers(session).register("one-cpu", Capacity(1, "cpu"), now=time.time())
+    waits = preflight(api, {**request, "compute": {"devices": 2}})["memory"]
+    assert waits["fits"] is False and "a worker with 2 device(s)" in waits["reason"], waits
+    with session_scope(session_factory) as session:
+        Workers(session).register("two-cpu", Capacity(2, "cpu"), now=time.time())
+    assert preflight(api, {**request, "compute": {"devices": 2}})["memory"]["reason"] is None
     # Another training type's throughput is its own: the lora job does not count for dora.
     dora = preflight(api, body(registered_model, request["training_file"], training_type="dora"))
     assert dora["duration"]["based_on_jobs"] == 0 and dora["duration"]["tokens_per_second"] is None

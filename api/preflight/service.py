@@ -2,6 +2,7 @@
 the inference server, which may load tokenizers, measures the files with the training code and sizes the
 memory; the duration comes from the throughput earlier jobs measured. Nothing is created or enqueued."""
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from models.errors import APIError, ErrorResponse
 from models.files import FileRepository
 from models.jobs import JobRepository
 from models.preflight import PreflightFile, PreflightReport, PreflightRequest, scaling_efficiency
+from models.scheduling import wait_reason
 from models.settings import Settings
 from models.storage import ArtifactStore
 
@@ -37,7 +39,21 @@ async def estimate(
 ) -> Preflight:
     request = await run_in_threadpool(inference_request, session, store, settings, organization_id, body)
     report = await ask(client, request, disconnected)
-    return await run_in_threadpool(with_duration, session, body.model, request.method, report)
+    preflight = await run_in_threadpool(with_duration, session, body.model, request.method, report)
+    return await run_in_threadpool(with_workers, session, settings, body, preflight)
+
+
+def with_workers(session: Session, settings: Settings, body: JobCreate, preflight: Preflight) -> Preflight:
+    """`fits: false` when no live worker could run the job, however long it waited (more devices than
+    any offers, a class none has): such a job would wait in the queue until one registers."""
+    devices, device_class = (body.compute.devices, body.compute.device_class) if body.compute else (1, None)
+    waits = wait_reason(session, devices, device_class, now=time.time(), live_seconds=settings.lease_seconds)
+    if waits is None:
+        return preflight
+    reason = f"No live worker can run it: it would wait for {waits}."
+    return preflight.model_copy(
+        update={"memory": preflight.memory.model_copy(update={"fits": False, "reason": reason})}
+    )
 
 
 def inference_request(
