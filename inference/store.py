@@ -288,6 +288,7 @@ class ModelStore:
             name = base.swap_into_spare(directory, str(self.device.device))
             if name is None:
                 name = self._new_name()
+                refuse_pickle_weights(directory)  # checked_artifact did; peft would torch.load a pickle here
                 if base.peft is None:
                     base.peft = PeftModel.from_pretrained(base.model, directory, adapter_name=name).eval()
                 else:

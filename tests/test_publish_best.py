@@ -1,6 +1,6 @@
-"""Publishing the best checkpoint (issue 20, item 2): a run whose learning rate is too high gets worse after
-its first steps, so an earlier checkpoint is the best, and that checkpoint's weights are what the job
-publishes as its fine-tuned model; `last` keeps OpenAI's meaning."""
+"""Publishing the best checkpoint (issue 20, item 2): in a run whose learning rate is too high an earlier
+checkpoint is better than the last, and that checkpoint's weights are what the job publishes as its
+fine-tuned model; `last` keeps OpenAI's meaning."""
 
 import pytest
 import torch
@@ -12,8 +12,10 @@ from tests.jobs_helpers import chat_lines
 from tests.test_runner import create_job, runner, upload  # noqa: F401 (runner: a fixture)
 from worker.runner import JobRunner
 
-# Far too high for LoRA at a constant rate: the validation loss improves, then climbs.
-DIVERGING = {
+# Far too high for LoRA at a constant rate: the validation loss wanders instead of falling steadily. Which
+# step is best depends on the draw, so the job's seed is fixed: with seed 0 the loss is lowest at step 4
+# (6.095) and higher at step 6 (6.129), every run on this CPU (float32, one thread).
+WANDERING = {
     "n_epochs": 1,
     "batch_size": 2,
     "learning_rate": 0.3,
@@ -31,7 +33,9 @@ def test_the_best_checkpoint_is_published(
     registered_model: str,
     settings: Settings,
 ) -> None:
-    job_id = create_job(client, registered_model, chat_lines(12), chat_lines(4, "validation"), **DIVERGING)
+    job_id = create_job(
+        client, registered_model, chat_lines(12), chat_lines(4, "validation"), seed=0, **WANDERING
+    )
     runner.run(job_id)
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
