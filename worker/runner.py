@@ -148,7 +148,8 @@ class JobRunner:
         with job_context(job_id):
             try:
                 data = self._validate(job_id, JobStatus.RUNNING, attempt)
-                assert data is not None
+                if data is None:  # cancelled or paused since the claim: nothing to train
+                    return job_id
                 self._start(job_id, attempt, data)
             except JobFailed as failure:
                 fail_job(self.session_factory, job_id, failure, from_=JobStatus.RUNNING, attempt=attempt)
