@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from models.base_store import register_base
 from models.db import session_scope
 from models.logs import configure_logging
 from models.migrate import open_database
-from models.queue import CeleryDispatcher
+from models.queue import CeleryDispatcher, Dispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
 from models.storage import ArtifactStore, StoreUnavailable, open_store
@@ -134,7 +135,8 @@ def up(
     _announce_admin_key(settings, runner.session_factory)
     dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
     dispatcher.start()
-    Reconciler(settings, runner.session_factory, dispatcher, runner.store).start()
+    sweeps = _sweep_driver(settings, runner.session_factory, runner.store, dispatcher)
+    Reconciler(settings, runner.session_factory, dispatcher, runner.store, sweeps).start()
     WebhookSender(settings, runner.session_factory).start()
     # Models load in their own process, so a long generation never stalls the API's event loop.
     inference = subprocess.Popen(
@@ -268,11 +270,23 @@ def run_attempt(
     make_runner(settings).run_attempt(job_id, attempt, placement)
 
 
+def _sweep_driver(
+    settings: Settings, factory: sessionmaker[Session], store: ArtifactStore, dispatcher: Dispatcher
+) -> Callable[[], object]:
+    """The reconciler's sweep hook: advance every running sweep, creating trials through the jobs service."""
+    from api.sweeps.service import ServiceTrialJobs, drive
+
+    jobs = ServiceTrialJobs(settings, store, dispatcher)
+    return lambda: drive(factory, jobs)
+
+
 def _start_reconciler(settings: Settings, store: ArtifactStore) -> sessionmaker[Session]:
     """Migrate, then sweep for lost jobs (and the store for leftovers) and send webhooks in the background
     (distributed mode: every process does)."""
     factory = open_database(settings)
-    Reconciler(settings, factory, CeleryDispatcher(settings), store).start()
+    dispatcher = CeleryDispatcher(settings)
+    sweeps = _sweep_driver(settings, factory, store, dispatcher)
+    Reconciler(settings, factory, dispatcher, store, sweeps).start()
     WebhookSender(settings, factory).start()
     return factory
 
