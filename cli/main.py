@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cli import admin, files, jobs, webhooks
+from cli import admin, files, jobs, sweeps, webhooks
 from cli import inference as inference_commands
 from cli import models as api_models
 from cli.client import ApiErrors
@@ -48,6 +48,7 @@ app.add_typer(keys_app, name="keys")
 # The API's commands (cli/*.py), beside the server's above.
 app.add_typer(files.app, name="files")
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(sweeps.app, name="sweeps")
 app.add_typer(webhooks.app, name="webhooks")
 app.add_typer(admin.app, name="admin")
 api_models.register(models_app)

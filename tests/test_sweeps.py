@@ -1,6 +1,6 @@
-"""Hyperparameter sweeps on real Postgres: bad input is a 400 naming the field, trials are real jobs run by the
-runner, the driver picks the winner by the metric, stops a trial whose curve falls behind, and a cancel keeps
-the finished trials."""
+"""Hyperparameter sweeps on real Postgres: bad input is a 400 naming the field, trials are real jobs run by
+the runner, the driver picks the winner by the metric, stops a trial whose curve falls behind, and a cancel
+keeps the finished trials."""
 
 from typing import Any
 
