@@ -3,8 +3,9 @@
 Postgres is the source of truth. Each driver tick (`advance`) rebuilds an in-memory Optuna study from the
 sweep's trials and their jobs, asks its pruner whether a running trial has fallen behind (successive
 halving over the trials' evaluation curves), and asks its sampler for new trials while there is room.
-Nothing Optuna holds outlives a tick, so any process may drive any sweep; a row lock on the sweep keeps two
-drivers from advancing the same sweep at once, and a unique trial number from adding the same trial twice.
+Nothing Optuna holds outlives a tick, so any process may drive any sweep (a running trial is judged afresh
+each tick, against every value the other trials had at the same number of evaluations); a row lock on the
+sweep keeps two drivers from advancing it at once, and a unique trial number from adding a trial twice.
 """
 
 import logging
@@ -333,14 +334,15 @@ def advance(session: Session, sweep: Sweep, jobs: TrialJobs) -> None:
     for trial, job in sorted(rows, key=lambda row: (JobStatus(row[1].status) in ACTIVE, row[0].number)):
         study.enqueue_trial(trial.params)
         asked = study.ask(dists)
-        prune = False
+        running, prune = JobStatus(job.status) in ACTIVE, False
         for step, value in enumerate(repo.curve(job.id, metric) if metric else [], start=1):
             asked.report(value, step)
-            # Replayed at each evaluation, as a live study would have, so each rung holds the value it had.
-            prune = sweep.early_stopping and asked.should_prune()
-            if prune:
+            # Asked at each evaluation, as a live study would have, so each rung holds the value it had then;
+            # a finished trial's answer only records its rungs for the others to compete with.
+            if sweep.early_stopping and asked.should_prune() and running:
+                prune = True
                 break
-        if JobStatus(job.status) in ACTIVE:
+        if running:
             if not prune:
                 active += 1
                 continue

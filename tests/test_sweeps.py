@@ -13,7 +13,7 @@ from models.db import session_scope
 from models.jobs import JobRepository
 from models.settings import Settings
 from models.storage import LocalArtifactStore
-from models.sweeps import PRUNED_REASON
+from models.sweeps import PRUNED_REASON, SweepRepository
 from tests.conftest import RecordingDispatcher, make_tenant
 from tests.jobs_helpers import chat_lines
 from tests.test_runner import FAST, upload
@@ -159,3 +159,21 @@ def test_a_trial_falling_behind_is_stopped_early_and_cancel_keeps_finished_trial
     assert statuses == {first: "succeeded", second: "cancelled", third: "cancelled"}
     assert cancelled["best"]["job_id"] == first
     assert client.post(f"{url}/cancel").status_code == 400
+
+
+def test_a_sweep_another_driver_holds_is_skipped(
+    client: TestClient,
+    registered_model: str,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    dispatcher: RecordingDispatcher,
+) -> None:
+    body = {**base(client, registered_model), "search_space": {"lora_r": [4, 8]}, "max_trials": 2}
+    sweep = client.post("/v1/fine_tuning/sweeps", json={**body, "parallelism": 1}).json()
+    with session_scope(session_factory) as session:
+        assert SweepRepository(session).lock(sweep["id"], wait=False) is not None
+        assert driver(settings, session_factory, dispatcher) == []  # the row is held: nothing advanced
+    with session_scope(session_factory) as session:
+        JobRepository(session).get(sweep["trials"][0]["job_id"]).status = "cancelled"  # type: ignore[union-attr]
+    assert driver(settings, session_factory, dispatcher) == [sweep["id"]]
+    assert len(client.get(f"/v1/fine_tuning/sweeps/{sweep['id']}").json()["trials"]) == 2
