@@ -21,6 +21,7 @@ from api.middleware import RequestId
 from api.preflight.router import router as preflight_router
 from api.ratelimit import RateLimiter
 from api.registry.router import router as models_router
+from api.sweeps.router import router as sweeps_router
 from api.webhooks.router import router as webhooks_router
 from models.db import make_engine, make_session_factory
 from models.queue import CeleryDispatcher, Dispatcher
@@ -67,6 +68,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.include_router(admin_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
+    app.include_router(sweeps_router)
     app.include_router(preflight_router)
     app.include_router(graders_router)
     app.include_router(models_router)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ import typer
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cli import admin, files, jobs, webhooks
+from cli import admin, files, jobs, sweeps, webhooks
 from cli import inference as inference_commands
 from cli import models as api_models
 from cli.client import ApiErrors
@@ -23,7 +24,7 @@ from models.base_store import register_base
 from models.db import session_scope
 from models.logs import configure_logging
 from models.migrate import open_database
-from models.queue import CeleryDispatcher
+from models.queue import CeleryDispatcher, Dispatcher
 from models.registry import InvalidModelName, ModelRegistry
 from models.settings import Settings
 from models.storage import ArtifactStore, StoreUnavailable, open_store
@@ -47,6 +48,7 @@ app.add_typer(keys_app, name="keys")
 # The API's commands (cli/*.py), beside the server's above.
 app.add_typer(files.app, name="files")
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(sweeps.app, name="sweeps")
 app.add_typer(webhooks.app, name="webhooks")
 app.add_typer(admin.app, name="admin")
 api_models.register(models_app)
@@ -134,7 +136,8 @@ def up(
     _announce_admin_key(settings, runner.session_factory)
     dispatcher = EmbeddedDispatcher(runner, runner.session_factory, workers=settings.embedded_workers)
     dispatcher.start()
-    Reconciler(settings, runner.session_factory, dispatcher, runner.store).start()
+    sweeps = _sweep_driver(settings, runner.session_factory, runner.store, dispatcher)
+    Reconciler(settings, runner.session_factory, dispatcher, runner.store, sweeps).start()
     WebhookSender(settings, runner.session_factory).start()
     # Models load in their own process, so a long generation never stalls the API's event loop.
     inference = subprocess.Popen(
@@ -268,11 +271,23 @@ def run_attempt(
     make_runner(settings).run_attempt(job_id, attempt, placement)
 
 
+def _sweep_driver(
+    settings: Settings, factory: sessionmaker[Session], store: ArtifactStore, dispatcher: Dispatcher
+) -> Callable[[], object]:
+    """The reconciler's sweep hook: advance every running sweep, creating trials through the jobs service."""
+    from api.sweeps.service import ServiceTrialJobs, drive
+
+    jobs = ServiceTrialJobs(settings, store, dispatcher)
+    return lambda: drive(factory, jobs)
+
+
 def _start_reconciler(settings: Settings, store: ArtifactStore) -> sessionmaker[Session]:
     """Migrate, then sweep for lost jobs (and the store for leftovers) and send webhooks in the background
     (distributed mode: every process does)."""
     factory = open_database(settings)
-    Reconciler(settings, factory, CeleryDispatcher(settings), store).start()
+    dispatcher = CeleryDispatcher(settings)
+    sweeps = _sweep_driver(settings, factory, store, dispatcher)
+    Reconciler(settings, factory, dispatcher, store, sweeps).start()
     WebhookSender(settings, factory).start()
     return factory
 

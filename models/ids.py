@@ -28,3 +28,7 @@ def checkpoint_id() -> str:
 
 def model_suffix_id() -> str:
     return random_id("", 8)
+
+
+def sweep_id() -> str:
+    return random_id("ftsweep-")

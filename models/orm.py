@@ -285,3 +285,47 @@ class WebhookDelivery(Base):
     """Why the last attempt failed short of a response (refused address, timeout, connection error)."""
     last_response: Mapped[str | None] = mapped_column(String(512))
     """The first characters of the last response's body, no more."""
+
+
+class Sweep(Base):
+    """A hyperparameter search (extension): trials are ordinary jobs that `models.sweeps` creates, watches
+    and stops early from the database on each tick."""
+
+    __tablename__ = "fine_tuning_sweep"
+    __table_args__ = (Index("ix_fine_tuning_sweep_org_seq", "organization_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    """running, succeeded, cancelled or failed."""
+    base: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    """The job create body every trial starts from; a trial overrides its hyperparameters."""
+    search_space: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    metric: Mapped[str | None] = mapped_column(String(64))
+    """None until the first trial resolves its metric_for_best_checkpoint (the objective's default)."""
+    max_trials: Mapped[int] = mapped_column(Integer)
+    parallelism: Mapped[int] = mapped_column(Integer)
+    early_stopping: Mapped[bool] = mapped_column(Boolean)
+    """Cancel trials whose evaluation curve falls behind (successive halving)."""
+    seed: Mapped[int] = mapped_column(BigInteger)
+    """Seeds the sampler, so a sweep rebuilt from the database asks the same questions."""
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class SweepTrial(Base):
+    """One trial of a sweep: the job it runs and the parameters the sampler chose for it."""
+
+    __tablename__ = "fine_tuning_sweep_trial"
+    # A trial number is taken once, so two drivers ticking at once cannot both add trial n.
+    __table_args__ = (UniqueConstraint("sweep_id", "number"),)
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_sweep.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str] = mapped_column(String(64), unique=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    pruned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """The sweep cancelled it early: its evaluation curve fell behind the others'."""

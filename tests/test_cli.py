@@ -311,3 +311,28 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.e2e
+def test_a_sweep_in_ftjobs_up(server: Server, training_file: str) -> None:
+    """`ftjobs up` drives sweeps: its one trial runs and the reconciler's tick finishes the sweep."""
+    valid = server.json("files", "upload", str(write_chat(server.tmp / "valid.jsonl", 4, "validation")))["id"]
+    hyper = {"n_epochs": 1, "batch_size": 4, "max_seq_length": 512}
+    base = {
+        "model": "tiny-llama",
+        "training_file": training_file,
+        "validation_file": valid,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+    }
+    body = server.tmp / "sweep-job.json"
+    body.write_text(json.dumps(base))
+    sweep = ["sweeps", "create", "--job", str(body), "--max-trials", "1"]
+    bad = server.run(*sweep, "--search-space", '{"lora_rx": [4]}', code=1)
+    assert "(param: search_space.lora_rx)" in bad.stderr
+    created = server.json(*sweep, "--search-space", '{"lora_r": [4, 8]}')
+    [trial] = created["trials"]
+    server.run("jobs", "follow", trial["job_id"], "--json")
+    wait_for(lambda: server.json("sweeps", "get", created["id"])["status"] != "running", 60, "the sweep")
+    done = server.json("sweeps", "get", created["id"])
+    assert done["status"] == "succeeded" and done["best"]["job_id"] == trial["job_id"]
+    assert server.json("sweeps", "list")["data"][0]["id"] == created["id"]

@@ -11,6 +11,8 @@
 - Every `store_sweep_seconds` (an hour), and once at start, the artifact store is swept of what crashed
   writers left: half-published or half-deleted prefixes and multipart uploads never completed, older than
   `store_orphan_seconds` (a day). It lists the whole store, so it runs far less often than the job sweep.
+- Sweeps (`models.sweeps`): after each job sweep, the `sweeps` hook advances every running hyperparameter
+  sweep (stops weak trials early, starts new ones, finishes it); the process wires it to the jobs service.
 - Scheduling (`models.scheduling.Preemption`): a queued job no live worker could run gets one event saying
   what it waits for; a higher-priority job that cannot start pauses a preemptible one; a preempted job is
   queued again once the job it made room for has started.
@@ -23,6 +25,7 @@ take a session-level advisory lock of their own: one process sweeps the store at
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,8 +90,10 @@ class Reconciler:
         session_factory: sessionmaker[Session],
         dispatcher: Dispatcher,
         store: ArtifactStore | None = None,
+        sweeps: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
+        self.sweeps = sweeps
         self.session_factory = session_factory
         self.dispatcher = dispatcher
         self.store = store
@@ -202,6 +207,11 @@ class Reconciler:
                     log.warning("reconciler: requeued %s, failed %s", sweep.requeued, sweep.failed)
             except Exception:  # the database may be down; the next sweep tries again
                 log.exception("reconciler sweep failed")
+            try:
+                if self.sweeps is not None:
+                    self.sweeps()
+            except Exception:  # as above: the next tick tries again
+                log.exception("sweep driver tick failed")
             try:
                 if (swept := self.sweep_store()) and (swept.prefixes or swept.uploads):
                     log.warning("store sweep: removed %s, aborted %d uploads", swept.prefixes, swept.uploads)

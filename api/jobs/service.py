@@ -348,8 +348,11 @@ def _move(
     return job
 
 
-def cancel(session: Session, organization_id: str, job_id: str) -> Job:
-    """Cancel wins over whatever the runner does next: its own final write is a CAS from `running`."""
+def cancel(
+    session: Session, organization_id: str, job_id: str, event: str = "Fine-tuning job cancelled"
+) -> Job:
+    """Cancel wins over whatever the runner does next: its own final write is a CAS from `running`. `event`:
+    why, when not the client's own request (a sweep stopping a trial early)."""
     values = {"finished_at": int(time.time()), "estimated_finish": None}
     return _move(
         session,
@@ -357,7 +360,7 @@ def cancel(session: Session, organization_id: str, job_id: str) -> Job:
         job_id,
         from_=ACTIVE,
         to=JobStatus.CANCELLED,
-        event="Fine-tuning job cancelled",
+        event=event,
         values=values,
     )
 
