@@ -25,15 +25,17 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from graders.grading import item_fields
+from graders.grading import item_fields, model_graders
 from graders.shapes import parse_grader
-from models import ids
+from models import ids, judge_grants
 from models.auth import Organizations
 from models.base_store import local_base
 from models.continuation import Parent, how_to_start, resolve_model
 from models.db import session_scope
+from models.errors import APIError
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
+from models.inference import Target
 from models.jobs import CompletedData, JobRepository, StartedData
 from models.lineage import Lineage, renamed_metadata, write_lineage
 from models.logs import job_context
@@ -48,6 +50,7 @@ from models.spec import (
     ChildMessage,
     CompletedMessage,
     EvaluationMessage,
+    JudgeAccess,
     LogMessage,
     Metrics,
     MetricsMessage,
@@ -61,8 +64,9 @@ from models.spec import (
 )
 from models.states import JobStatus, transition
 from models.storage import ArtifactStore, StoreUnavailable
+from models.targets import target
 from models.validation import DataError, FileSummary, validate_job_files
-from models.versions import root_base
+from models.versions import ModelVersions, root_base
 from worker.child import Placement, TrainingProcess, visible_device_class, visible_devices
 from worker.integrations import trackers
 from worker.reconciler import retry_or_fail
@@ -439,7 +443,36 @@ class Attempt:
                 trackers=trackers(self.settings, job, organization_name(session, job)),
                 devices=devices,
                 grader=job.method[job.method["type"]].get("grader"),
+                judge=self._judge(session, job),
             )
+
+    def _judge(self, session: Session, job: Job) -> JudgeAccess | None:
+        """Where the job's judge models answer, with a grant for them alone: the trainer never holds the
+        inference token, which would reach any organisation's models."""
+        grader = job.method[job.method["type"]].get("grader")
+        judges = model_graders(parse_grader(grader), "method.reinforcement.grader") if grader else []
+        targets: dict[str, Target] = {}
+        for param, judge in judges:
+            version = ModelVersions(session).get(job.organization_id, judge.model)
+            if version is None:
+                raise JobFailed(
+                    "model_not_found", f"The judge model {judge.model!r} no longer exists.", param
+                )
+            try:
+                targets[judge.model] = target(self.store, version)
+            except APIError as error:  # e.g. its base was unregistered since
+                raise JobFailed(error.code or "model_not_found", error.message, f"{param}.model") from error
+        if not targets:
+            return None
+        token = self.settings.inference_token
+        return JudgeAccess(
+            url=self.settings.inference_url,
+            grant=judge_grants.sign(token.get_secret_value(), job.organization_id, [*targets.values()])
+            if token
+            else None,
+            organization=job.organization_id,
+            targets={name: found.model_dump(mode="json") for name, found in targets.items()},
+        )
 
     def _best_checkpoint(self, session: Session, job: Job) -> str | None:
         """Where the best checkpoint of earlier attempts is, for a resumed job that publishes the best."""

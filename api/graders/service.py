@@ -8,7 +8,7 @@ from api.graders.judge import chat_request, judge
 from api.graders.schemas import GraderRun, GraderRunResult, RunMetadata
 from graders import grading
 from graders.errors import GraderError
-from graders.shapes import AnyGrader, LabelModelGrader, MultiGrader, ScoreModelGrader, sub_graders
+from graders.shapes import AnyGrader, ScoreModelGrader
 from models.errors import APIError
 from models.storage import ArtifactStore
 from models.versions import ModelVersions
@@ -49,15 +49,12 @@ def run(
 
 
 def _check_judges(session: Session, org: str, grader: AnyGrader, param: str) -> None:
-    if isinstance(grader, MultiGrader):
-        for name, sub in sub_graders(grader).items():
-            _check_judges(session, org, sub, f"{param}.graders.{name}")
-    elif isinstance(grader, ScoreModelGrader | LabelModelGrader):
-        if ModelVersions(session).get(org, grader.model) is None:
+    for where, judge_grader in grading.model_graders(grader, param):
+        if ModelVersions(session).get(org, judge_grader.model) is None:
             raise APIError(
-                f"The judge model {grader.model!r} does not exist or you do not have access to it.",
-                param=f"{param}.model",
+                f"The judge model {judge_grader.model!r} does not exist or you do not have access to it.",
+                param=f"{where}.model",
                 code="model_not_found",
             )
-        sampling = grader.sampling_params if isinstance(grader, ScoreModelGrader) else None
-        chat_request(grader.model, [{"role": "user", "content": "-"}], sampling, param)
+        sampling = judge_grader.sampling_params if isinstance(judge_grader, ScoreModelGrader) else None
+        chat_request(judge_grader.model, [{"role": "user", "content": "-"}], sampling, where)
