@@ -1,6 +1,6 @@
 """Reinforcement jobs at the API: OpenAI's request shape is accepted and echoed so the openai client parses
-it; a grader that cannot grade this job is a 400 at create naming the field; a file that cannot train fails
-the job with the line and field, as every other file does."""
+it; a grader that cannot grade this job (an unknown judge model too) is a 400 at create naming the field;
+a file that cannot train fails the job with the line and field, as every other file does."""
 
 import json
 from typing import Any
@@ -106,25 +106,6 @@ def test_the_method_is_accepted_and_echoed_in_openais_shape(
             "method.reinforcement.grader.model",
             "model_not_found",
         ),
-        (
-            {
-                "type": "multi",
-                "name": "m",
-                "calculate_output": "judge",
-                "graders": {
-                    "judge": {
-                        "type": "label_model",
-                        "name": "judge",
-                        "model": "tiny-llama",
-                        "input": [{"role": "user", "content": "{{sample.output_text}}"}],
-                        "labels": ["good", "bad"],
-                        "passing_labels": ["good"],
-                    }
-                },
-            },
-            "method.reinforcement.grader.graders.judge.type",
-            None,
-        ),
     ],
 )
 def test_a_grader_this_job_cannot_use_is_400_naming_the_field(
@@ -135,6 +116,22 @@ def test_a_grader_this_job_cannot_use_is_400_naming_the_field(
     )
     if "answer" in json.dumps(grader):
         assert "Line 1 of the training file" in error["message"]
+
+
+def test_a_served_judge_model_is_accepted(client: TestClient, registered_model: str) -> None:
+    """A model grader judging with a base the organisation can call (another organisation's model is
+    refused as an unknown one: tests/test_isolation.py)."""
+    judge = {
+        "type": "label_model",
+        "name": "judge",
+        "model": registered_model,
+        "input": [{"role": "user", "content": "Is {{sample.output_text}} {{item.label}}?"}],
+        "labels": ["yes", "no"],
+        "passing_labels": ["yes"],
+    }
+    grader = {"type": "multi", "name": "m", "calculate_output": "judge", "graders": {"judge": judge}}
+    response = create(client, registered_model, prompts(10), reinforcement(grader))
+    assert response.status_code == 200, response.text
 
 
 def test_other_bad_requests(client: TestClient, registered_model: str) -> None:

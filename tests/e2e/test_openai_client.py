@@ -270,7 +270,13 @@ JUDGE_INPUT = [
 @pytest.mark.parametrize(
     "grader",
     [
-        {"type": "score_model", "name": "judge", "model": "tiny-llama", "input": JUDGE_INPUT, "range": [0, 10]},
+        {
+            "type": "score_model",
+            "name": "judge",
+            "model": "tiny-llama",
+            "input": JUDGE_INPUT,
+            "range": [0, 10],
+        },
         {  # OpenAI's reinforcement method takes a label_model grader only inside a multi grader
             "type": "multi",
             "name": "labelled",

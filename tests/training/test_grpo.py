@@ -1,6 +1,7 @@
 """Reinforcement fine-tuning (GRPO) on the tiny Llama, trained in this process through the recipe: the loss
 of a fixed batch against TRL's own GRPO loss, a LoRA job with its rewards in evaluations, checkpoints and
-the results file, and a hostile python grader that scores 0 without stopping the job."""
+the results file, and a hostile python grader or an unreachable judge that scores 0 without stopping the
+job."""
 
 import csv
 import json
@@ -19,6 +20,7 @@ from models.spec import (
     CheckpointMessage,
     CompletedMessage,
     EvaluationMessage,
+    JudgeAccess,
     LogMessage,
     MetricsMessage,
     TrainingSpec,
@@ -224,3 +226,27 @@ def test_a_hostile_python_grader_scores_zero_and_the_job_goes_on(
     assert any("scored 0 because the grader failed" in w and "secret.txt" in w for w in warnings)
     assert events.of_type(CompletedMessage)
     assert marker.read_text() == "host data"
+
+
+def test_an_unreachable_judge_scores_zero_and_the_job_goes_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A model grader whose inference server does not answer: each sample scores 0 with the reason in a
+    warn event, and the job trains to the end."""
+    grader = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "tiny-judge",
+        "input": [{"role": "user", "content": "Score {{sample.output_text}} against {{item.answer}}."}],
+    }
+    nowhere = JudgeAccess(
+        url="http://127.0.0.1:9",  # nothing listens there
+        grant=None,
+        organization="org-test",
+        targets={"tiny-judge": {"model": "tiny-judge", "base_path": str(tiny_model_dir)}},
+    )
+    spec = rft_spec(tmp_path, "judge", tiny_model_dir, grader, eval_interval=0)
+    events = run_here(spec.model_copy(update={"judge": nowhere}))
+
+    assert all(e.metrics["full_valid_mean_reward"] == 0.0 for e in events.of_type(EvaluationMessage))
+    warnings = [m.message for m in events.of_type(LogMessage) if m.level == "warn"]
+    assert any("the judge did not answer: the inference server is not reachable" in w for w in warnings)
+    assert events.of_type(CompletedMessage)
