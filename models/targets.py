@@ -1,6 +1,11 @@
 """What the inference server loads for a model of the registry: the API resolves a request's model into a
-`Target`, and the worker a reinforcement job's judge models."""
+`Target`, and a grader's judge models (checked by the graders API and at job create, resolved again by the
+worker for a reinforcement job's trainer)."""
 
+from sqlalchemy.orm import Session
+
+from graders.grading import model_graders
+from graders.shapes import AnyGrader
 from models.errors import APIError
 from models.inference import ModelKind, Target
 from models.lineage import Lineage, read_lineage
@@ -8,7 +13,7 @@ from models.objectives import GENERATIVE
 from models.registry import is_generative
 from models.spec import pickle_weights
 from models.storage import ArtifactStore
-from models.versions import ModelVersion
+from models.versions import ModelVersion, ModelVersions
 
 
 def target(store: ArtifactStore, version: ModelVersion) -> Target:
@@ -71,3 +76,32 @@ def _tuned_kind(model_id: str, lineage: Lineage) -> ModelKind:
         param="model",
         code="model_not_supported",
     )
+
+
+def judge_targets(
+    session: Session, store: ArtifactStore, org: str, grader: AnyGrader, param: str
+) -> dict[str, Target]:
+    """Each judge model of `grader` (by name) as the inference server loads it for `org`; a 400 naming the
+    judge's field for one that does not exist or is another organisation's (the same answer), or that
+    cannot answer a chat completion."""
+    targets: dict[str, Target] = {}
+    for where, judge in model_graders(grader, param):
+        version = ModelVersions(session).get(org, judge.model)
+        if version is None:
+            raise APIError(
+                f"The judge model {judge.model!r} does not exist or you do not have access to it.",
+                param=f"{where}.model",
+                code="model_not_found",
+            )
+        try:
+            found = target(store, version)
+        except APIError as error:  # an encoder base, pickle weights, a base unregistered since
+            raise APIError(error.message, param=f"{where}.model", code=error.code) from error
+        if found.kind != "causal_lm":
+            raise APIError(
+                f"The judge model {judge.model!r} is a classifier: a judge answers in chat.",
+                param=f"{where}.model",
+                code="model_not_supported",
+            )
+        targets[judge.model] = found
+    return targets

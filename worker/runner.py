@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from graders.grading import item_fields, model_graders
+from graders.grading import item_fields
 from graders.shapes import parse_grader
 from models import ids, judge_grants
 from models.auth import Organizations
@@ -35,7 +35,6 @@ from models.db import session_scope
 from models.errors import APIError
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
-from models.inference import Target
 from models.jobs import CompletedData, JobRepository, StartedData
 from models.lineage import Lineage, renamed_metadata, write_lineage
 from models.logs import job_context
@@ -64,9 +63,9 @@ from models.spec import (
 )
 from models.states import JobStatus, transition
 from models.storage import ArtifactStore, StoreUnavailable
-from models.targets import target
+from models.targets import judge_targets
 from models.validation import DataError, FileSummary, validate_job_files
-from models.versions import ModelVersions, root_base
+from models.versions import root_base
 from worker.child import Placement, TrainingProcess, visible_device_class, visible_devices
 from worker.integrations import trackers
 from worker.reconciler import retry_or_fail
@@ -450,18 +449,14 @@ class Attempt:
         """Where the job's judge models answer, with a grant for them alone: the trainer never holds the
         inference token, which would reach any organisation's models."""
         grader = job.method[job.method["type"]].get("grader")
-        judges = model_graders(parse_grader(grader), "method.reinforcement.grader") if grader else []
-        targets: dict[str, Target] = {}
-        for param, judge in judges:
-            version = ModelVersions(session).get(job.organization_id, judge.model)
-            if version is None:
-                raise JobFailed(
-                    "model_not_found", f"The judge model {judge.model!r} no longer exists.", param
-                )
-            try:
-                targets[judge.model] = target(self.store, version)
-            except APIError as error:  # e.g. its base was unregistered since
-                raise JobFailed(error.code or "model_not_found", error.message, f"{param}.model") from error
+        if grader is None:
+            return None
+        try:  # checked at create; a judge deleted or made unservable since fails the job
+            targets = judge_targets(
+                session, self.store, job.organization_id, parse_grader(grader), "method.reinforcement.grader"
+            )
+        except APIError as error:
+            raise JobFailed(error.code or "model_not_found", error.message, error.param) from error
         if not targets:
             return None
         token = self.settings.inference_token

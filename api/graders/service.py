@@ -1,5 +1,5 @@
-"""Graders for an organisation: a grader's judge models must be ones it can call (its own or a base), and
-every refusal is a 400 naming the field."""
+"""Graders for an organisation: a grader's judge models must be ones it can call (its own or a base) that
+answer in chat, and every refusal is a 400 naming the field."""
 
 import httpx
 from sqlalchemy.orm import Session
@@ -11,21 +11,26 @@ from graders.errors import GraderError
 from graders.shapes import AnyGrader, ScoreModelGrader
 from models.errors import APIError
 from models.storage import ArtifactStore
-from models.versions import ModelVersions
+from models.targets import judge_targets
 
 
-def validate(session: Session, org: str, grader: AnyGrader, param: str = "grader") -> None:
+def validate(
+    session: Session, store: ArtifactStore, org: str, grader: AnyGrader, param: str = "grader"
+) -> None:
     try:
         grading.check(grader, param)
     except GraderError as error:
         raise APIError(error.message, param=error.param, code="invalid_grader") from error
-    _check_judges(session, org, grader, param)
+    judge_targets(session, store, org, grader, param)
+    for where, judge_grader in grading.model_graders(grader, param):
+        sampling = judge_grader.sampling_params if isinstance(judge_grader, ScoreModelGrader) else None
+        chat_request(judge_grader.model, [{"role": "user", "content": "-"}], sampling, where)
 
 
 def run(
     session: Session, store: ArtifactStore, client: httpx.Client, org: str, body: GraderRun
 ) -> GraderRunResult:
-    validate(session, org, body.grader)
+    validate(session, store, org, body.grader)
     try:
         result = grading.grade(body.grader, body.model_sample, body.item, judge(session, store, client, org))
     except GraderError as error:
@@ -46,15 +51,3 @@ def run(
         sub_rewards=result.sub_rewards,
         model_grader_token_usage_per_model=dict(result.token_usage),
     )
-
-
-def _check_judges(session: Session, org: str, grader: AnyGrader, param: str) -> None:
-    for where, judge_grader in grading.model_graders(grader, param):
-        if ModelVersions(session).get(org, judge_grader.model) is None:
-            raise APIError(
-                f"The judge model {judge_grader.model!r} does not exist or you do not have access to it.",
-                param=f"{where}.model",
-                code="model_not_found",
-            )
-        sampling = judge_grader.sampling_params if isinstance(judge_grader, ScoreModelGrader) else None
-        chat_request(judge_grader.model, [{"role": "user", "content": "-"}], sampling, where)

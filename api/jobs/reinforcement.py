@@ -22,7 +22,7 @@ def check_grader(
     session: Session, store: ArtifactStore, org: str, method: ReinforcementMethod, files: dict[str, File]
 ) -> None:
     """A 400 naming the grader's field, or the file's line and field, for a grader this job cannot use."""
-    graders.validate(session, org, method.grader, PARAM)
+    graders.validate(session, store, org, method.grader, PARAM)
     fields = item_fields(method.grader, PARAM)
     for param, record in files.items():
         with store.open(record.storage_key) as stream:
