@@ -5,6 +5,7 @@ job."""
 
 import csv
 import json
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,7 @@ from models.spec import (
 from models.validation import validate_file
 from tests.training.test_sft_resume import run_here
 from tests.training.test_sft_run import make_spec
+from worker.child import TrainingProcess
 from worker.training.device import DeviceConfig
 from worker.training.events import EventWriter
 from worker.training.loading import load_tokenizer
@@ -250,3 +252,15 @@ def test_an_unreachable_judge_scores_zero_and_the_job_goes_on(tiny_model_dir: Pa
     warnings = [m.message for m in events.of_type(LogMessage) if m.level == "warn"]
     assert any("the judge did not answer: the inference server is not reachable" in w for w in warnings)
     assert events.of_type(CompletedMessage)
+
+
+def test_the_trainer_is_started_without_the_inference_token(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its judges answer its grant (spec.judge): the worker's token, which reaches any organisation's
+    models, is not in its environment."""
+    monkeypatch.setenv("FTJOBS_INFERENCE_TOKEN", "s3cret")
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **options: started.update(options))
+    TrainingProcess(rft_spec(tmp_path, "env", tiny_model_dir, SIMILARITY), tmp_path)
+    assert "FTJOBS_INFERENCE_TOKEN" not in started["env"] and "PATH" in started["env"]
