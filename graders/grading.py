@@ -12,6 +12,7 @@ from graders.judging import Judge
 from graders.shapes import (
     AnyGrader,
     LabelModelGrader,
+    ModelGrader,
     MultiGrader,
     PythonGrader,
     SamplingParams,
@@ -85,6 +86,16 @@ def check(grader: AnyGrader, param: str = "grader") -> None:
         for name, sub in graders.items():
             check(sub, f"{param}.graders.{name}")
         formula.check(grader.calculate_output, set(graders), f"{param}.calculate_output")
+
+
+def model_graders(grader: AnyGrader, param: str = "grader") -> list[tuple[str, ModelGrader]]:
+    """The grader's model graders (itself, or a multi grader's), each with its field."""
+    if isinstance(grader, ScoreModelGrader | LabelModelGrader):
+        return [(param, grader)]
+    if isinstance(grader, MultiGrader):
+        subs = sub_graders(grader).items()
+        return [found for name, sub in subs for found in model_graders(sub, f"{param}.graders.{name}")]
+    return []
 
 
 def item_fields(grader: AnyGrader, param: str = "grader") -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Model graders (`score_model`, `label_model`): the judge's messages, rendered from the grader's templates
-with an instruction saying how to answer, and the reward read from the judge's reply. Calling the judge is
-the caller's (`Judge`): the API calls the inference server, so this module stays free of any transport."""
+with an instruction saying how to answer, the chat completion the inference server is asked for, and the
+reward read from the judge's reply. Who may ask is the caller's (`Judge`): the API for its organisation's
+requests, a reinforcement job's trainer with its grant (models/judge_grants.py)."""
 
 import json
 import re
@@ -8,10 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from graders import template
 from graders.shapes import LabelModelGrader, ModelGrader, SamplingParams
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+JUDGE_MAX_TOKENS = 64
+"""A judge's answer is a score or a label: unless the grader asks for more, it need not be long."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,41 @@ class Reply:
 
 Judge = Callable[[str, list[dict[str, str]], SamplingParams | None], Reply]
 """(model, chat messages, sampling parameters) → the judge's reply."""
+
+
+def request(model: str, messages: list[dict[str, str]], sampling: SamplingParams | None) -> dict[str, Any]:
+    """The judge's chat completion request, in OpenAI's shape (the inference server validates it)."""
+    given = sampling or SamplingParams()
+    body = {
+        "model": model,
+        "messages": messages,
+        "temperature": given.temperature,
+        "top_p": given.top_p,
+        "seed": given.seed,
+        "max_completion_tokens": (
+            JUDGE_MAX_TOKENS if given.max_completions_tokens is None else given.max_completions_tokens
+        ),
+    }
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def ask(client: httpx.Client, target: dict[str, Any], organization: str, body: dict[str, Any]) -> Reply:
+    """The judge's reply from the inference server `client` reaches: `target` is the judge model as the
+    server loads it (models/inference.py's Target); an unreachable or failing server is the reply's error."""
+    forwarded = {"target": target, "request": body, "organization": organization}
+    try:
+        response = client.post("/internal/chat/completions", json=forwarded)
+    except httpx.TransportError as error:  # timeouts too
+        return Reply(None, error=f"the inference server is not reachable ({type(error).__name__})")
+    try:
+        answer: dict[str, Any] = response.json()
+    except ValueError:  # not the server's JSON: a proxy's error page, say
+        answer = {}
+    if response.status_code != 200:
+        message = answer.get("error", {}).get("message", response.text[:300])
+        return Reply(None, error=f"the judge model's server answered {response.status_code}: {message}")
+    usage = {key: int(value) for key, value in (answer.get("usage") or {}).items() if isinstance(value, int)}
+    return Reply(answer["choices"][0]["message"]["content"] or "", usage)
 
 
 def messages(grader: ModelGrader, namespaces: dict[str, Any], param: str) -> list[dict[str, str]]:

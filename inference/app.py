@@ -22,6 +22,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from inference.engine import Engine, Stream
 from inference.preflight import localized
 from inference.preflight.bounded import bounded_estimate
+from models import judge_grants
 from models.errors import APIError, envelope
 from models.inference import ChatCompletionRequest, ClassificationRequest, CompletionRequest, Forwarded
 from models.logs import logging_config
@@ -90,18 +91,33 @@ def event_stream(stream: Stream, http: HTTPRequest) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
+def admitted(settings: Settings, authorization: str | None, body: Forwarded | None = None) -> bool:
+    """Whether a request carries `settings.inference_token` (the API's), if one is set, or a judge grant
+    (models/judge_grants.py) covering `body`."""
+    expected = settings.inference_token
+    if expected is None:
+        return True
+    secret = expected.get_secret_value()
+    if hmac.compare_digest((authorization or "").encode(), f"Bearer {secret}".encode()):
+        return True
+    grant = (authorization or "").removeprefix("Bearer ")
+    return body is not None and judge_grants.admits(secret, grant, body)
+
+
+def unauthorized() -> APIError:
+    return APIError(
+        "This inference server answers only the ftjobs API (FTJOBS_INFERENCE_TOKEN).",
+        status_code=401,
+        code="invalid_api_key",
+    )
+
+
 def api_token(settings: Settings) -> Callable[[str | None], None]:
     """A dependency that admits only requests carrying `settings.inference_token`, if one is set."""
-    expected = settings.inference_token
-    wanted = f"Bearer {expected.get_secret_value()}".encode() if expected else b""
 
     def check(authorization: Annotated[str | None, Header()] = None) -> None:
-        if expected is not None and not hmac.compare_digest((authorization or "").encode(), wanted):
-            raise APIError(
-                "This inference server answers only the ftjobs API (FTJOBS_INFERENCE_TOKEN).",
-                status_code=401,
-                code="invalid_api_key",
-            )
+        if not admitted(settings, authorization):
+            raise unauthorized()
 
     return check
 
@@ -153,8 +169,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             "abandoned_rows": batching.abandoned_rows,
         }
 
-    @app.post("/internal/chat/completions", response_model=None, dependencies=internal)
-    async def chat(body: Forwarded, http: HTTPRequest) -> dict[str, Any] | StreamingResponse:
+    @app.post("/internal/chat/completions", response_model=None)
+    async def chat(
+        body: Forwarded, http: HTTPRequest, authorization: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any] | StreamingResponse:
+        if not admitted(settings, authorization, body):  # the API's token, or a job's grant for its judges
+            raise unauthorized()
         request = parse(ChatCompletionRequest, body.request)
         if request.stream:
             stream = await run_in_threadpool(engine.stream_chat, body.target, request, body.organization)

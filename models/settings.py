@@ -251,12 +251,14 @@ class Settings(BaseSettings):
 
     inference_url: str = Field(
         default="http://127.0.0.1:8001",
-        description="Where the API forwards inference requests (`ftjobs serve`; `ftjobs up` starts one).",
+        description="Where the API forwards inference requests, and reinforcement jobs' trainers ask model "
+        "graders' judges (`ftjobs serve`; `ftjobs up` starts one).",
     )
     inference_token: SecretStr | None = Field(
         default=None,
-        description="Shared secret the API shows the inference server (`ftjobs up` makes one). Unset, the "
-        "inference server serves whoever reaches it: keep it on a private network.",
+        description="Shared secret the API shows the inference server (`ftjobs up` makes one); workers sign "
+        "their trainers' judge grants with it. Unset, the inference server serves whoever reaches it: keep "
+        "it on a private network.",
     )
     preflight_timeout_seconds: float = Field(
         default=60.0,

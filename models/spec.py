@@ -242,6 +242,18 @@ class StartFrom(BaseModel):
     mode: Literal["continue", "merge"]
 
 
+class JudgeAccess(BaseModel):
+    """How a reinforcement job's trainer asks its model graders' judges: the inference server, with a grant
+    for the job's organisation and these models only (models/judge_grants.py)."""
+
+    url: str
+    grant: str | None
+    """None when the inference server takes no token."""
+    organization: str
+    targets: dict[str, dict[str, Any]]
+    """Each judge model's name → what the inference server loads for it (models/inference.py's Target)."""
+
+
 class TrainingSpec(BaseModel):
     job_id: str
     base_model_path: str
@@ -276,6 +288,8 @@ class TrainingSpec(BaseModel):
     """Ranks on this machine, one per device (docs/distributed.md); 1 runs the plain child."""
     grader: dict[str, Any] | None = None
     """Reinforcement: the grader (OpenAI's shape, checked by the API) that scores sampled answers."""
+    judge: JudgeAccess | None = None
+    """Reinforcement with model graders: where their judges answer."""
 
 
 Metrics = dict[str, float]

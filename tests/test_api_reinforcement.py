@@ -1,8 +1,10 @@
 """Reinforcement jobs at the API: OpenAI's request shape is accepted and echoed so the openai client parses
-it; a grader that cannot grade this job is a 400 at create naming the field; a file that cannot train fails
-the job with the line and field, as every other file does."""
+it; a grader that cannot grade this job (an unknown judge model too) is a 400 at create naming the field;
+a file that cannot train fails the job with the line and field, as every other file does, and a judge model
+gone since create fails it naming the judge's field."""
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ from openai.types.fine_tuning import FineTuningJob
 from api.jobs.reinforcement import CHECKED_ROWS
 from models.db import session_scope
 from models.jobs import JobRepository
+from models.registry import ModelRegistry
 from models.settings import Settings
 from models.storage import LocalArtifactStore
 from tests.test_api_files import assert_error, upload
@@ -106,25 +109,6 @@ def test_the_method_is_accepted_and_echoed_in_openais_shape(
             "method.reinforcement.grader.model",
             "model_not_found",
         ),
-        (
-            {
-                "type": "multi",
-                "name": "m",
-                "calculate_output": "judge",
-                "graders": {
-                    "judge": {
-                        "type": "label_model",
-                        "name": "judge",
-                        "model": "tiny-llama",
-                        "input": [{"role": "user", "content": "{{sample.output_text}}"}],
-                        "labels": ["good", "bad"],
-                        "passing_labels": ["good"],
-                    }
-                },
-            },
-            "method.reinforcement.grader.graders.judge.type",
-            None,
-        ),
     ],
 )
 def test_a_grader_this_job_cannot_use_is_400_naming_the_field(
@@ -135,6 +119,22 @@ def test_a_grader_this_job_cannot_use_is_400_naming_the_field(
     )
     if "answer" in json.dumps(grader):
         assert "Line 1 of the training file" in error["message"]
+
+
+def test_a_served_judge_model_is_accepted(client: TestClient, registered_model: str) -> None:
+    """A model grader judging with a base the organisation can call (another organisation's model is
+    refused as an unknown one: tests/test_isolation.py)."""
+    judge = {
+        "type": "label_model",
+        "name": "judge",
+        "model": registered_model,
+        "input": [{"role": "user", "content": "Is {{sample.output_text}} {{item.label}}?"}],
+        "labels": ["yes", "no"],
+        "passing_labels": ["yes"],
+    }
+    grader = {"type": "multi", "name": "m", "calculate_output": "judge", "graders": {"judge": judge}}
+    response = create(client, registered_model, prompts(10), reinforcement(grader))
+    assert response.status_code == 200, response.text
 
 
 def test_other_bad_requests(client: TestClient, registered_model: str) -> None:
@@ -187,6 +187,37 @@ def test_the_job_checks_every_row_with_line_numbers(
         assert job is not None and job.status == "failed" and job.error is not None
         assert job.error["code"] == "invalid_example" and job.error["param"] == "training_file"
         assert message in job.error["message"]
+
+
+def test_a_judge_gone_since_create_fails_the_job_naming_it(
+    client: TestClient,
+    registered_model: str,
+    settings: Settings,
+    session_factory,  # type: ignore[no-untyped-def]
+    tiny_model_dir: Path,
+) -> None:
+    with session_scope(session_factory) as session:
+        ModelRegistry(session).register("tiny-judge", str(tiny_model_dir), "local")
+    judge = {
+        "type": "score_model",
+        "name": "j",
+        "model": "tiny-judge",
+        "input": [{"role": "user", "content": "-"}],
+    }
+    created = create(client, registered_model, prompts(10), reinforcement(judge))
+    assert created.status_code == 200, created.text
+    with session_scope(session_factory) as session:
+        session.delete(ModelRegistry(session).get("tiny-judge"))
+    JobRunner(settings, session_factory, LocalArtifactStore(settings.artifacts_root)).run(
+        created.json()["id"]
+    )
+    with session_scope(session_factory) as session:
+        job = JobRepository(session).get(created.json()["id"])
+        assert job is not None and job.status == "failed" and job.error is not None
+        assert (job.error["code"], job.error["param"]) == (
+            "model_not_found",
+            "method.reinforcement.grader.model",
+        )
 
 
 def test_the_preflight_estimate_refuses_reinforcement_jobs(client: TestClient, registered_model: str) -> None:

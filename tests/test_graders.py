@@ -8,14 +8,20 @@ from typing import Any
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import TypeAdapter
+from pydantic import SecretStr, TypeAdapter
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.inference.router import inference_client
 from graders import judging, sandbox
 from graders.shapes import LabelModelGrader, ScoreModelGrader, SubGrader
 from inference.app import create_app as inference_app
+from models import judge_grants
+from models.db import session_scope
+from models.inference import Target
+from models.registry import ModelRegistry
 from models.settings import Settings
 from tests.conftest import Tenant
+from tests.tiny_model import build_tiny_bert
 
 needs_sandbox = pytest.mark.skipif(sandbox.unavailable() is not None, reason=f"{sandbox.unavailable()}")
 
@@ -190,6 +196,43 @@ def test_an_unreachable_judge_scores_0_with_the_reason(
     assert response.reward == 0.0
     assert response.metadata.errors.model_grader_server_error is True
     assert "not reachable" in response.metadata.errors.model_grader_server_error_details
+
+
+def test_a_judge_that_cannot_answer_in_chat_is_a_400_naming_it(
+    api: openai.OpenAI, session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    with session_scope(session_factory) as session:  # an encoder: no language-model head to answer with
+        ModelRegistry(session).register("tiny-bert", str(build_tiny_bert(tmp_path / "bert")), "local")
+    body = refusal(api, multi("j", j=score_model("tiny-bert")))
+    assert (body["param"], body["code"]) == ("grader.graders.j.model", "model_not_supported"), body
+
+
+def test_a_jobs_grant_reaches_only_its_judges_for_its_organisation(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The trainer's grant (never the inference token) admits chat completions of the job's judge targets
+    for its organisation, and nothing else: not another target, organisation or route."""
+    secret = "inference-secret"
+    judge = Target(model="judge", base_path="/bases/tiny")
+    other = Target(
+        model="ft:tiny:b::x", base_path="/bases/tiny", artifact_key="jobs/x/adapter", method="lora"
+    )
+    grant = judge_grants.sign(secret, "org-a", [judge])
+    guarded = settings.model_copy(update={"inference_token": SecretStr(secret)})
+    broken = {"model": "judge"}  # no messages: a 400 once admitted, before anything loads
+
+    def post(path: str, target: Target, org: str, token: str) -> int:
+        body = {"target": target.model_dump(mode="json"), "request": broken, "organization": org}
+        return server.post(path, json=body, headers={"Authorization": f"Bearer {token}"}).status_code
+
+    with TestClient(inference_app(guarded), raise_server_exceptions=False) as server:
+        assert post("/internal/chat/completions", judge, "org-a", grant) == 400
+        assert post("/internal/chat/completions", judge, "org-a", secret) == 400  # the API's token
+        assert post("/internal/chat/completions", other, "org-a", grant) == 401
+        assert post("/internal/chat/completions", judge, "org-b", grant) == 401
+        assert post("/internal/completions", judge, "org-a", grant) == 401
+        forged = judge_grants.sign("another-secret", "org-a", [judge, other])
+        assert post("/internal/chat/completions", judge, "org-a", forged) == 401
 
 
 @pytest.mark.parametrize(

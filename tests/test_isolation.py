@@ -31,6 +31,7 @@ from tests.conftest import RecordingDispatcher, Tenant, fresh_postgres_database,
 from tests.jobs_helpers import chat_lines
 from tests.test_api_files import upload
 from tests.test_api_models import openai_client
+from tests.test_api_reinforcement import prompts
 from tests.test_idempotency import create
 from tests.test_idempotency import upload as upload_with_key
 from tests.test_runner import FAST
@@ -482,6 +483,19 @@ def test_a_grader_cannot_name_a_judge_model_of_a(scene: Scene) -> None:
         "/v1/fine_tuning/alpha/graders/validate", json={"grader": judge(scene.alpha.tuned)}
     )
     assert mine.status_code == 200, mine.text
+    # A reinforcement job's grader likewise, at create.
+    prompts_file = upload(scene.stranger, prompts(10), name="bravo-prompts.jsonl").json()["id"]
+
+    def job(model: str) -> dict[str, Any]:
+        method = {"type": "reinforcement", "reinforcement": {"grader": judge(model)}}
+        return envelope(create(scene.stranger, None, MODEL, prompts_file, method=method))
+
+    missing = job("ft:none:x:y:z")
+    assert (missing["param"], missing["code"]) == ("method.reinforcement.grader.model", "model_not_found")
+    assert job(scene.alpha.tuned) == {
+        **missing,
+        "message": missing["message"].replace("ft:none:x:y:z", scene.alpha.tuned),
+    }
 
 
 def test_idempotency_keys_are_per_organisation(scene: Scene) -> None:

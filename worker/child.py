@@ -91,6 +91,9 @@ class TrainingProcess:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", *trainer],
+                # The trainer asks its judges with the job's grant (spec.judge), never the inference token,
+                # which reaches any organisation's models.
+                env={key: value for key, value in os.environ.items() if key != "FTJOBS_INFERENCE_TOKEN"},
                 pass_fds=(write_fd,),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

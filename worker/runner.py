@@ -27,11 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from graders.grading import item_fields
 from graders.shapes import parse_grader
-from models import ids
+from models import ids, judge_grants
 from models.auth import Organizations
 from models.base_store import local_base
 from models.continuation import Parent, how_to_start, resolve_model
 from models.db import session_scope
+from models.errors import APIError
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
 from models.jobs import CompletedData, JobRepository, StartedData
@@ -48,6 +49,7 @@ from models.spec import (
     ChildMessage,
     CompletedMessage,
     EvaluationMessage,
+    JudgeAccess,
     LogMessage,
     Metrics,
     MetricsMessage,
@@ -61,6 +63,7 @@ from models.spec import (
 )
 from models.states import JobStatus, transition
 from models.storage import ArtifactStore, StoreUnavailable
+from models.targets import judge_targets
 from models.validation import DataError, FileSummary, validate_job_files
 from models.versions import root_base
 from worker.child import Placement, TrainingProcess, visible_device_class, visible_devices
@@ -439,7 +442,32 @@ class Attempt:
                 trackers=trackers(self.settings, job, organization_name(session, job)),
                 devices=devices,
                 grader=job.method[job.method["type"]].get("grader"),
+                judge=self._judge(session, job),
             )
+
+    def _judge(self, session: Session, job: Job) -> JudgeAccess | None:
+        """Where the job's judge models answer, with a grant for them alone: the trainer never holds the
+        inference token, which would reach any organisation's models."""
+        grader = job.method[job.method["type"]].get("grader")
+        if grader is None:
+            return None
+        try:  # checked at create; a judge deleted or made unservable since fails the job
+            targets = judge_targets(
+                session, self.store, job.organization_id, parse_grader(grader), "method.reinforcement.grader"
+            )
+        except APIError as error:
+            raise JobFailed(error.code or "model_not_found", error.message, error.param) from error
+        if not targets:
+            return None
+        token = self.settings.inference_token
+        return JudgeAccess(
+            url=self.settings.inference_url,
+            grant=judge_grants.sign(token.get_secret_value(), job.organization_id, [*targets.values()])
+            if token
+            else None,
+            organization=job.organization_id,
+            targets={name: found.model_dump(mode="json") for name, found in targets.items()},
+        )
 
     def _best_checkpoint(self, session: Session, job: Job) -> str | None:
         """Where the best checkpoint of earlier attempts is, for a resumed job that publishes the best."""

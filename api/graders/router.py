@@ -11,9 +11,9 @@ router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"])
 
 
 @router.post("/validate")
-def validate(body: GraderValidate, session: SessionDep, org: OrgDep) -> GraderValidated:
+def validate(body: GraderValidate, session: SessionDep, store: StoreDep, org: OrgDep) -> GraderValidated:
     """Check a grader: its templates, formula, python source and judge models; the grader comes back."""
-    service.validate(session, org, body.grader)
+    service.validate(session, store, org, body.grader)
     return GraderValidated(grader=body.grader)
 
 

@@ -1,5 +1,5 @@
-"""Graders for an organisation: a grader's judge models must be ones it can call (its own or a base), and
-every refusal is a 400 naming the field."""
+"""Graders for an organisation: a grader's judge models must be ones it can call (its own or a base) that
+answer in chat, and every refusal is a 400 naming the field."""
 
 import httpx
 from sqlalchemy.orm import Session
@@ -8,24 +8,29 @@ from api.graders.judge import chat_request, judge
 from api.graders.schemas import GraderRun, GraderRunResult, RunMetadata
 from graders import grading
 from graders.errors import GraderError
-from graders.shapes import AnyGrader, LabelModelGrader, MultiGrader, ScoreModelGrader, sub_graders
+from graders.shapes import AnyGrader, ScoreModelGrader
 from models.errors import APIError
 from models.storage import ArtifactStore
-from models.versions import ModelVersions
+from models.targets import judge_targets
 
 
-def validate(session: Session, org: str, grader: AnyGrader, param: str = "grader") -> None:
+def validate(
+    session: Session, store: ArtifactStore, org: str, grader: AnyGrader, param: str = "grader"
+) -> None:
     try:
         grading.check(grader, param)
     except GraderError as error:
         raise APIError(error.message, param=error.param, code="invalid_grader") from error
-    _check_judges(session, org, grader, param)
+    judge_targets(session, store, org, grader, param)
+    for where, judge_grader in grading.model_graders(grader, param):
+        sampling = judge_grader.sampling_params if isinstance(judge_grader, ScoreModelGrader) else None
+        chat_request(judge_grader.model, [{"role": "user", "content": "-"}], sampling, where)
 
 
 def run(
     session: Session, store: ArtifactStore, client: httpx.Client, org: str, body: GraderRun
 ) -> GraderRunResult:
-    validate(session, org, body.grader)
+    validate(session, store, org, body.grader)
     try:
         result = grading.grade(body.grader, body.model_sample, body.item, judge(session, store, client, org))
     except GraderError as error:
@@ -46,18 +51,3 @@ def run(
         sub_rewards=result.sub_rewards,
         model_grader_token_usage_per_model=dict(result.token_usage),
     )
-
-
-def _check_judges(session: Session, org: str, grader: AnyGrader, param: str) -> None:
-    if isinstance(grader, MultiGrader):
-        for name, sub in sub_graders(grader).items():
-            _check_judges(session, org, sub, f"{param}.graders.{name}")
-    elif isinstance(grader, ScoreModelGrader | LabelModelGrader):
-        if ModelVersions(session).get(org, grader.model) is None:
-            raise APIError(
-                f"The judge model {grader.model!r} does not exist or you do not have access to it.",
-                param=f"{param}.model",
-                code="model_not_found",
-            )
-        sampling = grader.sampling_params if isinstance(grader, ScoreModelGrader) else None
-        chat_request(grader.model, [{"role": "user", "content": "-"}], sampling, param)

@@ -20,7 +20,6 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import OrgDep, SessionDep, StoreDep
 from api.errors import RETRY_AFTER_SECONDS
-from api.registry import service as model_service
 from models.errors import APIError, client_closed_request
 from models.inference import (
     ChatCompletionRequest,
@@ -31,6 +30,7 @@ from models.inference import (
 )
 from models.settings import Settings
 from models.storage import ArtifactStore
+from models.targets import target
 from models.versions import ModelVersions
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -101,8 +101,9 @@ def _forwarded(session: Session, store: ArtifactStore, org: str, body: Inference
             param="model",
             code="model_not_found",
         )
-    target = model_service.target(store, version)
-    return Forwarded(target=target, request=body.model_dump(exclude_none=True), organization=org)
+    return Forwarded(
+        target=target(store, version), request=body.model_dump(exclude_none=True), organization=org
+    )
 
 
 async def _forward(

@@ -1,13 +1,12 @@
 """What a reinforcement job's grader must pass at create: everything the graders API checks (templates,
-formula, python source, judge models), graders a training job can run, and the item fields its templates
-name present in the job's files (their first rows here; every row when the job validates its files)."""
+formula, python source, judge models the organisation can call), and the item fields its templates name
+present in the job's files (their first rows here; every row when the job validates its files)."""
 
 from sqlalchemy.orm import Session
 
 from api.graders import service as graders
 from api.jobs.schemas import ReinforcementMethod
 from graders.grading import item_fields
-from graders.shapes import AnyGrader, LabelModelGrader, MultiGrader, ScoreModelGrader, sub_graders
 from models.errors import APIError
 from models.orm import File
 from models.storage import ArtifactStore
@@ -23,13 +22,7 @@ def check_grader(
     session: Session, store: ArtifactStore, org: str, method: ReinforcementMethod, files: dict[str, File]
 ) -> None:
     """A 400 naming the grader's field, or the file's line and field, for a grader this job cannot use."""
-    graders.validate(session, org, method.grader, PARAM)
-    if judge := _model_grader(method.grader, PARAM):
-        raise APIError(
-            "Model graders (score_model, label_model) cannot grade a training job here yet: the trainer "
-            "does not call the inference tier. Use them with /v1/fine_tuning/alpha/graders/run.",
-            param=judge,
-        )
+    graders.validate(session, store, org, method.grader, PARAM)
     fields = item_fields(method.grader, PARAM)
     for param, record in files.items():
         with store.open(record.storage_key) as stream:
@@ -41,13 +34,3 @@ def check_grader(
                 f"names as {{{{item.{field}}}}}.",
                 param=fields[field],
             )
-
-
-def _model_grader(grader: AnyGrader, param: str) -> str | None:
-    """The `type` field of the first model grader in `grader`, if any."""
-    if isinstance(grader, ScoreModelGrader | LabelModelGrader):
-        return f"{param}.type"
-    if isinstance(grader, MultiGrader):
-        subs = sub_graders(grader).items()
-        return next(filter(None, (_model_grader(sub, f"{param}.graders.{name}") for name, sub in subs)), None)
-    return None

@@ -17,7 +17,7 @@ from models.queue import RUN_JOB, make_celery
 from models.settings import Settings
 from tests.conftest import fresh_postgres_database
 from tests.e2e.servers import cli, create_key, distributed_env, free_port, process
-from tests.jobs_helpers import succeeded, write_chat
+from tests.jobs_helpers import succeeded, wait_for, write_chat
 
 pytestmark = pytest.mark.e2e
 
@@ -184,10 +184,8 @@ def test_distributed_celery_worker_with_openai_client(
         )
 
 
-def test_reinforcement_job_with_openai_client(embedded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """An RFT LoRA job on the tiny model runs two GRPO steps and reports rewards: the baseline's and each
-    step's in events, each checkpoint's, in the results file and in the job's evaluation."""
-    client, _ = embedded
+def rft_files(client: openai.OpenAI, tmp_path: Path) -> list[str]:
+    """A reinforcement job's training (10 prompts) and validation (3) files, with answers for graders."""
     files = []
     for name, rows in (("train", range(10)), ("valid", range(50, 53))):
         path = tmp_path / f"{name}.jsonl"
@@ -198,6 +196,14 @@ def test_reinforcement_job_with_openai_client(embedded, tmp_path: Path) -> None:
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         with open(path, "rb") as file:
             files.append(client.files.create(file=file, purpose="fine-tune").id)
+    return files
+
+
+def test_reinforcement_job_with_openai_client(embedded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An RFT LoRA job on the tiny model runs two GRPO steps and reports rewards: the baseline's and each
+    step's in events, each checkpoint's, in the results file and in the job's evaluation."""
+    client, _ = embedded
+    files = rft_files(client, tmp_path)
     grader = {
         "type": "text_similarity",
         "name": "close",
@@ -242,3 +248,88 @@ def test_reinforcement_job_with_openai_client(embedded, tmp_path: Path) -> None:
     assert evaluation["metric"] == "full_valid_mean_reward"
     assert evaluation["baseline"]["step"] == 0 and evaluation["tuned"]["step"] == 2
     assert evaluation["best_checkpoint"]["metric"] == "full_valid_mean_reward"
+
+
+def judge_served(client: openai.OpenAI) -> bool:
+    """Whether the inference server answers for the judge yet (`ftjobs up` starts it beside the API)."""
+    try:
+        client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=1
+        )
+    except openai.InternalServerError:  # 503 inference_unavailable
+        return False
+    return True
+
+
+JUDGE_INPUT = [
+    {"role": "system", "content": "You grade answers to sums."},
+    {"role": "user", "content": "Expected {{item.answer}}; the answer was: {{sample.output_text}}"},
+]
+
+
+@pytest.mark.parametrize(
+    "grader",
+    [
+        {
+            "type": "score_model",
+            "name": "judge",
+            "model": "tiny-llama",
+            "input": JUDGE_INPUT,
+            "range": [0, 10],
+        },
+        {  # OpenAI's reinforcement method takes a label_model grader only inside a multi grader
+            "type": "multi",
+            "name": "labelled",
+            "calculate_output": "judge",
+            "graders": {
+                "judge": {
+                    "type": "label_model",
+                    "name": "judge",
+                    "model": "tiny-llama",
+                    "input": JUDGE_INPUT,
+                    "labels": ["right", "wrong"],
+                    "passing_labels": ["right"],
+                }
+            },
+        },
+    ],
+    ids=["score_model", "label_model"],
+)
+def test_model_graders_judge_reinforcement_jobs_on_the_inference_server(  # type: ignore[no-untyped-def]
+    embedded, tmp_path: Path, grader: dict[str, object]
+) -> None:
+    """The served tiny base judges each sampled answer through `ftjobs up`'s inference server, admitted by
+    the job's grant: every judge call is answered (a random judge's reply rarely holds a score, which
+    scores 0 and says so), and the rewards are the job's metrics."""
+    client, _ = embedded
+    wait_for(lambda: judge_served(client), 120, "the inference server")
+    training, validation = rft_files(client, tmp_path)
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=training,
+        validation_file=validation,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": grader,  # type: ignore[typeddict-item]
+                "hyperparameters": {
+                    "n_epochs": 1,
+                    "batch_size": 5,
+                    "eval_interval": 2,
+                    "max_completion_tokens": 4,  # type: ignore[typeddict-unknown-key]
+                    "lora_r": 4,
+                },
+            },
+        },
+    )
+    job = succeeded(client, job)
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    warnings = [e.message for e in events if e.level == "warn"]
+    assert not [w for w in warnings if "did not answer" in w], "\n".join(warnings)
+    metrics = {e.data["step"]: e.data for e in events if e.type == "metrics" and e.data}  # type: ignore[index]
+    assert sorted(metrics) == [0, 1, 2], metrics
+    top = 10.0 if grader["type"] == "score_model" else 1.0  # the score's range; a label scores 0 or 1
+    assert all(0.0 <= metrics[step]["full_valid_mean_reward"] <= top for step in (0, 2)), metrics
+    assert all(0.0 <= metrics[step]["train_mean_reward"] <= top for step in (1, 2)), metrics
+    if grader["type"] == "multi":
+        assert metrics[2]["full_valid_mean_reward_judge"] == metrics[2]["full_valid_mean_reward"]

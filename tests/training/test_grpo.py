@@ -1,9 +1,11 @@
 """Reinforcement fine-tuning (GRPO) on the tiny Llama, trained in this process through the recipe: the loss
 of a fixed batch against TRL's own GRPO loss, a LoRA job with its rewards in evaluations, checkpoints and
-the results file, and a hostile python grader that scores 0 without stopping the job."""
+the results file, and a hostile python grader or an unreachable judge that scores 0 without stopping the
+job."""
 
 import csv
 import json
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +21,7 @@ from models.spec import (
     CheckpointMessage,
     CompletedMessage,
     EvaluationMessage,
+    JudgeAccess,
     LogMessage,
     MetricsMessage,
     TrainingSpec,
@@ -26,6 +29,7 @@ from models.spec import (
 from models.validation import validate_file
 from tests.training.test_sft_resume import run_here
 from tests.training.test_sft_run import make_spec
+from worker.child import TrainingProcess
 from worker.training.device import DeviceConfig
 from worker.training.events import EventWriter
 from worker.training.loading import load_tokenizer
@@ -224,3 +228,39 @@ def test_a_hostile_python_grader_scores_zero_and_the_job_goes_on(
     assert any("scored 0 because the grader failed" in w and "secret.txt" in w for w in warnings)
     assert events.of_type(CompletedMessage)
     assert marker.read_text() == "host data"
+
+
+def test_an_unreachable_judge_scores_zero_and_the_job_goes_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A model grader whose inference server does not answer: each sample scores 0 with the reason in a
+    warn event, and the job trains to the end."""
+    grader = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "tiny-judge",
+        "input": [{"role": "user", "content": "Score {{sample.output_text}} against {{item.answer}}."}],
+    }
+    nowhere = JudgeAccess(
+        url="http://127.0.0.1:9",  # nothing listens there
+        grant=None,
+        organization="org-test",
+        targets={"tiny-judge": {"model": "tiny-judge", "base_path": str(tiny_model_dir)}},
+    )
+    spec = rft_spec(tmp_path, "judge", tiny_model_dir, grader, eval_interval=0)
+    events = run_here(spec.model_copy(update={"judge": nowhere}))
+
+    assert all(e.metrics["full_valid_mean_reward"] == 0.0 for e in events.of_type(EvaluationMessage))
+    warnings = [m.message for m in events.of_type(LogMessage) if m.level == "warn"]
+    assert any("the judge did not answer: the inference server is not reachable" in w for w in warnings)
+    assert events.of_type(CompletedMessage)
+
+
+def test_the_trainer_is_started_without_the_inference_token(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its judges answer its grant (spec.judge): the worker's token, which reaches any organisation's
+    models, is not in its environment."""
+    monkeypatch.setenv("FTJOBS_INFERENCE_TOKEN", "s3cret")
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(subprocess, "Popen", lambda command, **options: started.update(options))
+    TrainingProcess(rft_spec(tmp_path, "env", tiny_model_dir, SIMILARITY), tmp_path)
+    assert "FTJOBS_INFERENCE_TOKEN" not in started["env"] and "PATH" in started["env"]

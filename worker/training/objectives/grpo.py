@@ -2,7 +2,8 @@
 with OpenAI's graders as the reward.
 
 Each step samples a group of answers per prompt from the model being trained, grades them (in this process:
-string_check, text_similarity and multi directly, python graders through the bubblewrap sandbox), normalises
+string_check, text_similarity and multi directly, python graders through the bubblewrap sandbox, model
+graders by asking their judge on the inference server, a step's answers concurrently), normalises
 the rewards within each group into advantages, and takes the clipped-ratio policy loss plus beta times the
 KL divergence to the starting model (the base with the adapter switched off; a frozen copy of the base for
 methods that train its own weights). One optimisation pass per sampled group, as TRL's default: the
@@ -11,7 +12,8 @@ further passes. The loss is TRL's `grpo` loss: per answer the mean over its toke
 answers.
 
 A sample the grader fails on (a python grader that crashes, loops or is refused something by the sandbox, a
-template naming a part of the answer that is not there) scores 0, and a `warn` event says why.
+template naming a part of the answer that is not there, a judge that does not answer in time or answers no
+score) scores 0, and a `warn` event says why.
 
 Full evaluation: `mean_reward` of the answers to the validation prompts (greedy, or eval_samples sampled
 answers each), and `mean_reward_{name}` of each sub-grader of a multi grader.
@@ -19,19 +21,23 @@ answers each), and `mean_reward_{name}` of each sub-grader of a multi grader.
 
 import copy
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from graders import judging
 from graders.errors import GraderError
 from graders.grading import Result, grade
-from graders.shapes import AnyGrader, parse_grader
-from models.spec import METHODS, Details, Metrics
+from graders.judging import Judge, Reply
+from graders.shapes import AnyGrader, SamplingParams, parse_grader
+from models.spec import METHODS, Details, JudgeAccess, Metrics
 from worker.training.data import IGNORE_INDEX, Example, collate, read_jsonl, template_message
 from worker.training.loading import load_model
 from worker.training.methods import untouched
@@ -48,6 +54,11 @@ DETAIL_SAMPLES = 8
 EVAL_BATCH = 16
 """Validation prompts per generation call at least: one call per prompt is several times slower, and the
 left-padded prompts are masked, so the batch does not change what is generated."""
+JUDGE_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+"""Longest wait for one judge reply: a judge that takes longer scores its sample 0 and the step goes on."""
+JUDGE_CONCURRENCY = 8
+"""Judge requests in flight at once: a chat completion takes one conversation, so a step's answers go
+concurrently and the inference server batches them."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,7 @@ class GRPO(Objective[Prompt]):
         if self.spec.grader is None:
             raise ValueError("a reinforcement job's spec carries its grader")
         self.grader: AnyGrader = parse_grader(self.spec.grader)
+        self.judge = remote_judge(self.spec.judge) if self.spec.judge else None
         self.reference: nn.Module | None = None
         """A frozen copy of the base, for methods that train its own weights (others switch off theirs)."""
 
@@ -212,14 +224,14 @@ class GRPO(Objective[Prompt]):
     ) -> Graded:
         """`group` answers per prompt from `model` (without dropout, without grad), each graded."""
         answers = self.sample(model, prompts, group, greedy=greedy)
-        results: list[Result] = []
-        failures: list[str] = []
-        for index, answer in enumerate(answers):
-            text = decode(self.tokenizer, answer, skip_special_tokens=True)
-            result = self.grade(text, prompts[index // group].item)
-            results.append(result)
-            if reason := failure(result):
-                failures.append(reason)
+        texts = [decode(self.tokenizer, answer, skip_special_tokens=True) for answer in answers]
+        items = [prompts[index // group].item for index in range(len(answers))]
+        if self.judge is None:
+            results = list(map(self.grade, texts, items))
+        else:
+            with ThreadPoolExecutor(JUDGE_CONCURRENCY) as pool:
+                results = list(pool.map(self.grade, texts, items))
+        failures = [reason for reason in map(failure, results) if reason]
         if failures:
             self.events.log(
                 f"{len(failures)} of {len(answers)} sampled answers scored 0 because the grader failed on "
@@ -231,7 +243,7 @@ class GRPO(Objective[Prompt]):
 
     def grade(self, text: str, item: dict[str, Any]) -> Result:
         try:
-            return grade(self.grader, text, item, param="method.reinforcement.grader")
+            return grade(self.grader, text, item, self.judge, "method.reinforcement.grader")
         except GraderError as error:  # e.g. {{sample.output_json.x}} on an answer that is not such JSON
             result = Result(0.0, self.grader.name, self.grader.type, 0.0)
             result.errors.sample_parse_error = True
@@ -286,11 +298,27 @@ class GRPO(Objective[Prompt]):
         return nullcontext(self.reference) if self.reference is not None else untouched(model)
 
 
+def remote_judge(access: JudgeAccess) -> Judge:
+    """A judge asking the inference server with the job's grant: only the job's judge models answer."""
+    headers = {"Authorization": f"Bearer {access.grant}"} if access.grant else None
+    client = httpx.Client(base_url=access.url, timeout=JUDGE_TIMEOUT, headers=headers)
+
+    def ask(model: str, messages: list[dict[str, str]], sampling: SamplingParams | None) -> Reply:
+        body = judging.request(model, messages, sampling)
+        return judging.ask(client, access.targets[model], access.organization, body)
+
+    return ask
+
+
 def failure(result: Result) -> str | None:
     """Why the grader could not score this sample, if it could not."""
     errors = result.errors
     if errors.python_grader_runtime_error or errors.sample_parse_error:
         return errors.python_grader_runtime_error_details or "the grader failed"
+    if errors.model_grader_server_error:
+        return f"the judge did not answer: {errors.model_grader_server_error_details}"
+    if errors.model_grader_parse_error:
+        return "the judge's reply held no label or in-range score"
     if errors.formula_parse_error:
         return "the formula could not be evaluated for this sample"
     return None
