@@ -48,6 +48,7 @@ from models.spec import (
     ChildMessage,
     CompletedMessage,
     EvaluationMessage,
+    LearningRateMessage,
     LogMessage,
     Metrics,
     MetricsMessage,
@@ -563,6 +564,8 @@ class Attempt:
                 expired = self._save_checkpoint(session, message)
             elif isinstance(message, StartedMessage):
                 repo.add_event(self.job_id, _started_text(message), data=StartedData.model_validate(message))
+            elif isinstance(message, LearningRateMessage):
+                self._save_learning_rate(session, message)
             elif isinstance(message, LogMessage):
                 if message.level == "error":
                     self.last_error = message
@@ -571,6 +574,21 @@ class Attempt:
         for key in expired:  # only once the rows that named them are gone for good
             self._db(partial(self.store.delete, key))
         return True
+
+    def _save_learning_rate(self, session: Session, message: LearningRateMessage) -> None:
+        """Store the rate the range test resolved, so the job echoes it and a later attempt (a resume, a
+        retry) trains with it rather than testing again, and say how it was found."""
+        repo = JobRepository(session)
+        job = repo.get(self.job_id)
+        assert job is not None and job.hyperparameters is not None
+        job.hyperparameters = job.hyperparameters.model_copy(
+            update={
+                "learning_rate": message.learning_rate,
+                "learning_rate_multiplier": message.learning_rate_multiplier,
+                "learning_rate_search": False,
+            }
+        )
+        repo.add_event(self.job_id, _learning_rate_text(message), data=message.model_dump(exclude={"type"}))
 
     @staticmethod
     def _is_event_step(message: MetricsMessage) -> bool:
@@ -740,6 +758,22 @@ def _published_text(job: Job, step: int, done: CompletedMessage) -> str:
 
 def _metrics_summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{name.removeprefix('full_valid_')}={value:.4f}" for name, value in metrics.items())
+
+
+def _learning_rate_text(message: LearningRateMessage) -> str:
+    cost = (
+        f"{message.steps} test steps ({message.examples} examples, {message.steps / message.total_steps:.1%} "
+        f"of the job's {message.total_steps} steps)"
+    )
+    if message.found:
+        return (
+            f"Learning rate found by a range test: multiplier {message.learning_rate_multiplier:g} "
+            f"(learning rate {message.learning_rate:.3g}), at the {message.reason}; cost {cost}"
+        )
+    return (
+        f"Learning rate multiplier kept at {message.learning_rate_multiplier:g} (learning rate "
+        f"{message.learning_rate:.3g}): {message.reason}; cost {cost}"
+    )
 
 
 def _started_text(message: StartedMessage) -> str:
