@@ -252,14 +252,30 @@ class JobRunner:
 
     def _start(self, job_id: str, attempt: int, data: "JobData") -> None:
         """Write the claimed attempt's resolved hyperparameters (fenced: a cancel may have come first)."""
+        resolved = resolve(data.requested, data.summary.n_examples, data.objective)
         with session_scope(self.session_factory) as session:
-            JobRepository(session).renew_lease(
+            repo = JobRepository(session)
+            job = repo.get(job_id)
+            earlier = job.hyperparameters if job else None
+            if resolved.learning_rate_search and earlier is not None and not earlier.learning_rate_search:
+                # An earlier attempt's range test found the rate: a resumed or retried job keeps it.
+                resolved = resolved.model_copy(update=found_learning_rate(earlier))
+            repo.renew_lease(
                 job_id,
                 attempt,
                 now=time.time(),
                 lease_seconds=self.settings.lease_seconds,
-                values={"hyperparameters": resolve(data.requested, data.summary.n_examples, data.objective)},
+                values={"hyperparameters": resolved},
             )
+
+
+def found_learning_rate(source: ResolvedHyperparameters | LearningRateMessage) -> dict[str, Any]:
+    """The fields a range test settles, as it reported them or as a job stores them."""
+    return {
+        "learning_rate": source.learning_rate,
+        "learning_rate_multiplier": source.learning_rate_multiplier,
+        "learning_rate_search": False,
+    }
 
 
 def worker_capacity(settings: Settings) -> Capacity:
@@ -581,13 +597,7 @@ class Attempt:
         repo = JobRepository(session)
         job = repo.get(self.job_id)
         assert job is not None and job.hyperparameters is not None
-        job.hyperparameters = job.hyperparameters.model_copy(
-            update={
-                "learning_rate": message.learning_rate,
-                "learning_rate_multiplier": message.learning_rate_multiplier,
-                "learning_rate_search": False,
-            }
-        )
+        job.hyperparameters = job.hyperparameters.model_copy(update=found_learning_rate(message))
         repo.add_event(self.job_id, _learning_rate_text(message), data=message.model_dump(exclude={"type"}))
 
     @staticmethod
