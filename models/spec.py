@@ -312,8 +312,9 @@ class DeviceInfo(BaseModel):
 
 class LearningRateMessage(BaseModel):
     """How learning_rate_multiplier "auto" was resolved: the range test's curve and pick, or why the
-    method's default rate was kept. Cost is counted in the job's own optimizer steps (each of batch_size
-    times gradient_accumulation_steps examples, forward, backward and update, as a training step)."""
+    method's default rate was kept. Its cost is counted in examples processed, each test step one of the
+    job's own optimizer steps (batch_size times gradient_accumulation_steps examples, forward, backward and
+    update)."""
 
     type: Literal["learning_rate"] = "learning_rate"
     learning_rate: float
@@ -326,7 +327,10 @@ class LearningRateMessage(BaseModel):
     examples: int
     """Training examples the test processed (its cost)."""
     budget_steps: int
-    """The most it could run: 5 % of total_steps, capped."""
+    """The most it could run: whole steps within 5 % of the examples the job's training processes, at
+    most 48."""
+    planned_examples: int
+    """What the job's training processes: its epochs times its training examples."""
     total_steps: int
     rates: list[float] = []
     """The learning rate of each test step."""
@@ -334,6 +338,11 @@ class LearningRateMessage(BaseModel):
     """Its smoothed training loss."""
     diverged_at: float | None = None
     """The rate at which the test stopped because the loss blew up."""
+
+    @property
+    def cost(self) -> float:
+        """The test's examples as a share of the training's."""
+        return self.examples / self.planned_examples
 
 
 class StartedMessage(BaseModel):

@@ -115,7 +115,9 @@ def test_a_job_runs_to_success(
     events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
     # Too short for a range test: the default rate, and an event saying why.
     [kept] = [e for e in events if e["message"].startswith("Learning rate multiplier kept at 1 ")]
-    assert "the job's 6 steps allow 0 test steps (5%), fewer than the 16 a test needs" in kept["message"]
+    assert (
+        "5% of the job's 24 training examples makes 0 test steps of 4, fewer than the 16" in kept["message"]
+    )
     assert kept["data"]["steps"] == 0 and not kept["data"]["found"]
     messages = [e["message"] for e in reversed(events)]
     started = messages.index("Fine-tuning job started")
@@ -334,4 +336,7 @@ def test_an_auto_learning_rate_is_found_once_and_kept_across_a_pause(
     ]
     assert tested["data"]["learning_rate_multiplier"] == multiplier
     assert 0 < tested["data"]["steps"] <= tested["data"]["budget_steps"] == 16
-    assert f"{multiplier:g}" in tested["message"] and "of the job's 320 steps" in tested["message"]
+    assert (
+        f"{multiplier:g}" in tested["message"]
+        and "16 examples (5.0% of the job's training)" in tested["message"]
+    )

@@ -772,8 +772,7 @@ def _metrics_summary(metrics: dict[str, float]) -> str:
 
 def _learning_rate_text(message: LearningRateMessage) -> str:
     cost = (
-        f"{message.steps} test steps ({message.examples} examples, {message.steps / message.total_steps:.1%} "
-        f"of the job's {message.total_steps} steps)"
+        f"{message.steps} test steps, {message.examples} examples ({message.cost:.1%} of the job's training)"
     )
     if message.found:
         return (

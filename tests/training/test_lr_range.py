@@ -81,9 +81,10 @@ def runs(data: tuple[Path, Path, Path, Path]) -> dict[str, Run]:
 
 
 def test_the_budget_is_five_percent_of_the_steps_at_most_48() -> None:
-    assert lr_range.budget(400) == 20
-    assert lr_range.budget(319) == 15 < lr_range.MIN_STEPS  # too short: the default stays
-    assert lr_range.budget(100_000) == lr_range.MAX_STEPS
+    assert lr_range.budget(800, 2) == 20  # this module's job
+    assert lr_range.budget(639, 2) == 15 < lr_range.MIN_STEPS  # too short: the default stays
+    assert lr_range.budget(330 * 10, 8) == 20  # 413 steps (the last batch of each epoch short), 5 % of 3,300
+    assert lr_range.budget(1_000_000, 4) == lr_range.MAX_STEPS
     rates = lr_range.rates(2e-4, 20)
     assert rates[0] == pytest.approx(2e-6) and rates[-1] == pytest.approx(2e-2)
     assert all(b / a == pytest.approx(10 ** (4 / 19)) for a, b in pairwise(rates))
@@ -177,9 +178,11 @@ def test_the_pick_is_reported_with_its_curve_and_a_bounded_cost(runs: dict[str, 
     assert found.learning_rate == pytest.approx(2e-4 * found.learning_rate_multiplier)
     assert lr_range.LOWEST <= found.learning_rate_multiplier <= lr_range.HIGHEST
     assert found.total_steps == TOTAL_STEPS and found.budget_steps == 20
-    # Cost: at most 5 % of the job's steps, and of the examples those steps process.
-    assert 0 < found.steps <= found.budget_steps <= 0.05 * TOTAL_STEPS
+    # Cost: at most 5 % of the examples the job trains on, and so of its steps.
+    assert found.planned_examples == EPOCHS * N_TRAIN
     assert found.examples == found.steps * BATCH_SIZE <= 0.05 * EPOCHS * N_TRAIN
+    assert 0 < found.steps <= found.budget_steps <= 0.05 * TOTAL_STEPS
+    assert found.cost == found.examples / found.planned_examples <= 0.05
     assert len(found.rates) == len(found.losses) > 0 and found.rates == sorted(found.rates)
     assert min(found.losses) < found.losses[0]
     # Reported before training's first step.

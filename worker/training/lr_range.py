@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 LOWEST, HIGHEST = 1e-2, 1e2
 """The swept multipliers of the method's base rate: four decades, inside the API's (0, 100]."""
 COST_SHARE = 0.05
-"""The test runs at most this share of the job's planned optimizer steps."""
+"""The test processes at most this share of the examples the job's training processes (its epochs times
+its training examples); each test step is one of the job's steps, so it is also at most this share of them."""
 MIN_STEPS, MAX_STEPS = 16, 48
 """Fewer points can't place a slope through the smoothing; more buy little precision (the rate grows by
 a factor of 1.2 a step at 48, 1.85 at 16)."""
@@ -32,9 +33,10 @@ MIN_FALL = 0.01
 its slopes are noise."""
 
 
-def budget(total_steps: int) -> int:
-    """The test steps a job of `total_steps` can afford: COST_SHARE of them, at most MAX_STEPS."""
-    return min(MAX_STEPS, math.floor(COST_SHARE * total_steps))
+def budget(planned_examples: int, examples_per_step: int) -> int:
+    """The test steps a job can afford: whole steps of `examples_per_step` within COST_SHARE of the
+    `planned_examples` its training processes, at most MAX_STEPS."""
+    return min(MAX_STEPS, math.floor(COST_SHARE * planned_examples / examples_per_step))
 
 
 def rates(base: float, steps: int) -> list[float]:

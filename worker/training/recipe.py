@@ -144,15 +144,19 @@ class Recipe:
         it; the method's default stays when the job is too short to afford one. Every rank computes the
         same curve (each step's loss is summed across ranks), so every rank picks the same rate."""
         hp, base = self.hp, METHODS[self.hp.training_type].base_learning_rate
-        budget, curve = lr_range.budget(self.total_steps), lr_range.Curve()
+        planned, per_step = (
+            hp.n_epochs * len(self.train_examples),
+            hp.batch_size * hp.gradient_accumulation_steps,
+        )
+        budget, curve = lr_range.budget(planned, per_step), lr_range.Curve()
         steps = examples = 0
         if self.spec.objective == "grpo":
             rate, reason = None, "a reinforcement loss is a policy-gradient surrogate, not a measure of fit"
         elif budget < lr_range.MIN_STEPS:
             rate = None
             reason = (
-                f"the job's {self.total_steps} steps allow {budget} test steps "
-                f"({lr_range.COST_SHARE:.0%}), fewer than the {lr_range.MIN_STEPS} a test needs"
+                f"{lr_range.COST_SHARE:.0%} of the job's {planned} training examples makes {budget} test "
+                f"steps of {per_step}, fewer than the {lr_range.MIN_STEPS} a test needs"
             )
         else:
             steps, examples = self._range_test(lr_range.rates(base, budget), curve)
@@ -178,6 +182,7 @@ class Recipe:
                 steps=steps,
                 examples=examples,
                 budget_steps=budget,
+                planned_examples=planned,
                 total_steps=self.total_steps,
                 rates=curve.rates,
                 losses=curve.losses,
