@@ -191,10 +191,10 @@ class Recipe:
         )
 
     def _range_test(self, rates: list[float], curve: lr_range.Curve) -> tuple[int, int]:
-        """Train one step of the first epoch's batches at each rate (a throwaway optimizer) until the loss
-        diverges, then put back the trained weights, the RNG state and the token count: training starts
-        from the same model, in the same random state, as without the test. Returns the steps run and the
-        examples they processed."""
+        """Train one step of the first epoch's batches at each rate until the loss diverges, then put back
+        the trained weights, the RNG state and the token count: training starts from the same model, in
+        the same random state, as without the test (setup builds its optimizer, scheduler and scaler
+        afterwards; the test's are thrown away). Returns the steps run and the examples they processed."""
         saved = [parameter.detach().clone() for parameter in self.trainable]
         trained_tokens = self.progress.trained_tokens
         order = self._epoch_steps(0)
