@@ -1,6 +1,7 @@
 """The learning-rate range test that resolves `learning_rate_multiplier: "auto"`: the rule on made-up
 curves, what "auto" asks of the trainer, and real tests on a tiny random Llama, in this process (the
-weights and RNG it hands to training) and as the runner starts it on one and two ranks (the same pick).
+weights and RNG it hands to training) and as the runner starts it, for lora and full, on one and two
+ranks (the same pick).
 
 The job: 40 examples in batches of 2 for 20 epochs, 400 steps, so a budget of 20 test steps; the children
 pause after their second step (the test has run, and a checkpoint shows what training did with its pick).
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.hyperparameters import SupervisedHyperparameters, echoed, resolve
-from models.spec import ChildMessage, LearningRateMessage, MetricsMessage, TrainingSpec
+from models.spec import METHODS, ChildMessage, LearningRateMessage, MetricsMessage, TrainingSpec
 from tests.tiny_model import build_tiny_llama
 from tests.training.test_distributed import finish, start
 from tests.training.test_sft_run import Run, checkpoint_dir, make_spec, write_jsonl
@@ -28,6 +29,8 @@ N_TRAIN, BATCH_SIZE, EPOCHS = 40, 2, 20
 TOTAL_STEPS = EPOCHS * N_TRAIN // BATCH_SIZE
 PAUSE_AFTER = 2
 WEIGHT_TOLERANCE = 1e-5
+LOSS_TOLERANCE = 1e-5
+"""As tests/training/test_distributed.py: the ranks sum the same terms in another order."""
 
 
 class Collected(EventWriter):
@@ -42,15 +45,24 @@ class Collected(EventWriter):
 
 
 def lr_spec(
-    root: Path, name: str, base: Path, train: Path, valid: Path, *, search: bool = True, devices: int = 1
+    root: Path,
+    name: str,
+    base: Path,
+    train: Path,
+    valid: Path,
+    *,
+    search: bool = True,
+    devices: int = 1,
+    method: str = "lora",
 ) -> TrainingSpec:
     """The job with "auto" (search) or with the method's default rate given."""
     spec = make_spec(root, name, base, train, valid)
     hyperparameters = spec.hyperparameters.model_copy(
         update={
+            "training_type": method,
             "n_epochs": EPOCHS,
             "batch_size": BATCH_SIZE,
-            "learning_rate": 2e-4,
+            "learning_rate": METHODS[method].base_learning_rate,
             "learning_rate_search": search,
             "lora_dropout": 0.0,  # ranks draw dropout from their own streams: 2 ranks would differ from 1
         }
@@ -70,9 +82,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Pa
 @pytest.fixture(scope="module")
 def runs(data: tuple[Path, Path, Path, Path]) -> dict[str, Run]:
     root, base, train, valid = data
+    # lora replicates the model on each rank (DDP); full shards it (FSDP2), and the test's weights too.
     specs = {
-        name: lr_spec(root, name, base, train, valid, devices=devices)
-        for name, devices in (("one", 1), ("two", 2))
+        f"{method}-{devices}": lr_spec(
+            root, f"{method}-{devices}", base, train, valid, devices=devices, method=method
+        )
+        for method in ("lora", "full")
+        for devices in (1, 2)
     }
     children = {name: start(spec) for name, spec in specs.items()}
     return {
@@ -172,10 +188,13 @@ def test_training_starts_from_the_weights_and_rng_it_would_have_without_the_test
     assert searched.fingerprint == job_fingerprint(resumed, N_TRAIN, 4)
 
 
-def test_the_pick_is_reported_with_its_curve_and_a_bounded_cost(runs: dict[str, Run]) -> None:
-    [found] = runs["one"].of_type(LearningRateMessage)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_pick_is_reported_with_its_curve_and_a_bounded_cost(runs: dict[str, Run], method: str) -> None:
+    run = runs[f"{method}-1"]
+    [found] = run.of_type(LearningRateMessage)
     assert found.found, found.reason
-    assert found.learning_rate == pytest.approx(2e-4 * found.learning_rate_multiplier)
+    base = METHODS[method].base_learning_rate
+    assert found.learning_rate == pytest.approx(base * found.learning_rate_multiplier)
     assert lr_range.LOWEST <= found.learning_rate_multiplier <= lr_range.HIGHEST
     assert found.total_steps == TOTAL_STEPS and found.budget_steps == 20
     # Cost: at most 5 % of the examples the job trains on, and so of its steps.
@@ -186,16 +205,23 @@ def test_the_pick_is_reported_with_its_curve_and_a_bounded_cost(runs: dict[str, 
     assert len(found.rates) == len(found.losses) > 0 and found.rates == sorted(found.rates)
     assert min(found.losses) < found.losses[0]
     # Reported before training's first step.
-    kinds = [type(m) for m in runs["one"].messages]
+    kinds = [type(m) for m in run.messages]
     assert kinds.index(LearningRateMessage) < kinds.index(MetricsMessage)
 
 
-def test_two_ranks_pick_what_one_rank_picks(runs: dict[str, Run]) -> None:
-    [one], [two] = runs["one"].of_type(LearningRateMessage), runs["two"].of_type(LearningRateMessage)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_ranks_pick_what_one_rank_picks(runs: dict[str, Run], method: str) -> None:
+    ones, twos = runs[f"{method}-1"], runs[f"{method}-2"]
+    [one], [two] = ones.of_type(LearningRateMessage), twos.of_type(LearningRateMessage)
     assert two.learning_rate == one.learning_rate and two.steps == one.steps
-    assert two.losses == pytest.approx(one.losses, abs=1e-5)
-    # Both ranks trained with it: the second step's update depends on what each rank's first step did.
-    weights_one = load_file(checkpoint_dir(runs["one"].spec, PAUSE_AFTER) / "adapter_model.safetensors")
-    weights_two = load_file(checkpoint_dir(runs["two"].spec, PAUSE_AFTER) / "adapter_model.safetensors")
+    assert two.losses == pytest.approx(one.losses, abs=LOSS_TOLERANCE)
+    # Both ranks trained from the restored weights with the pick: the second step's loss depends on what
+    # each rank's first step did.
+    losses = [{m.step: m.metrics["train_loss"] for m in run.of_type(MetricsMessage)} for run in (ones, twos)]
+    assert losses[1][PAUSE_AFTER] == pytest.approx(losses[0][PAUSE_AFTER], abs=LOSS_TOLERANCE)
+    if method == "full":
+        return  # sharded checkpoints: the losses say it
+    weights_one = load_file(checkpoint_dir(ones.spec, PAUSE_AFTER) / "adapter_model.safetensors")
+    weights_two = load_file(checkpoint_dir(twos.spec, PAUSE_AFTER) / "adapter_model.safetensors")
     assert weights_one.keys() == weights_two.keys()
     assert all(torch.allclose(weights_two[k], w, atol=WEIGHT_TOLERANCE) for k, w in weights_one.items())
