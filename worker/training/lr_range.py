@@ -52,7 +52,7 @@ class Curve:
     rates: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     diverged_at: float | None = None
-    _average: float = 0.0
+    _average: float = field(default=0.0, init=False, repr=False)
 
     def add(self, rate: float, loss: float) -> bool:
         """Record one step's loss at `rate`; False once the loss diverged (the test should stop)."""
@@ -75,7 +75,7 @@ class Curve:
         # Central differences at points SKIPPED_POINTS .. points-2 (the last one has no right neighbour).
         slopes = {
             i: (self.losses[i + 1] - self.losses[i - 1]) / math.log(self.rates[i + 1] / self.rates[i - 1])
-            for i in range(max(1, SKIPPED_POINTS), points - 1)
+            for i in range(SKIPPED_POINTS, points - 1)
         }
         if len(slopes) < MIN_SLOPE_POINTS:
             return None, f"the loss diverged after {points} of the test's steps, too early to find a slope"
