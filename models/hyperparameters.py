@@ -54,7 +54,9 @@ class SupervisedHyperparameters(BaseModel):
         f"{MAX_AUTO_BATCH_SIZE}.",
     )
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = Field(
-        default="auto", description=f"{RESOLVED['learning_rate_multiplier'].description} auto: 1."
+        default="auto",
+        description=f"{RESOLVED['learning_rate_multiplier'].description} auto: found by a short "
+        "learning-rate range test before the first step, or 1 for a job too short for one (docs/api.md).",
     )
     # Extensions.
     training_type: TrainingType = Field(
@@ -169,7 +171,9 @@ def resolve(
     requested: SupervisedHyperparameters, n_examples: int, objective: Objective
 ) -> ResolvedHyperparameters:
     """What a job trains with: the values the client gave, "auto" worked out, the defaults for the rest."""
-    base = METHODS[requested.training_type].base_learning_rate
+    method = METHODS[requested.training_type]
+    base = method.base_learning_rate
+    auto = requested.learning_rate_multiplier == "auto" and requested.learning_rate is None
     multiplier = 1.0 if requested.learning_rate_multiplier == "auto" else requested.learning_rate_multiplier
     if requested.learning_rate is not None:
         # An explicit learning rate wins; the multiplier is shown relative to the base rate.
@@ -188,6 +192,8 @@ def resolve(
             "batch_size": batch_size,
             "learning_rate_multiplier": multiplier,
             "learning_rate": learning_rate,
+            # The trainer finds it (a solved classifier head takes no gradient steps to test).
+            "learning_rate_search": auto and method.family != "features",
             # Raw text has no example boundaries worth padding; instruction data is packed on request.
             "packing": requested.packing if requested.packing is not None else objective == "pretrain",
             "metric_for_best_checkpoint": metric_name(
@@ -208,4 +214,9 @@ def echoed(method_type: str, requested: dict[str, Any], resolved: ResolvedHyperp
         if resolved.training_type in APPLIES_TO.get(key, (resolved.training_type,))
         and (key not in OPTION_OBJECTIVES or key in given)
     }
-    return resolved.model_dump(include=keys)
+    shown = resolved.model_dump(include=keys)
+    if resolved.learning_rate_search:
+        # Not found yet: "auto" until the range test reports (and sent back, asks for it again).
+        shown["learning_rate_multiplier"] = "auto"
+        shown.pop("learning_rate", None)
+    return shown

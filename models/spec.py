@@ -129,6 +129,9 @@ class ResolvedHyperparameters(BaseModel):
     learning_rate: float
     """The learning rate itself; given, it overrides the multiplier, which is then shown relative to the
     base rate."""
+    learning_rate_search: bool = False
+    """learning_rate_multiplier "auto": a range test before the first step replaces the learning rate and
+    multiplier (1 until then) with the one it finds, and turns this off (worker/training/lr_range.py)."""
     lora_r: int = 8
     """Rank of the low-rank adapters."""
     lora_alpha: float = 16.0
@@ -321,6 +324,41 @@ class DeviceInfo(BaseModel):
     """Its memory (a CPU's: physical memory, or the container's limit); None where unknown."""
 
 
+class LearningRateMessage(BaseModel):
+    """How learning_rate_multiplier "auto" was resolved: the range test's curve and pick, or why the
+    method's default rate was kept. Its cost is counted in examples processed, each test step one of the
+    job's own optimizer steps (batch_size times gradient_accumulation_steps examples, forward, backward and
+    update)."""
+
+    type: Literal["learning_rate"] = "learning_rate"
+    learning_rate: float
+    learning_rate_multiplier: float
+    found: bool
+    """False: the default (multiplier 1) was kept, for `reason`."""
+    reason: str
+    steps: int
+    """Test steps run; none when the test was skipped."""
+    examples: int
+    """Training examples the test processed (its cost)."""
+    budget_steps: int
+    """The most it could run: whole steps within 5 % of the examples the job's training processes, at
+    most 48."""
+    planned_examples: int
+    """What the job's training processes: its epochs times its training examples."""
+    total_steps: int
+    rates: list[float] = []
+    """The learning rate of each test step."""
+    losses: list[float] = []
+    """Its smoothed training loss."""
+    diverged_at: float | None = None
+    """The rate at which the test stopped because the loss blew up."""
+
+    @property
+    def cost(self) -> float:
+        """The test's examples as a share of the training's."""
+        return self.examples / self.planned_examples
+
+
 class StartedMessage(BaseModel):
     type: Literal["started"] = "started"
     total_steps: int
@@ -383,6 +421,7 @@ class StoppedMessage(BaseModel):
 
 ChildMessage = Annotated[
     StartedMessage
+    | LearningRateMessage
     | MetricsMessage
     | EvaluationMessage
     | CheckpointMessage

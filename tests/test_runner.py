@@ -113,6 +113,12 @@ def test_a_job_runs_to_success(
     assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}
 
     events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    # Too short for a range test: the default rate, and an event saying why.
+    [kept] = [e for e in events if e["message"].startswith("Learning rate multiplier kept at 1 ")]
+    assert (
+        "5% of the job's 24 training examples makes 0 test steps of 4, fewer than the 16" in kept["message"]
+    )
+    assert kept["data"]["steps"] == 0 and not kept["data"]["found"]
     messages = [e["message"] for e in reversed(events)]
     started = messages.index("Fine-tuning job started")
     assert messages[started - 1] == "Files validated, moving job to queued state"
@@ -291,3 +297,46 @@ def test_pause_then_resume_matches_an_uninterrupted_run(
         torch.testing.assert_close(final[name], tensor, atol=1e-6, rtol=1e-5)
     csv = client.get(f"/v1/files/{job['result_files'][0]}/content").text.splitlines()
     assert [row.split(",")[0] for row in csv[1:]] == [str(step) for step in range(1, total + 1)]
+
+
+def test_an_auto_learning_rate_is_found_once_and_kept_across_a_pause(
+    client: TestClient, runner: JobRunner, registered_model: str
+) -> None:
+    """learning_rate_multiplier "auto" on a job long enough for a range test (16 examples, 20 epochs of
+    batches of 1: 320 steps, a budget of 16 test steps): the first attempt runs it, says what it found in
+    an event and stores it; the job echoes it; the resumed attempt trains with it and does not test again."""
+    runner = JobRunner(
+        runner.settings.model_copy(update={"heartbeat_seconds": 0.1}), runner.session_factory, runner.store
+    )
+    job_id = create_job(client, registered_model, chat_lines(16), n_epochs=20, batch_size=1)
+    thread = threading.Thread(target=runner.run, args=(job_id,))
+    thread.start()
+    events_url = f"/v1/fine_tuning/jobs/{job_id}/events"
+    wait_for(
+        lambda: any(e["type"] == "metrics" for e in client.get(events_url).json()["data"]), 120, "training"
+    )
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    echoed = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["method"]["supervised"]["hyperparameters"]
+    multiplier = echoed["learning_rate_multiplier"]
+    assert isinstance(multiplier, float) and echoed["learning_rate"] == pytest.approx(2e-4 * multiplier)
+
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
+    runner.run(job_id)
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["hyperparameters"]["learning_rate_multiplier"] == multiplier
+    events = client.get(events_url, params={"limit": 1000}).json()["data"]
+    assert any("resumed from step" in e["message"] for e in events)
+    # One test, in the first attempt. Whether this random model's noisy batch-of-1 curve falls enough to
+    # pick from depends on the job's seed: tests/training/test_lr_range.py checks a pick.
+    [tested] = [
+        e for e in events if e["message"].startswith(("Learning rate found", "Learning rate multiplier"))
+    ]
+    assert tested["data"]["learning_rate_multiplier"] == multiplier
+    assert 0 < tested["data"]["steps"] <= tested["data"]["budget_steps"] == 16
+    assert (
+        f"{multiplier:g}" in tested["message"]
+        and "16 examples (5.0% of the job's training)" in tested["message"]
+    )

@@ -50,6 +50,7 @@ from models.spec import (
     CompletedMessage,
     EvaluationMessage,
     JudgeAccess,
+    LearningRateMessage,
     LogMessage,
     Metrics,
     MetricsMessage,
@@ -254,14 +255,30 @@ class JobRunner:
 
     def _start(self, job_id: str, attempt: int, data: "JobData") -> None:
         """Write the claimed attempt's resolved hyperparameters (fenced: a cancel may have come first)."""
+        resolved = resolve(data.requested, data.summary.n_examples, data.objective)
         with session_scope(self.session_factory) as session:
-            JobRepository(session).renew_lease(
+            repo = JobRepository(session)
+            job = repo.get(job_id)
+            earlier = job.hyperparameters if job else None
+            if resolved.learning_rate_search and earlier is not None and not earlier.learning_rate_search:
+                # An earlier attempt's range test found the rate: a resumed or retried job keeps it.
+                resolved = resolved.model_copy(update=found_learning_rate(earlier))
+            repo.renew_lease(
                 job_id,
                 attempt,
                 now=time.time(),
                 lease_seconds=self.settings.lease_seconds,
-                values={"hyperparameters": resolve(data.requested, data.summary.n_examples, data.objective)},
+                values={"hyperparameters": resolved},
             )
+
+
+def found_learning_rate(source: ResolvedHyperparameters | LearningRateMessage) -> dict[str, Any]:
+    """The fields a range test settles, as it reported them or as a job stores them."""
+    return {
+        "learning_rate": source.learning_rate,
+        "learning_rate_multiplier": source.learning_rate_multiplier,
+        "learning_rate_search": False,
+    }
 
 
 def worker_capacity(settings: Settings) -> Capacity:
@@ -591,6 +608,8 @@ class Attempt:
                 expired = self._save_checkpoint(session, message)
             elif isinstance(message, StartedMessage):
                 repo.add_event(self.job_id, _started_text(message), data=StartedData.model_validate(message))
+            elif isinstance(message, LearningRateMessage):
+                self._save_learning_rate(session, message)
             elif isinstance(message, LogMessage):
                 if message.level == "error":
                     self.last_error = message
@@ -599,6 +618,15 @@ class Attempt:
         for key in expired:  # only once the rows that named them are gone for good
             self._db(partial(self.store.delete, key))
         return True
+
+    def _save_learning_rate(self, session: Session, message: LearningRateMessage) -> None:
+        """Store the rate the range test resolved, so the job echoes it and a later attempt (a resume, a
+        retry) trains with it rather than testing again, and say how it was found."""
+        repo = JobRepository(session)
+        job = repo.get(self.job_id)
+        assert job is not None and job.hyperparameters is not None
+        job.hyperparameters = job.hyperparameters.model_copy(update=found_learning_rate(message))
+        repo.add_event(self.job_id, _learning_rate_text(message), data=message.model_dump(exclude={"type"}))
 
     @staticmethod
     def _is_event_step(message: MetricsMessage) -> bool:
@@ -768,6 +796,21 @@ def _published_text(job: Job, step: int, done: CompletedMessage) -> str:
 
 def _metrics_summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{name.removeprefix('full_valid_')}={value:.4f}" for name, value in metrics.items())
+
+
+def _learning_rate_text(message: LearningRateMessage) -> str:
+    cost = (
+        f"{message.steps} test steps, {message.examples} examples ({message.cost:.1%} of the job's training)"
+    )
+    if message.found:
+        return (
+            f"Learning rate found by a range test: multiplier {message.learning_rate_multiplier:g} "
+            f"(learning rate {message.learning_rate:.3g}), at the {message.reason}; cost {cost}"
+        )
+    return (
+        f"Learning rate multiplier kept at {message.learning_rate_multiplier:g} (learning rate "
+        f"{message.learning_rate:.3g}): {message.reason}; cost {cost}"
+    )
 
 
 def _started_text(message: StartedMessage) -> str:

@@ -21,6 +21,7 @@ from models.spec import (
     CompletedMessage,
     DataError,
     EvaluationMessage,
+    LearningRateMessage,
     Metrics,
     MetricsMessage,
     StartedMessage,
@@ -28,7 +29,7 @@ from models.spec import (
     TrainingSpec,
     greater_is_better,
 )
-from worker.training import distributed
+from worker.training import distributed, lr_range
 from worker.training.batching import epoch_batches
 from worker.training.checkpoint import (
     Progress,
@@ -112,6 +113,11 @@ class Recipe:
             f"{count_parameters(self.trainable):,} of {count_parameters(self.model.parameters()):,} "
             "parameters trainable"
         )
+        # Before the range test, which trains: DPO's reference log-probabilities are the untouched model's.
+        self.objective.before_training(self.model, self.train_examples)
+        if hp.learning_rate_search and not self.resume_from:
+            self._find_learning_rate()
+            hp = self.hp
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=hp.learning_rate)
         self.scheduler = get_scheduler(
             SCHEDULERS[hp.lr_scheduler],
@@ -120,7 +126,6 @@ class Recipe:
             num_training_steps=self.total_steps,
         )
         self.scaler = torch.amp.GradScaler(self.device.device.type, enabled=self.device.needs_grad_scaling)
-        self.objective.before_training(self.model, self.train_examples)
         if self.resume_from:
             restore_state(
                 self.resume_from,
@@ -133,6 +138,103 @@ class Recipe:
                 f"resumed from step {self.progress.step} of {self.total_steps} ({self.resume_from})"
             )
         self.last_checkpoint_step = self.progress.step
+
+    def _find_learning_rate(self) -> None:
+        """Resolve learning_rate_multiplier "auto" by a range test (worker/training/lr_range.py) and report
+        it; the method's default stays when the job is too short to afford one. Every rank computes the
+        same curve (each step's loss is summed across ranks), so every rank picks the same rate."""
+        hp, base = self.hp, METHODS[self.hp.training_type].base_learning_rate
+        planned, per_step = (
+            hp.n_epochs * len(self.train_examples),
+            hp.batch_size * hp.gradient_accumulation_steps,
+        )
+        budget, curve = lr_range.budget(planned, per_step), lr_range.Curve()
+        steps = examples = 0
+        if self.spec.objective == "grpo":
+            rate, reason = None, "a reinforcement loss is a policy-gradient surrogate, not a measure of fit"
+        elif budget < lr_range.MIN_STEPS:
+            rate = None
+            reason = (
+                f"{lr_range.COST_SHARE:.0%} of the job's {planned} training examples makes {budget} test "
+                f"steps of {per_step}, fewer than the {lr_range.MIN_STEPS} a test needs"
+            )
+        else:
+            steps, examples = self._range_test(lr_range.rates(base, budget), curve)
+            rate, reason = curve.steepest()
+        # Three significant digits: the echoed multiplier, sent back, asks for the same rate.
+        multiplier = float(f"{rate / base:.3g}") if rate is not None else hp.learning_rate_multiplier
+        self.hp = hp.model_copy(
+            update={
+                "learning_rate": base * multiplier,
+                "learning_rate_multiplier": multiplier,
+                "learning_rate_search": False,
+            }
+        )
+        # A resumed attempt's spec carries what was found: its checkpoints' fingerprint must match.
+        self.spec = self.spec.model_copy(update={"hyperparameters": self.hp})
+        self.fingerprint = job_fingerprint(self.spec, len(self.train_examples), len(self.valid_examples))
+        self.events.emit(
+            LearningRateMessage(
+                learning_rate=self.hp.learning_rate,
+                learning_rate_multiplier=multiplier,
+                found=rate is not None,
+                reason=reason,
+                steps=steps,
+                examples=examples,
+                budget_steps=budget,
+                planned_examples=planned,
+                total_steps=self.total_steps,
+                rates=curve.rates,
+                losses=curve.losses,
+                diverged_at=curve.diverged_at,
+            )
+        )
+
+    def _range_test(self, rates: list[float], curve: lr_range.Curve) -> tuple[int, int]:
+        """Train one step of the first epoch's batches at each rate until the loss diverges, then put back
+        the trained weights, the RNG state and the token count: training starts from the same model, in
+        the same random state, as without the test (setup builds its optimizer, scheduler and scaler
+        afterwards; the test's are thrown away). Returns the steps run and the examples they processed."""
+        saved = [parameter.detach().clone() for parameter in self.trainable]
+        trained_tokens = self.progress.trained_tokens
+        order = self._epoch_steps(0)
+        steps = examples = 0
+        cuda = [self.device.device] if self.device.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            self.optimizer = torch.optim.AdamW(self._param_groups(), lr=rates[0])
+            # The scheduler sets each step's rate: the recipe's step advances it after the update.
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda step: rates[min(step, len(rates) - 1)] / rates[0]
+            )
+            self.scaler = torch.amp.GradScaler(
+                self.device.device.type, enabled=self.device.needs_grad_scaling
+            )
+            self.model.train()
+            for rate in rates:
+                batches = [[self.train_examples[i] for i in batch] for batch in order[steps % len(order)]]
+                loss = self._train_step(batches)["train_loss"]
+                steps, examples = steps + 1, examples + sum(map(len, batches))
+                if not curve.add(rate, loss):
+                    break
+        with torch.no_grad():
+            for parameter, value in zip(self.trainable, saved, strict=True):
+                parameter.copy_(value)
+        self.progress.trained_tokens = trained_tokens
+        return steps, examples
+
+    def _epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        """An epoch's optimizer steps, each a list of batches (gradient accumulation) of example indices."""
+        hp = self.hp
+        batches = epoch_batches(
+            [example.length for example in self.train_examples],
+            hp.batch_size,
+            seed=self.spec.seed + epoch,
+            group_by_length=hp.group_by_length,
+        )
+        return [
+            batches[i : i + hp.gradient_accumulation_steps]
+            for i in range(0, len(batches), hp.gradient_accumulation_steps)
+        ]
 
     def _param_groups(self) -> list[dict[str, object]]:
         """Weight decay on matrices only: decaying biases and norm scales only hurts (as HF Trainer does)."""
@@ -163,16 +265,8 @@ class Recipe:
         first_epoch, first_batch = progress.epoch, progress.batches_done
         self.model.train()  # from_pretrained hands the model over in eval mode
         for epoch in range(first_epoch, hp.n_epochs):
-            batches = epoch_batches(
-                [example.length for example in self.train_examples],
-                hp.batch_size,
-                seed=self.spec.seed + epoch,
-                group_by_length=hp.group_by_length,
-            )
-            steps = [
-                batches[i : i + hp.gradient_accumulation_steps]
-                for i in range(0, len(batches), hp.gradient_accumulation_steps)
-            ]
+            steps = self._epoch_steps(epoch)
+            n_batches = sum(map(len, steps))
             # A resumed epoch goes on after the batches its checkpoint had already trained.
             done = first_batch if epoch == first_epoch else 0
             # `done` ends on a step: a multiple of the accumulation, or the epoch's last (shorter) step.
@@ -187,7 +281,7 @@ class Recipe:
                 )
                 progress.step += 1
                 progress.epoch = epoch
-                progress.batches_done = min(len(batches), (index + 1) * hp.gradient_accumulation_steps)
+                progress.batches_done = min(n_batches, (index + 1) * hp.gradient_accumulation_steps)
                 step, epoch_end = progress.step, index + 1 == len(steps)
                 if self.valid_examples and (step % eval_every == 0 or step == self.total_steps):
                     metrics.update(self._validate_batch())
