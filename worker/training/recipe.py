@@ -160,7 +160,7 @@ class Recipe:
             )
         else:
             steps, examples = self._range_test(lr_range.rates(base, budget), curve)
-            rate, reason = curve.steepest()
+            rate, reason = curve.pick()
         # Three significant digits: the echoed multiplier, sent back, asks for the same rate.
         multiplier = float(f"{rate / base:.3g}") if rate is not None else hp.learning_rate_multiplier
         self.hp = hp.model_copy(
