@@ -3,7 +3,7 @@ SQLite) and distributed (`ftjobs api` + `ftjobs worker` on Postgres and Redis)."
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import openai
@@ -199,6 +199,35 @@ def rft_files(client: openai.OpenAI, tmp_path: Path) -> list[str]:
     return files
 
 
+def rft_job(
+    client: openai.OpenAI,
+    files: list[str],
+    grader: Mapping[str, object],
+    eval_interval: int,
+    max_completion_tokens: int,
+) -> FineTuningJob:
+    """A one-epoch RFT LoRA job on the tiny model with `grader`, run to success."""
+    job = client.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=files[0],
+        validation_file=files[1],
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": grader,  # type: ignore[typeddict-item]
+                "hyperparameters": {
+                    "n_epochs": 1,
+                    "batch_size": 5,
+                    "eval_interval": eval_interval,
+                    "max_completion_tokens": max_completion_tokens,  # type: ignore[typeddict-unknown-key]
+                    "lora_r": 4,
+                },
+            },
+        },
+    )
+    return succeeded(client, job)
+
+
 def test_reinforcement_job_with_openai_client(embedded, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """An RFT LoRA job on the tiny model runs two GRPO steps and reports rewards: the baseline's and each
     step's in events, each checkpoint's, in the results file and in the job's evaluation."""
@@ -211,25 +240,7 @@ def test_reinforcement_job_with_openai_client(embedded, tmp_path: Path) -> None:
         "reference": "{{item.answer}}",
         "evaluation_metric": "fuzzy_match",
     }
-    job = client.fine_tuning.jobs.create(
-        model="tiny-llama",
-        training_file=files[0],
-        validation_file=files[1],
-        method={
-            "type": "reinforcement",
-            "reinforcement": {
-                "grader": grader,  # type: ignore[typeddict-item]
-                "hyperparameters": {
-                    "n_epochs": 1,
-                    "batch_size": 5,
-                    "eval_interval": 1,
-                    "max_completion_tokens": 8,  # type: ignore[typeddict-unknown-key]
-                    "lora_r": 4,
-                },
-            },
-        },
-    )
-    job = succeeded(client, job)
+    job = rft_job(client, files, grader, eval_interval=1, max_completion_tokens=8)
     assert (
         job.method and job.method.reinforcement and job.method.reinforcement.grader.type == "text_similarity"
     )
@@ -303,26 +314,7 @@ def test_model_graders_judge_reinforcement_jobs_on_the_inference_server(  # type
     scores 0 and says so), and the rewards are the job's metrics."""
     client, _ = embedded
     wait_for(lambda: judge_served(client), 120, "the inference server")
-    training, validation = rft_files(client, tmp_path)
-    job = client.fine_tuning.jobs.create(
-        model="tiny-llama",
-        training_file=training,
-        validation_file=validation,
-        method={
-            "type": "reinforcement",
-            "reinforcement": {
-                "grader": grader,  # type: ignore[typeddict-item]
-                "hyperparameters": {
-                    "n_epochs": 1,
-                    "batch_size": 5,
-                    "eval_interval": 2,
-                    "max_completion_tokens": 4,  # type: ignore[typeddict-unknown-key]
-                    "lora_r": 4,
-                },
-            },
-        },
-    )
-    job = succeeded(client, job)
+    job = rft_job(client, rft_files(client, tmp_path), grader, eval_interval=2, max_completion_tokens=4)
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
     warnings = [e.message for e in events if e.level == "warn"]
     assert not [w for w in warnings if "did not answer" in w], "\n".join(warnings)
