@@ -78,6 +78,8 @@ class Alpha:
     spare_webhook: str
     """Another: the DELETE row's positive control deletes it."""
     delivery: str
+    sweep: str
+    """Cancelled at once (its trials never run): A's own cancel is the state error, a 400."""
 
     @property
     def files(self) -> list[str]:
@@ -105,6 +107,18 @@ def job_body(validation: str) -> dict[str, Any]:
         "metadata": METADATA,
         "export_merged": True,
         "method": {"type": "supervised", "supervised": {"hyperparameters": {**FAST, "n_epochs": 2}}},
+    }
+
+
+def sweep_body(training: str, validation: str) -> dict[str, Any]:
+    """A one-trial-at-a-time sweep over A's files."""
+    return {
+        "model": MODEL,
+        "training_file": training,
+        "validation_file": validation,
+        "search_space": {"lora_r": [4, 8]},
+        "max_trials": 2,
+        "parallelism": 1,
     }
 
 
@@ -156,11 +170,13 @@ def make_alpha(owner: TestClient, runner: JobRunner, tenant: Tenant) -> Alpha:
     paused = create(owner, None, MODEL, training, validation_file=validation).json()["id"]
     pause = owner.post(f"/v1/fine_tuning/jobs/{paused}/pause", headers={"Idempotency-Key": PAUSE_KEY})
     assert pause.json()["status"] == "paused", pause.text
+    sweep = owner.post("/v1/fine_tuning/sweeps", json=sweep_body(training, validation)).json()["id"]
+    assert owner.post(f"/v1/fine_tuning/sweeps/{sweep}/cancel").json()["status"] == "cancelled"
     checkpoints = listed(owner, f"/v1/fine_tuning/jobs/{job['id']}/checkpoints")
     assert len(checkpoints) >= 2, checkpoints
     contents = {first_user_turn(train), first_user_turn(valid)}
     secrets = owned(owner) | contents | {tenant.id, tenant.name, METADATA["team"]}
-    secrets |= {hook["signing_secret"] for hook in hooks}
+    secrets |= {hook["signing_secret"] for hook in hooks} | {sweep}
     return Alpha(
         training_file=training,
         validation_file=validation,
@@ -177,6 +193,7 @@ def make_alpha(owner: TestClient, runner: JobRunner, tenant: Tenant) -> Alpha:
         webhook=hooks[0]["id"],
         spare_webhook=hooks[1]["id"],
         delivery=listed(owner, f"/v1/webhook_endpoints/{hooks[0]['id']}/deliveries")[0]["id"],
+        sweep=sweep,
     )
 
 
@@ -277,6 +294,18 @@ def _job_request(path: str, owner: int) -> Callable[[Scene], list[Probe]]:
     return probes
 
 
+def _sweep_request(s: Scene) -> list[Probe]:
+    """A sweep naming A's files: B's is the 400 of an unknown file, as a job's is."""
+    a = s.alpha
+    training = Probe("/v1/fine_tuning/sweeps", a.training_file, 200, stranger=400)
+    validation = Probe("/v1/fine_tuning/sweeps", a.validation_file, None, stranger=400)
+    return [
+        replace(training, body=sweep_body(a.training_file, a.validation_file)),
+        # B's own training file with A's validation file: A can't send B's file, so no control.
+        replace(validation, body=sweep_body(s.bravo_file, a.validation_file)),
+    ]
+
+
 def _events(s: Scene) -> list[Probe]:
     a = s.alpha
     mine = job_probes("events", 200, [a.job, a.paused_job])
@@ -329,6 +358,16 @@ MATRIX: dict[Route, Callable[[Scene], list[Probe]]] = {
         *job_probes("resume", 400, [s.alpha.job]),
         *job_probes("resume", None, [s.alpha.paused_job]),
     ],
+    ("POST", "/v1/fine_tuning/sweeps"): _sweep_request,
+    ("GET", "/v1/fine_tuning/sweeps"): lambda s: cursor_probes(
+        "/v1/fine_tuning/sweeps", [s.alpha.sweep], 200
+    ),
+    ("GET", "/v1/fine_tuning/sweeps/{sweep_id}"): lambda s: path_probes(
+        "/v1/fine_tuning/sweeps/{}", [s.alpha.sweep], 200
+    ),
+    ("POST", "/v1/fine_tuning/sweeps/{sweep_id}/cancel"): lambda s: path_probes(
+        "/v1/fine_tuning/sweeps/{}/cancel", [s.alpha.sweep], 400
+    ),
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"): _events,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): _checkpoints,
     ("GET", "/v1/models/{model:path}"): lambda s: path_probes(
