@@ -1,9 +1,11 @@
 """A job's trackers: W&B, MLflow and TensorBoard runs fed from the child's own event stream.
 
-Each gets the resolved hyperparameters when it starts and every metric the child reports, at the step it
-reports it (the baseline evaluation at step 0), so a tracker's curves are the job's own metrics. A tracker
-library is imported only when a job asks for it. A tracker that fails to start or to log never fails the
-training: it is dropped with a warning event, and its traceback goes to the trainer's log.
+Each gets the resolved hyperparameters when it starts (after the learning-rate range test when the job asked
+for one, so the config holds the rate it trains with; a job failing before its test has no run) and every
+metric the child reports, at the step it reports it (the baseline evaluation at step 0), so a tracker's
+curves are the job's own metrics. A tracker library is imported only when a job asks for it. A tracker
+that fails to start or to log never fails the training: it is dropped with a warning event, and its
+traceback goes to the trainer's log.
 """
 
 import os
@@ -18,6 +20,7 @@ from models.spec import (
     ChildMessage,
     CompletedMessage,
     EvaluationMessage,
+    LearningRateMessage,
     Metrics,
     MetricsMessage,
     MlflowTracker,
@@ -155,21 +158,33 @@ class Trackers:
     training finishes each run with how it ended."""
 
     def __init__(self, spec: TrainingSpec, events: EventWriter) -> None:
+        self.spec = spec
         self.events = events
         self.outcome: Outcome = "failed"
         self.runs: dict[str, Run] = {}
-        config = spec.hyperparameters.model_dump()
-        for target in spec.trackers:
+        if spec.trackers:
+            events.tee(self.receive)
+        if not spec.hyperparameters.learning_rate_search:
+            self._start(spec.hyperparameters.model_dump())
+
+    def _start(self, config: dict[str, Any]) -> None:
+        for target in self.spec.trackers:
             try:
-                self.runs[target.type] = RUNS[target.type](target, config, spec)
+                self.runs[target.type] = RUNS[target.type](target, config, self.spec)
             except Exception as exc:
                 self._warn(target.type, "start", exc)
-        if self.runs:
-            events.tee(self.receive)
 
     def receive(self, message: ChildMessage) -> None:
-        # A full evaluation at a training step is in that step's MetricsMessage too; only the baseline is not.
-        if isinstance(message, MetricsMessage):
+        if isinstance(message, LearningRateMessage):
+            # A run's parameters can't change once logged (MLflow refuses): runs start with the rate found.
+            found = {
+                "learning_rate": message.learning_rate,
+                "learning_rate_multiplier": message.learning_rate_multiplier,
+                "learning_rate_search": False,
+            }
+            self._start(self.spec.hyperparameters.model_copy(update=found).model_dump())
+        elif isinstance(message, MetricsMessage):
+            # A full evaluation at a training step is in this MetricsMessage too; only the baseline is not.
             self._each("log", lambda run: run.log(message.step, message.metrics))
         elif isinstance(message, EvaluationMessage) and message.baseline:
             self._each("log", lambda run: run.log(message.step, message.metrics))
