@@ -805,7 +805,7 @@ def _learning_rate_text(message: LearningRateMessage) -> str:
     if message.found:
         return (
             f"Learning rate found by a range test: multiplier {message.learning_rate_multiplier:g} "
-            f"(learning rate {message.learning_rate:.3g}), at the {message.reason}; cost {cost}"
+            f"(learning rate {message.learning_rate:.3g}), {message.reason}; cost {cost}"
         )
     return (
         f"Learning rate multiplier kept at {message.learning_rate_multiplier:g} (learning rate "
