@@ -195,6 +195,16 @@ class ResolvedHyperparameters(BaseModel):
         """Answers sampled per prompt in a reinforcement step."""
         return max(2, round(4 * self.compute_multiplier))
 
+    def with_learning_rate(self, learning_rate: float, multiplier: float) -> "ResolvedHyperparameters":
+        """These hyperparameters with the rate a range test settled: nothing left to search."""
+        return self.model_copy(
+            update={
+                "learning_rate": learning_rate,
+                "learning_rate_multiplier": multiplier,
+                "learning_rate_search": False,
+            }
+        )
+
 
 class DataError(Exception):
     """A file that cannot be trained on: the job fails with its code, message and param."""

@@ -262,7 +262,9 @@ class JobRunner:
             earlier = job.hyperparameters if job else None
             if resolved.learning_rate_search and earlier is not None and not earlier.learning_rate_search:
                 # An earlier attempt's range test found the rate: a resumed or retried job keeps it.
-                resolved = resolved.model_copy(update=found_learning_rate(earlier))
+                resolved = resolved.with_learning_rate(
+                    earlier.learning_rate, earlier.learning_rate_multiplier
+                )
             repo.renew_lease(
                 job_id,
                 attempt,
@@ -270,15 +272,6 @@ class JobRunner:
                 lease_seconds=self.settings.lease_seconds,
                 values={"hyperparameters": resolved},
             )
-
-
-def found_learning_rate(source: ResolvedHyperparameters | LearningRateMessage) -> dict[str, Any]:
-    """The fields a range test settles, as it reported them or as a job stores them."""
-    return {
-        "learning_rate": source.learning_rate,
-        "learning_rate_multiplier": source.learning_rate_multiplier,
-        "learning_rate_search": False,
-    }
 
 
 def worker_capacity(settings: Settings) -> Capacity:
@@ -625,7 +618,9 @@ class Attempt:
         repo = JobRepository(session)
         job = repo.get(self.job_id)
         assert job is not None and job.hyperparameters is not None
-        job.hyperparameters = job.hyperparameters.model_copy(update=found_learning_rate(message))
+        job.hyperparameters = job.hyperparameters.with_learning_rate(
+            message.learning_rate, message.learning_rate_multiplier
+        )
         repo.add_event(self.job_id, _learning_rate_text(message), data=message.model_dump(exclude={"type"}))
 
     @staticmethod

@@ -163,13 +163,7 @@ class Recipe:
             rate, reason = curve.pick()
         # Three significant digits: the echoed multiplier, sent back, asks for the same rate.
         multiplier = float(f"{rate / base:.3g}") if rate is not None else hp.learning_rate_multiplier
-        self.hp = hp.model_copy(
-            update={
-                "learning_rate": base * multiplier,
-                "learning_rate_multiplier": multiplier,
-                "learning_rate_search": False,
-            }
-        )
+        self.hp = hp.with_learning_rate(base * multiplier, multiplier)
         # A resumed attempt's spec carries what was found: its checkpoints' fingerprint must match.
         self.spec = self.spec.model_copy(update={"hyperparameters": self.hp})
         self.fingerprint = job_fingerprint(self.spec, len(self.train_examples), len(self.valid_examples))

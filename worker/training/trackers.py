@@ -177,12 +177,10 @@ class Trackers:
     def receive(self, message: ChildMessage) -> None:
         if isinstance(message, LearningRateMessage):
             # A run's parameters can't change once logged (MLflow refuses): runs start with the rate found.
-            found = {
-                "learning_rate": message.learning_rate,
-                "learning_rate_multiplier": message.learning_rate_multiplier,
-                "learning_rate_search": False,
-            }
-            self._start(self.spec.hyperparameters.model_copy(update=found).model_dump())
+            found = self.spec.hyperparameters.with_learning_rate(
+                message.learning_rate, message.learning_rate_multiplier
+            )
+            self._start(found.model_dump())
         elif isinstance(message, MetricsMessage):
             # A full evaluation at a training step is in this MetricsMessage too; only the baseline is not.
             self._each("log", lambda run: run.log(message.step, message.metrics))
