@@ -31,6 +31,17 @@ def upload(client: TestClient, content: bytes, headers: dict[str, str] | None = 
     return client.post("/v1/files", files=files, data={"purpose": "fine-tune"}, headers=headers).json()["id"]
 
 
+def run_until_training(client: TestClient, runner: JobRunner, job_id: str) -> threading.Thread:
+    """The runner on a thread of its own, handed back once the job has reported its first metrics."""
+    thread = threading.Thread(target=runner.run, args=(job_id,))
+    thread.start()
+    events_url = f"/v1/fine_tuning/jobs/{job_id}/events"
+    wait_for(
+        lambda: any(e["type"] == "metrics" for e in client.get(events_url).json()["data"]), 120, "training"
+    )
+    return thread
+
+
 def create_job(
     client: TestClient,
     model: str,
@@ -195,14 +206,7 @@ def test_cancelling_a_running_job_stops_training_and_publishes_nothing(
     client: TestClient, runner: JobRunner, registered_model: str, settings: Settings
 ) -> None:
     job_id = create_job(client, registered_model, chat_lines(40), n_epochs=50, batch_size=1)
-    thread = threading.Thread(target=runner.run, args=(job_id,))
-    thread.start()
-
-    def training() -> bool:
-        events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
-        return any(e["type"] == "metrics" for e in events)
-
-    wait_for(training, 120, "the first metrics event")
+    thread = run_until_training(client, runner, job_id)
     cancelled = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()
     assert cancelled["status"] == "cancelled"
     thread.join(timeout=60)
@@ -223,12 +227,8 @@ def test_a_killed_trainer_is_retried_as_the_next_attempt(
 ) -> None:
     """kill -9 of the training child (as the OOM killer would): attempt 1 is requeued, attempt 2 succeeds."""
     job_id = create_job(client, registered_model, chat_lines(30), n_epochs=4, batch_size=1)
-    thread = threading.Thread(target=runner.run, args=(job_id,))
-    thread.start()
+    thread = run_until_training(client, runner, job_id)
     events_url = f"/v1/fine_tuning/jobs/{job_id}/events"
-    wait_for(
-        lambda: any(e["type"] == "metrics" for e in client.get(events_url).json()["data"]), 120, "training"
-    )
     trainer = subprocess.run(
         ["pgrep", "-f", f"worker.training --spec .*{job_id}"], capture_output=True, text=True
     )
@@ -270,12 +270,8 @@ def test_pause_then_resume_matches_an_uninterrupted_run(
     straight = create_job(client, registered_model, train, n_epochs=4, batch_size=1, seed=seed)
     runner.run(straight)
     paused = create_job(client, registered_model, train, n_epochs=4, batch_size=1, seed=seed)
-    thread = threading.Thread(target=runner.run, args=(paused,))
-    thread.start()
+    thread = run_until_training(client, runner, paused)
     events_url = f"/v1/fine_tuning/jobs/{paused}/events"
-    wait_for(
-        lambda: any(e["type"] == "metrics" for e in client.get(events_url).json()["data"]), 120, "training"
-    )
     assert client.post(f"/v1/fine_tuning/jobs/{paused}/pause").json()["status"] == "paused"
     thread.join(timeout=60)
     assert not thread.is_alive() and client.get(f"/v1/fine_tuning/jobs/{paused}").json()["status"] == "paused"
@@ -309,12 +305,8 @@ def test_an_auto_learning_rate_is_found_once_and_kept_across_a_pause(
         runner.settings.model_copy(update={"heartbeat_seconds": 0.1}), runner.session_factory, runner.store
     )
     job_id = create_job(client, registered_model, chat_lines(16), n_epochs=20, batch_size=1)
-    thread = threading.Thread(target=runner.run, args=(job_id,))
-    thread.start()
+    thread = run_until_training(client, runner, job_id)
     events_url = f"/v1/fine_tuning/jobs/{job_id}/events"
-    wait_for(
-        lambda: any(e["type"] == "metrics" for e in client.get(events_url).json()["data"]), 120, "training"
-    )
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
     thread.join(timeout=60)
     assert not thread.is_alive()
