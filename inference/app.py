@@ -101,7 +101,7 @@ def admitted(settings: Settings, authorization: str | None, body: Forwarded | No
     if hmac.compare_digest((authorization or "").encode(), f"Bearer {secret}".encode()):
         return True
     grant = (authorization or "").removeprefix("Bearer ")
-    return body is not None and judge_grants.admits(secret, grant, body)
+    return body is not None and judge_grants.admits(secret, grant, body, now=time.time())
 
 
 def unauthorized() -> APIError:

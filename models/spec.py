@@ -260,8 +260,9 @@ class JudgeAccess(BaseModel):
     for the job's organisation and these models only (models/judge_grants.py)."""
 
     url: str
-    grant: str | None
-    """None when the inference server takes no token."""
+    grant_file: str | None
+    """Where the worker keeps the job's current grant, renewed at each heartbeat; None when the inference
+    server takes no token."""
     organization: str
     targets: dict[str, dict[str, Any]]
     """Each judge model's name → what the inference server loads for it (models/inference.py's Target)."""

@@ -1,6 +1,7 @@
 """The graders API through the real openai client: each grader type, OpenAI's response shape, 400s naming
 the field, and hostile python graders scoring 0 in their sandbox while the server goes on."""
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,7 @@ def test_a_jobs_grant_reaches_only_its_judges_for_its_organisation(
     other = Target(
         model="ft:tiny:b::x", base_path="/bases/tiny", artifact_key="jobs/x/adapter", method="lora"
     )
-    grant = judge_grants.sign(secret, "org-a", [judge])
+    grant = judge_grants.sign(secret, "org-a", [judge], expires=time.time() + 60)
     guarded = settings.model_copy(update={"inference_token": SecretStr(secret)})
     broken = {"model": "judge"}  # no messages: a 400 once admitted, before anything loads
 
@@ -231,8 +232,10 @@ def test_a_jobs_grant_reaches_only_its_judges_for_its_organisation(
         assert post("/internal/chat/completions", other, "org-a", grant) == 401
         assert post("/internal/chat/completions", judge, "org-b", grant) == 401
         assert post("/internal/completions", judge, "org-a", grant) == 401
-        forged = judge_grants.sign("another-secret", "org-a", [judge, other])
+        forged = judge_grants.sign("another-secret", "org-a", [judge, other], expires=time.time() + 60)
         assert post("/internal/chat/completions", judge, "org-a", forged) == 401
+        expired = judge_grants.sign(secret, "org-a", [judge], expires=time.time() - 1)
+        assert post("/internal/chat/completions", judge, "org-a", expired) == 401
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ from models.db import session_scope
 from models.errors import APIError
 from models.files import FileRepository
 from models.hyperparameters import HYPERPARAMETERS, SupervisedHyperparameters, resolve
+from models.inference import Target
 from models.jobs import CompletedData, JobRepository, StartedData
 from models.lineage import Lineage, renamed_metadata, write_lineage
 from models.logs import job_context
@@ -331,6 +332,9 @@ class Attempt:
         """The lineage of the tuned model the job started from (set with the spec)."""
         self.heard = False
         self.lease_deadline = time.monotonic() + self.settings.lease_seconds
+        self.judges: tuple[str, list[Target]] | None = None
+        """The organisation and judge targets the trainer's grant names, when the job has judges and the
+        inference server a token (set with the spec)."""
         self.base_renames: dict[str, str] = {}
         """The base's directory on this machine (a cache entry, with object storage) by its registered path:
         saving records the former, published artifacts the latter, wherever they were trained."""
@@ -339,7 +343,9 @@ class Attempt:
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True)
         try:
-            child = TrainingProcess(self._db(self._spec), self.workdir, self.placement)
+            spec = self._db(self._spec)
+            self._renew_grant()
+            child = TrainingProcess(spec, self.workdir, self.placement)
             outcome = self._supervise(child)
             if outcome is None and child.process.returncode < 0:
                 # Killed by a signal (the OOM killer, an operator): worth another attempt, unlike an error.
@@ -469,15 +475,25 @@ class Attempt:
             raise JobFailed(error.code or "model_not_found", error.message, error.param) from error
         if not targets:
             return None
-        token = self.settings.inference_token
+        if self.settings.inference_token is not None:
+            self.judges = (job.organization_id, [*targets.values()])
         return JudgeAccess(
             url=self.settings.inference_url,
-            grant=judge_grants.sign(token.get_secret_value(), job.organization_id, [*targets.values()])
-            if token
-            else None,
+            grant_file=str(self.workdir / judge_grants.FILE) if self.judges else None,
             organization=job.organization_id,
             targets={name: found.model_dump(mode="json") for name, found in targets.items()},
         )
+
+    def _renew_grant(self) -> None:
+        """Sign the trainer's judge grant afresh, valid for a lease: renewed with every heartbeat, it lapses
+        soon after the attempt ends, so a copy read from its files is of no use for long."""
+        token = self.settings.inference_token
+        if self.judges is None or token is None:
+            return
+        organization, targets = self.judges
+        expires = time.time() + self.settings.lease_seconds
+        grant = judge_grants.sign(token.get_secret_value(), organization, targets, expires=expires)
+        judge_grants.write(self.workdir / judge_grants.FILE, grant)
 
     def _best_checkpoint(self, session: Session, job: Job) -> str | None:
         """Where the best checkpoint of earlier attempts is, for a resumed job that publishes the best."""
@@ -517,8 +533,11 @@ class Attempt:
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.settings.heartbeat_seconds
-                    if stop_deadline is None and not self._db(lambda: self._fenced_update({})):
-                        stop_deadline = self._stop(child)
+                    if stop_deadline is None:
+                        if self._db(lambda: self._fenced_update({})):
+                            self._renew_grant()
+                        else:
+                            stop_deadline = self._stop(child)
             except LeaseLost:
                 child.kill()  # self-fencing: a trainer without a lease must not keep the GPU or write
                 raise

@@ -241,7 +241,7 @@ def test_an_unreachable_judge_scores_zero_and_the_job_goes_on(tiny_model_dir: Pa
     }
     nowhere = JudgeAccess(
         url="http://127.0.0.1:9",  # nothing listens there
-        grant=None,
+        grant_file=None,
         organization="org-test",
         targets={"tiny-judge": {"model": "tiny-judge", "base_path": str(tiny_model_dir)}},
     )

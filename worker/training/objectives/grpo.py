@@ -20,10 +20,11 @@ answers each), and `mean_reward_{name}` of each sub-grader of a multi grader.
 """
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -298,10 +299,21 @@ class GRPO(Objective[Prompt]):
         return nullcontext(self.reference) if self.reference is not None else untouched(model)
 
 
+class GrantFile(httpx.Auth):
+    """The job's grant as the worker last renewed it, read for each request: one read once would expire."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.path.read_text()}"
+        yield request
+
+
 def remote_judge(access: JudgeAccess) -> Judge:
     """A judge asking the inference server with the job's grant: only the job's judge models answer."""
-    headers = {"Authorization": f"Bearer {access.grant}"} if access.grant else None
-    client = httpx.Client(base_url=access.url, timeout=JUDGE_TIMEOUT, headers=headers)
+    auth = GrantFile(access.grant_file) if access.grant_file else None
+    client = httpx.Client(base_url=access.url, timeout=JUDGE_TIMEOUT, auth=auth)
 
     def ask(model: str, messages: list[dict[str, str]], sampling: SamplingParams | None) -> Reply:
         body = judging.request(model, messages, sampling)
