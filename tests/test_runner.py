@@ -278,6 +278,9 @@ def test_pause_then_resume_matches_an_uninterrupted_run(
     checkpoints = client.get(f"/v1/fine_tuning/jobs/{paused}/checkpoints").json()["data"]
     pause_step = checkpoints[0]["step_number"]
     assert 1 <= pause_step < total
+    paused_events = client.get(events_url).json()["data"]
+    assert paused_events[0]["message"].startswith(f"Paused at step {pause_step}:")
+    assert paused_events[0]["data"] == {"step": pause_step}
 
     assert client.post(f"/v1/fine_tuning/jobs/{paused}/resume").json()["status"] == "queued"
     runner.run(paused)

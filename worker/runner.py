@@ -370,6 +370,8 @@ class Attempt:
                 raise JobFailed("training_failed", f"Training failed: {detail}")
             if isinstance(outcome, CompletedMessage):
                 self._db(lambda: self._publish(outcome))
+            elif isinstance(outcome, StoppedMessage):
+                self._db(lambda: self._record_pause(outcome))
         except LeaseLost:
             # Writing anything now could clobber the next attempt; the reconciler takes it from here.
             log.error("job %s attempt %s lost its lease; abandoning it", self.job_id, self.attempt)
@@ -630,6 +632,18 @@ class Attempt:
         for key in expired:  # only once the rows that named them are gone for good
             self._db(partial(self.store.delete, key))
         return True
+
+    def _record_pause(self, message: StoppedMessage) -> None:
+        """Say where a paused attempt stopped, once its checkpoint is recorded: a client polling events learns
+        that its pause took effect and the step a resume continues from. A cancelled or already resumed job
+        is no longer this attempt's to write to: nothing."""
+        with session_scope(self.runner.session_factory) as session:
+            if self._fenced_update({}, session, paused_too=True):
+                JobRepository(session).add_event(
+                    self.job_id,
+                    f"Paused at step {message.step}: a resume continues from its checkpoint",
+                    data={"step": message.step},
+                )
 
     def _save_learning_rate(self, session: Session, message: LearningRateMessage) -> None:
         """Store the rate the range test resolved, so the job echoes it and a later attempt (a resume, a

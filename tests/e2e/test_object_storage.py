@@ -5,6 +5,7 @@ objects."""
 
 import io
 import json
+import re
 import shutil
 import tarfile
 import uuid
@@ -110,9 +111,10 @@ def test_api_worker_and_inference_server_share_nothing_but_the_store(
     events = client.fine_tuning.jobs.list_events
     wait_for(lambda: any(e.type == "metrics" for e in events(job.id, limit=100)), 300, "training")
     assert client.fine_tuning.jobs.pause(job.id).status == "paused"
-    checkpoints = client.fine_tuning.jobs.checkpoints.list
-    wait_for(lambda: bool(checkpoints(job.id).data), 120, "the pause's checkpoint")
-    paused_at = checkpoints(job.id).data[0].step_number
+    # Not the first checkpoint listed: an epoch's end may have saved one before the pause's.
+    wait_for(lambda: events(job.id, limit=1).data[0].message.startswith("Paused at"), 120, "the pause")
+    paused_at = int(re.findall(r"Paused at step (\d+)", events(job.id, limit=1).data[0].message)[0])
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number == paused_at
     assert client.fine_tuning.jobs.resume(job.id).status == "queued"
     job = succeeded(client, job)
     messages = [event.message for event in events(job.id, limit=1000)]
