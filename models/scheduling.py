@@ -53,6 +53,16 @@ class Capacity:
     device_class: str
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A job a worker has claimed: what it needs to run it, without reading the job again under the lock."""
+
+    id: str
+    organization_id: str
+    attempt: int
+    """The claimed attempt's number."""
+
+
 class Workers:
     """The workers' registry: capacity recorded at start and kept alive by heartbeats."""
 
@@ -100,23 +110,22 @@ def _status_is(status: JobStatus) -> ColumnElement[bool]:
     return Job.status == literal_column(f"'{status.value}'")
 
 
-def _pick() -> Select[int, str, int]:
-    """The claim's choice in one statement: the seq, id and attempt of the job to claim (no row: none).
-    Each organisation with queued jobs offers its highest-priority, oldest queued job that fits the worker's
-    free devices, its class, the organisation's cap on that class, and is not in `skip`; the first of those
-    by priority, then devices in use with it over the weight, then recent device-seconds over the weight,
-    then age, is the one. Parameters: worker_id, devices, device_class (again as cap_key), since (the
-    fair-share window's first second), skip."""
+def _pick() -> Select[str, str, int]:
+    """The claim's choice in one statement: the id, organisation and attempt of the job to claim (no row:
+    none). Each organisation with queued jobs offers its highest-priority, oldest queued job that fits the
+    worker's free devices, its class, the organisation's cap on that class, and is not in `skip`; the first
+    of those by priority, then devices in use with it over the weight, then recent device-seconds over the
+    weight, then age, is the one. Parameters: worker_id, devices, device_class (again as cap_key), since
+    (the fair-share window's first second), skip."""
     queued, running = _status_is(JobStatus.QUEUED), _status_is(JobStatus.RUNNING)
     device_class = bindparam("device_class", type_=String)
     # Organisations with queued jobs, one index probe each (a loose index scan) rather than a DISTINCT
-    # over every queued job.
-    waiting = select(func.min(Job.organization_id).label("organization_id")).where(queued)
-    waiting = waiting.cte("waiting", recursive=True)
-    after = select(func.min(Job.organization_id)).where(
-        queued, Job.organization_id > waiting.c.organization_id
-    )
-    waiting = waiting.union_all(select(after.scalar_subquery()).where(waiting.c.organization_id.is_not(None)))
+    # over every queued job; ORDER BY and LIMIT, not min(), which Postgres without statistics yet (a bulk of
+    # new jobs) computes by reading every queued job.
+    first = select(Job.organization_id).where(queued).order_by(Job.organization_id).limit(1)
+    waiting = select(first.scalar_subquery().label("organization_id")).cte("waiting", recursive=True)
+    after = first.where(Job.organization_id > waiting.c.organization_id).scalar_subquery()
+    waiting = waiting.union_all(select(after).where(waiting.c.organization_id.is_not(None)))
     held = (
         select(
             Job.organization_id,
@@ -181,7 +190,7 @@ def _pick() -> Select[int, str, int]:
         # A primary-key lookup per head: a join made Postgres hash every job (it expects 100 heads, not 10).
         return select(column).where(Job.seq == heads.c.seq).scalar_subquery()
 
-    first = (
+    best = (
         select(heads.c.seq)
         .where(heads.c.seq.is_not(None))
         # Priority first; then the share the organisation would hold with this job, over its weight (Kueue's
@@ -195,7 +204,7 @@ def _pick() -> Select[int, str, int]:
         )
         .limit(1)
     )
-    return select(Job.seq, Job.id, Job.attempt).where(Job.seq == first.scalar_subquery())
+    return select(Job.id, Job.organization_id, Job.attempt).where(Job.seq == best.scalar_subquery())
 
 
 PICK = _pick()
@@ -215,7 +224,7 @@ class Scheduler:
         now: float,
         values: dict[str, Any] | None = None,
         skip: Iterable[str] = (),
-    ) -> Job | None:
+    ) -> Claim | None:
         """Claim for this worker the next queued job that fits it (queued → running as the job's next
         attempt, with `values` and a fresh lease written in the same compare-and-set), other than those in
         `skip`; None if none fits. The caller commits."""
@@ -235,7 +244,7 @@ class Scheduler:
         picked = self.session.execute(PICK, params).first()
         if picked is None:
             return None
-        seq, job_id, attempt = picked
+        job_id, organization_id, attempt = picked
         claimed = transition(
             self.session,
             job_id,
@@ -246,7 +255,7 @@ class Scheduler:
             | {"started_at": int(now), "heartbeat_at": now},
         )
         # Under the lock no other claim can have moved it; a cancel or pause may have: not this one, then.
-        return self.session.get(Job, seq, populate_existing=True) if claimed else None
+        return Claim(job_id, organization_id, attempt + 1) if claimed else None
 
 
 def month_start(now: float) -> float:
