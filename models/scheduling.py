@@ -7,15 +7,30 @@ recent device-seconds over the weight), then age, within the organisation's per-
 claims it with the one compare-and-set (`models.states.transition`). Celery messages only wake workers.
 """
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, func, select, text, union_all, update
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Integer,
+    ScalarSelect,
+    Select,
+    String,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from models.errors import APIError
 from models.jobs import WAITING, JobRepository, accrued
@@ -36,6 +51,16 @@ class Capacity:
 
     devices: int
     device_class: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job a worker has claimed: what it needs to run it, without reading the job again under the lock."""
+
+    id: str
+    organization_id: str
+    attempt: int
+    """The claimed attempt's number."""
 
 
 class Workers:
@@ -80,16 +105,110 @@ def _fits(worker: Worker, devices: int, device_class: str | None) -> bool:
     return worker.devices >= devices and device_class in (None, worker.device_class)
 
 
-@dataclass(frozen=True)
-class _Tenant:
-    weight: float
-    running: int
-    """Devices its running jobs hold, on workers of any class."""
-    running_in_class: int
-    """Devices its running jobs hold on workers of the claiming worker's class."""
-    recent: float
-    """Device-seconds of its jobs started within the fair-share window."""
-    cap: int | None
+def _status_is(status: JobStatus) -> ColumnElement[bool]:
+    # A literal, not a parameter: a prepared statement's generic plan can then use the partial index.
+    return Job.status == literal_column(f"'{status.value}'")
+
+
+def _pick() -> Select[str, str, int]:
+    """The claim's choice in one statement: the id, organisation and attempt of the job to claim (no row:
+    none). Each organisation with queued jobs offers its highest-priority, oldest queued job that fits the
+    worker's free devices, its class, the organisation's cap on that class, and is not in `skip`; the first
+    of those by priority, then devices in use with it over the weight, then recent device-seconds over the
+    weight, then age, is the one. Parameters: worker_id, devices, device_class (again as cap_key), since
+    (the fair-share window's first second), skip."""
+    queued, running = _status_is(JobStatus.QUEUED), _status_is(JobStatus.RUNNING)
+    device_class = bindparam("device_class", type_=String)
+    # Organisations with queued jobs, one index probe each (a loose index scan) rather than a DISTINCT
+    # over every queued job; ORDER BY and LIMIT, not min(), which Postgres without statistics yet (a bulk of
+    # new jobs) computes by reading every queued job.
+    first = select(Job.organization_id).where(queued).order_by(Job.organization_id).limit(1)
+    waiting = select(first.scalar_subquery().label("organization_id")).cte("waiting", recursive=True)
+    after = first.where(Job.organization_id > waiting.c.organization_id).scalar_subquery()
+    waiting = waiting.union_all(select(after).where(waiting.c.organization_id.is_not(None)))
+    held = (
+        select(
+            Job.organization_id,
+            func.sum(Job.devices).label("running"),
+            func.sum(case((Worker.device_class == device_class, Job.devices), else_=0)).label("in_class"),
+        )
+        .join(Worker, Worker.id == Job.worker_id)
+        .where(running)
+        .group_by(Job.organization_id)
+        .subquery("held")
+    )
+    recent = (
+        select(Job.organization_id, func.sum(Job.device_seconds).label("seconds"))
+        .where(Job.started_at >= bindparam("since"))
+        .group_by(Job.organization_id)
+        .subquery("recent")
+    )
+    caps = Organization.device_caps
+    tenant = (
+        select(
+            waiting.c.organization_id,
+            func.coalesce(Organization.share_weight, 1.0).label("weight"),
+            func.coalesce(held.c.running, 0).label("running"),
+            func.coalesce(held.c.in_class, 0).label("in_class"),
+            func.coalesce(recent.c.seconds, 0.0).label("recent"),
+            # Its own class's entry, else "*"'s; NULL: no cap. The key is a parameter of its own: SQLite's
+            # is a JSON path.
+            func.coalesce(
+                caps[bindparam("cap_key", type_=JSON.JSONIndexType())].as_integer(),
+                caps[ANY_CLASS].as_integer(),
+            ).label("cap"),
+        )
+        .select_from(waiting)
+        .outerjoin(Organization, Organization.id == waiting.c.organization_id)
+        .outerjoin(held, held.c.organization_id == waiting.c.organization_id)
+        .outerjoin(recent, recent.c.organization_id == waiting.c.organization_id)
+        .where(waiting.c.organization_id.is_not(None))
+        .subquery("tenant")
+    )
+    mine = select(func.coalesce(func.sum(Job.devices), 0)).where(
+        running, Job.worker_id == bindparam("worker_id")
+    )
+    free = bindparam("devices", type_=Integer) - mine.scalar_subquery()
+    head = (
+        select(Job.seq)
+        .where(
+            queued,
+            Job.organization_id == tenant.c.organization_id,
+            Job.devices <= free,
+            tenant.c.cap.is_(None) | (Job.devices <= tenant.c.cap - tenant.c.in_class),
+            Job.device_class.is_(None) | (Job.device_class == device_class),
+            Job.id.not_in(bindparam("skip", expanding=True)),
+        )
+        .order_by(Job.priority.desc(), Job.seq)
+        .limit(1)
+        .scalar_subquery()
+    )
+    # Materialised: as a subquery, each use of its `seq` below would search for the head again.
+    heads = select(tenant, head.label("seq")).cte("heads").prefix_with("MATERIALIZED")
+
+    def of_head(column: InstrumentedAttribute[int]) -> ScalarSelect[int]:
+        # A primary-key lookup per head: a join made Postgres hash every job (it expects 100 heads, not 10).
+        return select(column).where(Job.seq == heads.c.seq).scalar_subquery()
+
+    best = (
+        select(heads.c.seq)
+        .where(heads.c.seq.is_not(None))
+        # Priority first; then the share the organisation would hold with this job, over its weight (Kueue's
+        # and the design note's dominant term); then what it used lately, over its weight (so a tenant that
+        # just had a turn yields to one that had none); then age.
+        .order_by(
+            of_head(Job.priority).desc(),
+            (heads.c.running + of_head(Job.devices)) / heads.c.weight,
+            heads.c.recent / heads.c.weight,
+            heads.c.seq,
+        )
+        .limit(1)
+    )
+    return select(Job.id, Job.organization_id, Job.attempt).where(Job.seq == best.scalar_subquery())
+
+
+PICK = _pick()
+"""Built once: building it is most of a claim's Python time."""
 
 
 class Scheduler:
@@ -105,7 +224,7 @@ class Scheduler:
         now: float,
         values: dict[str, Any] | None = None,
         skip: Iterable[str] = (),
-    ) -> Job | None:
+    ) -> Claim | None:
         """Claim for this worker the next queued job that fits it (queued → running as the job's next
         attempt, with `values` and a fresh lease written in the same compare-and-set), other than those in
         `skip`; None if none fits. The caller commits."""
@@ -114,129 +233,29 @@ class Scheduler:
         Workers(self.session).register(worker_id, capacity, now=now)
         if self.session.get_bind().dialect.name == "postgresql":
             self.session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": CLAIM_LOCK})
-        free = capacity.devices - self._devices_held(worker_id)
-        if free < 1:
+        params = {
+            "worker_id": worker_id,
+            "devices": capacity.devices,
+            "device_class": capacity.device_class,
+            "cap_key": capacity.device_class,
+            "since": math.ceil(now - self.window_seconds),  # started_at is whole seconds
+            "skip": list(skip),
+        }
+        picked = self.session.execute(PICK, params).first()
+        if picked is None:
             return None
-        tenants = self._tenants(capacity.device_class, now)
-        rooms = {}
-        for organization_id, tenant in tenants.items():
-            room = free if tenant.cap is None else min(free, tenant.cap - tenant.running_in_class)
-            if room >= 1:
-                rooms[organization_id] = room
-        candidates = self._candidates(rooms, capacity.device_class, skip)
-        if not candidates:
-            return None
-        job = min(candidates, key=lambda job: _rank(job, tenants[job.organization_id]))
+        job_id, organization_id, attempt = picked
         claimed = transition(
             self.session,
-            job.id,
+            job_id,
             from_=JobStatus.QUEUED,
             to=JobStatus.RUNNING,
-            attempt=job.attempt,
-            values={**(values or {}), "attempt": job.attempt + 1, "worker_id": worker_id, "wait_reason": None}
+            attempt=attempt,
+            values={**(values or {}), "attempt": attempt + 1, "worker_id": worker_id, "wait_reason": None}
             | {"started_at": int(now), "heartbeat_at": now},
         )
         # Under the lock no other claim can have moved it; a cancel or pause may have: not this one, then.
-        return self.session.get(Job, job.seq, populate_existing=True) if claimed else None
-
-    def _devices_held(self, worker_id: str) -> int:
-        stmt = select(func.coalesce(func.sum(Job.devices), 0)).where(
-            Job.worker_id == worker_id, Job.status == JobStatus.RUNNING.value
-        )
-        return int(self.session.scalar(stmt) or 0)
-
-    def _tenants(self, device_class: str, now: float) -> dict[str, _Tenant]:
-        """Every organisation with queued jobs, with what the order and the caps need of it."""
-        waiting = set(
-            self.session.scalars(
-                select(Job.organization_id).where(Job.status == JobStatus.QUEUED.value).distinct()
-            )
-        )
-        if not waiting:
-            return {}
-        running: dict[str, int] = {}
-        in_class: dict[str, int] = {}
-        held = (
-            select(Job.organization_id, Worker.device_class, func.sum(Job.devices))
-            .join(Worker, Worker.id == Job.worker_id)
-            .where(Job.status == JobStatus.RUNNING.value, Job.organization_id.in_(waiting))
-            .group_by(Job.organization_id, Worker.device_class)
-        )
-        for organization_id, cls, devices in self.session.execute(held).tuples():
-            running[organization_id] = running.get(organization_id, 0) + int(devices)
-            if cls == device_class:
-                in_class[organization_id] = int(devices)
-        recent = dict(
-            self.session.execute(
-                select(Job.organization_id, func.sum(Job.device_seconds))
-                .where(Job.started_at >= now - self.window_seconds, Job.organization_id.in_(waiting))
-                .group_by(Job.organization_id)
-            )
-            .tuples()
-            .all()
-        )
-        policies = {
-            org.id: org
-            for org in self.session.scalars(select(Organization).where(Organization.id.in_(waiting)))
-        }
-        tenants = {}
-        for organization_id in waiting:
-            policy = policies.get(organization_id)
-            tenants[organization_id] = _Tenant(
-                weight=policy.share_weight if policy else 1.0,
-                running=running.get(organization_id, 0),
-                running_in_class=in_class.get(organization_id, 0),
-                recent=float(recent.get(organization_id) or 0.0),
-                cap=device_cap(policy.device_caps if policy else None, device_class),
-            )
-        return tenants
-
-    def _candidates(
-        self, rooms: dict[str, int], device_class: str, skip: Iterable[str]
-    ) -> Sequence[Row[Any]]:
-        """Each organisation's highest-priority, oldest queued job that fits its room (devices) on a worker
-        of the class, in one query."""
-        skipped = list(skip)
-        heads = [
-            select(*CANDIDATE)
-            .where(
-                Job.status == JobStatus.QUEUED.value,
-                Job.organization_id == organization_id,
-                Job.devices <= room,
-                (Job.device_class.is_(None)) | (Job.device_class == device_class),
-                Job.id.not_in(skipped),
-            )
-            .order_by(Job.priority.desc(), Job.seq)
-            .limit(1)
-            .subquery()
-            for organization_id, room in rooms.items()
-        ]
-        if not heads:
-            return []
-        return self.session.execute(union_all(*(select(head) for head in heads))).all()
-
-
-CANDIDATE = (Job.seq, Job.id, Job.organization_id, Job.priority, Job.devices, Job.attempt)
-"""What the claim reads of a candidate job."""
-
-
-def _rank(job: Row[Any], tenant: _Tenant) -> tuple[float, ...]:
-    # Priority first; then the share the organisation would hold with this job, over its weight (Kueue's
-    # and the design note's dominant term); then what it used lately, over its weight (so a tenant that
-    # just had a turn yields to one that had none); then age.
-    return (
-        -job.priority,
-        (tenant.running + job.devices) / tenant.weight,
-        tenant.recent / tenant.weight,
-        job.seq,
-    )
-
-
-def device_cap(caps: dict[str, int] | None, device_class: str) -> int | None:
-    """An organisation's cap on devices in use of a class (its own entry, else `"*"`); None: no cap."""
-    if not caps:
-        return None
-    return caps.get(device_class, caps.get(ANY_CLASS))
+        return Claim(job_id, organization_id, attempt + 1) if claimed else None
 
 
 def month_start(now: float) -> float:
