@@ -7,7 +7,7 @@
   position ids: joining rows are padded to the batch's length (or the batch to theirs), leaving rows are
   sliced out and the padding no row needs any more is cut.
 - Rows may use different LoRA adapters of the base and the bare base: peft's mixed-adapter batches
-  (`adapter_names`, "__base__" for the base).
+  (`adapter_names`, "__base__" for the base), whose LoRA Linear layers `inference.mixed_lora` runs.
 - Each request draws its samples from its own `torch.Generator`, row after row in a fixed order, so a seed
   gives the same answer whatever shares the batch.
 - Fair between organisations: admission takes one request per organisation in turn, starting after the
