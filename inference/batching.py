@@ -7,16 +7,21 @@
   position ids: joining rows are padded to the batch's length (or the batch to theirs), leaving rows are
   sliced out and the padding no row needs any more is cut.
 - Rows may use different LoRA adapters of the base and the bare base: peft's mixed-adapter batches
-  (`adapter_names`, "__base__" for the base).
+  (`adapter_names`, "__base__" for the base), whose LoRA Linear layers `inference.mixed_lora` runs.
+- An idle batch's first prefill waits a few milliseconds while requests keep arriving, so that a burst
+  shares one prefill rather than all but its first waiting for the first's (`_gather`).
 - Each request draws its samples from its own `torch.Generator`, row after row in a fixed order, so a seed
   gives the same answer whatever shares the batch.
 - Fair between organisations: admission takes one request per organisation in turn, starting after the
-  organisation served last, and an organisation with no row in the batch is admitted at the next step
-  even when the batch is full, so a flood from one cannot hold back another's first token.
+  organisation served last, and an organisation with no row in the batch is admitted at its turn even
+  when the batch is full, so a flood from one cannot hold back another's first token.
+- A step prefills jobs up to PREFILL_TOKENS prompt tokens: in a burst, the first rows get their first
+  token without waiting for the prefill of all the others.
 - At most `max_queue` requests wait for admission across the server: the next gets a 429.
 """
 
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +41,13 @@ BASE_ADAPTER = "__base__"
 MAX_BATCH_ROWS = 64
 """Rows past which only organisations with no row in the batch are admitted."""
 RETRY_AFTER_SECONDS = 1
+PREFILL_TOKENS = 256
+"""Prompt tokens past which no further job joins a step's prefill (one always does). Past a few hundred
+tokens a prefill is compute bound: a larger one amortises nothing more and holds back the first tokens of
+rows it could have answered a step earlier, at the cost of the later ones' (docs/performance.md, serving
+under load)."""
+GATHER_GAP, GATHER_MAX = 0.005, 0.05
+"""An idle batch's first prefill waits for arrivals this far apart (seconds), this long at most."""
 
 
 @dataclass(eq=False)
@@ -106,6 +118,7 @@ class Batcher:
             threading.Thread(target=self._run, name="inference-batch", daemon=True).start()
 
     def _run(self) -> None:
+        self._gather()
         while True:
             with self.owner.mutex:
                 admitted = self._admit()
@@ -115,10 +128,24 @@ class Batcher:
                     return
             self._step(admitted)
 
+    def _gather(self) -> None:
+        """Let a burst's arrivals in before the first prefill: requests that come together (each tokenized
+        in its caller's thread first) then share one prefill, instead of all but the first waiting for the
+        first's. Waits while jobs keep coming GATHER_GAP apart, at most GATHER_MAX."""
+        deadline = time.monotonic() + GATHER_MAX
+        waiting = -1
+        while time.monotonic() < deadline:
+            with self.owner.mutex:
+                now = sum(map(len, self.queues.values()))
+            if now == waiting:
+                return
+            waiting = now
+            time.sleep(GATHER_GAP)
+
     def _admit(self) -> list[Job]:
         """Jobs to join the batch now, one organisation at a time (the owner's lock is held)."""
         admitted: list[Job] = []
-        rows = len(self.slots)
+        rows, tokens = len(self.slots), 0
         present = {slot.job.organization for slot in self.slots}
         if self.slots and not self.owner.mergeable(self.slots[0].job):
             return admitted  # a cache that can't be re-padded: one job at a time
@@ -128,6 +155,9 @@ class Batcher:
             for organization in list(self.queues):
                 queue = self.queues[organization]
                 job = queue[0]
+                size = sum(map(len, job.prompts))
+                if admitted and tokens + size > PREFILL_TOKENS and not job.cancelled.is_set():
+                    return admitted  # prefilled at the next step
                 if (
                     job.cancelled.is_set()
                     or rows + len(job.prompts) <= MAX_BATCH_ROWS
@@ -144,6 +174,7 @@ class Batcher:
                         continue
                     admitted.append(job)
                     rows += len(job.prompts)
+                    tokens += size
                     present.add(organization)
                     progress = True
                     if not self.owner.mergeable(job):
@@ -198,7 +229,11 @@ class Batcher:
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(model, slots, ids, mask, positions, past_key_values=DynamicCache())
+        # logits_to_keep: only the last position's logits are drawn from; the LM head over every prompt
+        # position would be a fifth of a small model's prefill.
+        out = self._forward(
+            model, slots, ids, mask, positions, past_key_values=DynamicCache(), logits_to_keep=1
+        )
         self._join(slots, out.past_key_values, mask, torch.tensor([len(p) for p in prompts]))
         self._emit(slots, out.logits[:, -1, :])
 

@@ -2,7 +2,8 @@
 
 - LoRA adapters (lora, qlora; a qlora adapter runs on the unquantised base) of causal LMs all stay loaded
   on their shared base, one PeftModel per base: rows of one batch pick theirs by name (peft's mixed-adapter
-  batches, `inference.batching`), the base's own rows by "__base__".
+  batches, `inference.batching`, each LoRA Linear layer batched across adapters by `inference.mixed_lora`),
+  the base's own rows by "__base__".
 - A new adapter's weights are copied into a spare slot (peft's `hotswap_adapter`, ~50 ms) rather than
   injected (`load_adapter`, 200-600 ms, growing with the adapters loaded). An evicted adapter's slot becomes
   the spare once no running row uses it; otherwise a background thread injects one, shaped like the last
@@ -41,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from inference.mixed_lora import MixedLoRA
 from models.base_store import local_base
 from models.errors import APIError
 from models.inference import Target
@@ -112,9 +114,13 @@ class Base:
     """The config of the last adapter put on this base: the shape of the next spare injected."""
     layers: list[BaseTunerLayer] = field(default_factory=list)
     """The adapter layers in `peft`, so a swap visits them alone (peft's set_adapter walks every module)."""
+    mixed: MixedLoRA = field(default_factory=MixedLoRA)
+    """The batched forward of `peft`'s mixed-adapter batches."""
 
     def refresh_layers(self) -> None:
+        """After the adapters changed: the layers as they are now, and no batch plan of the old ones."""
         self.layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)] if self.peft else []
+        self.mixed.install(self.peft)
 
     def activate(self, name: str) -> None:
         """What `PeftModel.set_adapter(name)` does for inference, on the cached layers; nothing when `name` is
@@ -154,6 +160,7 @@ class Base:
         except (ValueError, RuntimeError):  # a module the slot lacks
             self.delete_adapter(name)
             return None
+        self.mixed.forget()
         return name
 
     def lora_config(self, name: str) -> LoraConfig:
