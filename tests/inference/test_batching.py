@@ -4,21 +4,17 @@ request (or organisation) can hold the others back."""
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
 from inference.app import create_app
-from inference.batching import PREFILL_TOKENS, Batcher, Batching, Job
 from inference.engine import Engine, Stream
-from inference.generation import Sampling
 from inference.store import AdapterEntry, DedicatedEntry
 from models.inference import MAX_CHOICES, ChatCompletionRequest, Target
 from tests.inference.conftest import (
@@ -258,27 +254,3 @@ def test_an_organisation_with_no_row_in_a_full_batch_is_admitted_at_the_next_ste
     for stream in floods:
         stream.cancel()
         list(stream)
-
-
-def test_a_step_prefills_jobs_up_to_the_prompt_token_budget(base_dir: Path) -> None:
-    """Waiting jobs of 100 prompt tokens: two fit a step's prefill, a third would pass PREFILL_TOKENS. A job
-    larger than the budget is still taken, alone."""
-    model, tokenizer = fresh_llama(base_dir), load_tokenizer(str(base_dir))
-    batcher = Batcher(Batching(max_queue=10), "tiny")
-
-    def queued(organization: str, tokens: int) -> Job:
-        job = Job(
-            organization, [[1] * tokens], [1], Sampling(max_new_tokens=1), torch.Generator(), tokenizer,
-            set(), None, lambda: model, threading.Lock(),
-        )  # fmt: skip
-        batcher.queues.setdefault(organization, deque()).append(job)
-        batcher.owner.waiting += 1
-        return job
-
-    jobs = [queued(f"org-{index}", 100) for index in range(3)]
-    assert 2 * 100 <= PREFILL_TOKENS < 3 * 100
-    assert batcher._admit() == jobs[:2]
-    large = queued("org-large", PREFILL_TOKENS + 1)
-    assert batcher._admit() == [jobs[2]]
-    assert batcher._admit() == [large]
-    assert batcher.owner.waiting == 0
