@@ -13,10 +13,8 @@
 - Each request draws its samples from its own `torch.Generator`, row after row in a fixed order, so a seed
   gives the same answer whatever shares the batch.
 - Fair between organisations: admission takes one request per organisation in turn, starting after the
-  organisation served last, and an organisation with no row in the batch is admitted at its turn even
-  when the batch is full, so a flood from one cannot hold back another's first token.
-- A step prefills jobs up to PREFILL_TOKENS prompt tokens: in a burst, the first rows get their first
-  token without waiting for the prefill of all the others.
+  organisation served last, and an organisation with no row in the batch is admitted at the next step
+  even when the batch is full, so a flood from one cannot hold back another's first token.
 - At most `max_queue` requests wait for admission across the server: the next gets a 429.
 """
 
@@ -41,11 +39,6 @@ BASE_ADAPTER = "__base__"
 MAX_BATCH_ROWS = 64
 """Rows past which only organisations with no row in the batch are admitted."""
 RETRY_AFTER_SECONDS = 1
-PREFILL_TOKENS = 256
-"""Prompt tokens past which no further job joins a step's prefill (one always does). Past a few hundred
-tokens a prefill is compute bound: a larger one amortises nothing more and holds back the first tokens of
-rows it could have answered a step earlier, at the cost of the later ones' (docs/performance.md, serving
-under load)."""
 GATHER_GAP, GATHER_MAX = 0.005, 0.05
 """An idle batch's first prefill waits for arrivals this far apart (seconds), this long at most."""
 
@@ -145,7 +138,7 @@ class Batcher:
     def _admit(self) -> list[Job]:
         """Jobs to join the batch now, one organisation at a time (the owner's lock is held)."""
         admitted: list[Job] = []
-        rows, tokens = len(self.slots), 0
+        rows = len(self.slots)
         present = {slot.job.organization for slot in self.slots}
         if self.slots and not self.owner.mergeable(self.slots[0].job):
             return admitted  # a cache that can't be re-padded: one job at a time
@@ -155,9 +148,6 @@ class Batcher:
             for organization in list(self.queues):
                 queue = self.queues[organization]
                 job = queue[0]
-                size = sum(map(len, job.prompts))
-                if admitted and tokens + size > PREFILL_TOKENS and not job.cancelled.is_set():
-                    return admitted  # prefilled at the next step
                 if (
                     job.cancelled.is_set()
                     or rows + len(job.prompts) <= MAX_BATCH_ROWS
@@ -174,7 +164,6 @@ class Batcher:
                         continue
                     admitted.append(job)
                     rows += len(job.prompts)
-                    tokens += size
                     present.add(organization)
                     progress = True
                     if not self.owner.mergeable(job):
