@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 
 PLANS_KEPT = 2
@@ -49,7 +50,7 @@ class _MixedForward:
 
     def __call__(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
         layer = self.layer
-        variant = {key: kwargs.pop(key) for key in list(kwargs) if key == "alora_offsets"}
+        variant = {key: kwargs.pop(key) for key in VARIANT_KWARG_KEYS if key in kwargs}
         key = tuple(adapter_names)
         if key not in self.plans:
             self.plans[key] = self._plan(adapter_names)
