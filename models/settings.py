@@ -140,15 +140,6 @@ class Settings(BaseSettings):
         "asking for more. Unset: a worker uses the GPUs it sees (1 on CPU), and the API leaves the check "
         "to the worker (docs/distributed.md).",
     )
-    shard_devices: int | None = Field(
-        default=None,
-        ge=1,
-        le=4096,
-        description="Ranks that share one copy of a full or freeze job's weights, gradients and optimizer "
-        "state (FSDP2). Unset: the fewest of a node's ranks whose memory holds it, replicas across the "
-        "rest, since sharding costs communication (docs/distributed.md). A value that does not divide "
-        "a job's ranks shards over all of them.",
-    )
     device_class: str | None = Field(
         default=None,
         min_length=1,

@@ -300,9 +300,6 @@ class TrainingSpec(BaseModel):
     """Where the job's hyperparameters and metric curves are also logged (worker/training/trackers.py)."""
     devices: int = 1
     """Ranks on this machine, one per device (docs/distributed.md); 1 runs the plain child."""
-    shard_devices: int | None = None
-    """Ranks that share one copy of a whole-model job's state (full, freeze); None: the fewest of a node's
-    ranks whose memory holds it (worker/training/distributed.py's shard_group)."""
     grader: dict[str, Any] | None = None
     """Reinforcement: the grader (OpenAI's shape, checked by the API) that scores sampled answers."""
     judge: JudgeAccess | None = None

@@ -34,8 +34,7 @@ STEPS = {"full": 3, "dpo": 3, "classification": 4, "qlora": 3}
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    # Sharded over both ranks: tiny models would otherwise train as replicas (docs/distributed.md).
-    return settings.model_copy(update={"devices": 2, "shard_devices": 2})
+    return settings.model_copy(update={"devices": 2})
 
 
 def bodies(client: TestClient, model: str) -> dict[str, dict[str, Any]]:

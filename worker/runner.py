@@ -459,7 +459,6 @@ class Attempt:
                 max_training_tokens=self.settings.max_file_tokens,
                 trackers=trackers(self.settings, job, organization_name(session, job)),
                 devices=devices,
-                shard_devices=self.settings.shard_devices,
                 grader=job.method[job.method["type"]].get("grader"),
                 judge=self._judge(session, job),
             )

@@ -8,9 +8,8 @@ on 1 rank and one of the 1-rank job on 2, each ending as the uninterrupted run. 
 one step after a collective checkpoint. The published model has the 1-rank job's format and weights.
 
 The base ties its LM head to its input embeddings, as SmolLM2 does: the published model holds that matrix
-once, as a 1-rank job's does. The worker's default for a model whose state fits one rank's memory, replicas
-(groups of one rank), trains the same. Two waves: 1 and 2 ranks of each method, a replicated 2-rank full
-job, a paused and a cancelled 2-rank full job at once; then the three resumptions.
+once, as a 1-rank job's does. Two waves: 1 and 2 ranks of each method plus a paused and a cancelled 2-rank
+full job at once; then the two resumptions.
 """
 
 from pathlib import Path
@@ -31,7 +30,6 @@ from models.spec import (
 from tests.tiny_model import build_tiny_llama
 from tests.training.test_distributed import distributed_spec, finish, losses, paused_at, start
 from tests.training.test_sft_run import Run, checkpoint_dir, write_jsonl
-from worker.training import distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -45,21 +43,13 @@ ARTIFACT = {"full": "model.safetensors", "freeze": "trained_tensors.safetensors"
 
 
 def sharded_spec(
-    root: Path,
-    name: str,
-    files: tuple[Path, Path, Path],
-    method: str,
-    devices: int,
-    shard_devices: int | None = None,
+    root: Path, name: str, files: tuple[Path, Path, Path], method: str, devices: int
 ) -> TrainingSpec:
-    """`method` on `devices` ranks, sharded over all of them unless `shard_devices` says otherwise (0:
-    as the worker's default chooses, which on this machine's memory replicates a tiny model)."""
     spec = distributed_spec(root, name, *files, devices)
     hyperparameters = spec.hyperparameters.model_copy(
         update={"training_type": method, "trainable_layers": 1, "learning_rate": 1e-3}
     )
-    group = devices if shard_devices is None else shard_devices or None
-    spec = spec.model_copy(update={"hyperparameters": hyperparameters, "shard_devices": group})
+    spec = spec.model_copy(update={"hyperparameters": hyperparameters})
     (Path(spec.stop_file).parent / "spec.json").write_text(spec.model_dump_json())
     return spec
 
@@ -77,7 +67,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         for method in ARTIFACT
         for devices in (1, 2)
     }
-    specs["replicated"] = sharded_spec(root, "replicated", files, "full", 2, shard_devices=0)
     specs["paused"] = sharded_spec(root, "paused", files, "full", 2)
     # Long enough to be still training when its events are read, after the paused job's.
     cancelled = sharded_spec(root, "cancelled", files, "full", 2)
@@ -94,9 +83,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         "one_on_two": sharded_spec(root, "one_on_two", files, "full", 2).model_copy(
             update={"resume_from": str(checkpoint_dir(specs["full_1"], RESUME_AT))}
         ),
-        "replicas_on_one": sharded_spec(root, "replicas_on_one", files, "full", 1).model_copy(
-            update={"resume_from": str(checkpoint_dir(specs["replicated"], RESUME_AT))}
-        ),
     }
     children = {name: start(spec) for name, spec in resumed.items()}
     runs |= {name: finish(child) for name, child in children.items()}
@@ -110,21 +96,9 @@ def published(run: Run) -> tuple[Path, dict[str, torch.Tensor]]:
     return directory, load_file(directory / ARTIFACT[method])
 
 
-def layout(run: Run) -> str:
-    [said] = [m.message for m in run.of_type(LogMessage) if "sharded over" in m.message]
-    return said.split(": ", 1)[1]
-
-
-@pytest.mark.parametrize(
-    ("method", "two_ranks"), [*((m, f"{m}_2") for m in ARTIFACT), ("full", "replicated")]
-)
-def test_two_sharded_ranks_train_what_one_rank_trains(
-    runs: dict[str, Run], method: str, two_ranks: str
-) -> None:
-    """Sharded over both ranks, or (the default for a model this small) over groups of one: replicas."""
-    one, two = runs[f"{method}_1"], runs[two_ranks]
-    replicas = 2 if two_ranks == "replicated" else 1
-    assert layout(two) == f"sharded over groups of {2 // replicas}, {replicas} replica(s)"
+@pytest.mark.parametrize("method", list(ARTIFACT))
+def test_two_sharded_ranks_train_what_one_rank_trains(runs: dict[str, Run], method: str) -> None:
+    one, two = runs[f"{method}_1"], runs[f"{method}_2"]
     kinds = [type(m).__name__ for m in two.messages if not isinstance(m, LogMessage)]
     assert kinds == [type(m).__name__ for m in one.messages if not isinstance(m, LogMessage)]
     assert {m.level for m in two.of_type(LogMessage)} == {"info"}
@@ -190,9 +164,7 @@ def test_a_cancel_ends_both_sharded_ranks(runs: dict[str, Run]) -> None:
     assert left == []
 
 
-@pytest.mark.parametrize(
-    ("name", "reference"), [("two_on_one", "full_1"), ("one_on_two", "full_1"), ("replicas_on_one", "full_1")]
-)
+@pytest.mark.parametrize(("name", "reference"), [("two_on_one", "full_1"), ("one_on_two", "full_1")])
 def test_a_sharded_checkpoint_resumes_on_another_world_size(
     runs: dict[str, Run], name: str, reference: str
 ) -> None:
@@ -202,30 +174,3 @@ def test_a_sharded_checkpoint_resumes_on_another_world_size(
     assert losses(resumed) == pytest.approx(expected, abs=LOSS_TOLERANCE)
     _, weights = published(resumed)
     assert all(torch.allclose(weights[k], w, atol=WEIGHT_TOLERANCE) for k, w in published(one)[1].items())
-
-
-@pytest.mark.parametrize(
-    ("world", "node", "state", "memory", "forced", "group"),
-    [
-        (8, 8, 10, 100, None, 1),  # fits one device: replicas only
-        (8, 8, 60, 100, None, 2),  # half of it fits in half a device's memory
-        (8, 8, 350, 100, None, 8),
-        (16, 8, 350, 100, None, 8),  # shard within a node, replicate across the two
-        (16, 8, 900, 100, None, 16),  # no node holds it: every rank
-        (8, 8, 10, None, None, 8),  # memory unknown: shard
-        (8, 8, 10, 100, 4, 4),
-        (8, 8, 10, 100, 3, 8),  # does not divide: every rank
-    ],
-)
-def test_the_shard_group_is_the_fewest_ranks_of_a_node_that_hold_the_state(
-    monkeypatch: pytest.MonkeyPatch,
-    world: int,
-    node: int,
-    state: int,
-    memory: int | None,
-    forced: int | None,
-    group: int,
-) -> None:
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(node))
-    assert distributed.shard_group(state, memory, forced) == group

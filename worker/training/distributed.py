@@ -7,13 +7,10 @@ step (one all-reduce a step; DDP's bucketed overlap buys nothing for adapter-siz
 gradient stays exact when a step has fewer examples than ranks).
 
 Whole-model methods (`parallel="fsdp"`: full, freeze) shard every weight, gradient and optimizer state
-with FSDP2 (`fully_shard`, one unit per transformer block plus the root) over a group of ranks: each rank
-of a group of G holds 1/G of the model and all-gathers a block's weights just for its forward and
-backward. Sharding costs that traffic every step (all of a block's weights twice, its gradients once),
-where a replica costs one all-reduce of the gradients, so a group is the fewest of a node's ranks whose
-memory holds the training state and the groups are replicas of each other (HSDP, `shard_group`). FSDP2
-averages the gradients it reduces (gloo has no pre-scaled sum), so each rank scales its loss by the world
-size (`gradient_scale`) to train the summed gradient the data-parallel path trains.
+over the ranks with FSDP2 (`fully_shard`, one unit per transformer block plus the root): each rank holds
+1/N of the model and all-gathers a block's weights just for its forward and backward. FSDP2 averages the
+gradients it reduce-scatters (gloo has no pre-scaled sum), so each rank scales its loss by the world size
+(`gradient_scale`) to train the summed gradient the data-parallel path trains.
 
 At world size 1 every function here is a no-op and the model stays a plain module.
 """
@@ -26,13 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 T = TypeVar("T")
 STOP_CODES = {None: 0, "stop": 1, "pause": 2}
-STATE_SHARE = 0.5
-"""Of a device's memory, what the training state may take in a shard group; activations need the rest."""
 
 
 def world_size() -> int:
@@ -104,52 +98,15 @@ def agree_on_stop(request: str | None) -> str | None:
     return next(name for name, value in STOP_CODES.items() if value == code.item())
 
 
-def node_size() -> int:
-    """Ranks on this node."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-
-
-def training_state_bytes(model: nn.Module) -> int:
-    """A model's weights plus, for each trained one, its gradient and AdamW's two float32 moments."""
-    return sum(
-        p.numel() * (p.element_size() + (p.element_size() + 8 if p.requires_grad else 0))
-        for p in model.parameters()
-    )
-
-
-def shard_group(state_bytes: int, device_bytes: int | None, forced: int | None = None) -> int:
-    """How many ranks share one copy of a training state of `state_bytes`: `forced` if it divides the
-    world size, else the fewest of a node's ranks (a divisor of their number) whose devices of
-    `device_bytes` each hold their share of it within STATE_SHARE, else every rank."""
-    world, node = world_size(), node_size()
-    if forced is not None:
-        return forced if world % forced == 0 else world
-    if device_bytes is None:
-        return world
-    fits = [g for g in range(1, node + 1) if node % g == 0 and state_bytes / g <= STATE_SHARE * device_bytes]
-    return fits[0] if fits else world
-
-
-def shard(model: nn.Module, blocks: Sequence[nn.Module], group: int) -> None:
-    """Shard `model` over groups of `group` ranks (FSDP2), replicated across the groups: each of its
-    transformer `blocks` its own unit, so one block's weights are gathered at a time, and the rest
-    (embeddings, final norm, head) in the root unit. At world size 1 the model stays as it is."""
+def shard(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Shard `model` over the ranks (FSDP2): each of its transformer `blocks` its own unit, so one block's
+    weights are gathered at a time, and the rest (embeddings, final norm, head) in the root unit. At world
+    size 1 the model stays as it is."""
     if world_size() == 1:
         return
-    mesh = _mesh(group)
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
-def _mesh(group: int) -> DeviceMesh:
-    """The ranks as replicas × shards; consecutive ranks (one node's, as the launcher numbers them) shard
-    together, so the all-gathers stay within a node and only the all-reduce crosses nodes."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    world = world_size()
-    if group == world:
-        return init_device_mesh(device, (world,))
-    return init_device_mesh(device, (world // group, group), mesh_dim_names=("replicate", "shard"))
+        fully_shard(block)
+    fully_shard(model)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -104,13 +104,8 @@ class Recipe:
             # Non-reentrant checkpointing needs no requires-grad hook on frozen embeddings (adapters).
             # nn.Module types attributes as tensors or modules; transformers models (and PEFT's) have this.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # pyright: ignore[reportCallIssue]
-        if METHODS[hp.training_type].parallel == "fsdp" and distributed.world_size() > 1:
-            group = self._shard_group()
-            distributed.shard(self.model, transformer_blocks(base), group)
-            self.events.log(
-                f"{hp.training_type} on {distributed.world_size()} ranks: sharded over groups of {group}, "
-                f"{distributed.world_size() // group} replica(s)"
-            )
+        if METHODS[hp.training_type].parallel == "fsdp":
+            distributed.shard(self.model, transformer_blocks(base))
         # After sharding: FSDP2 replaces every parameter with its shard.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.events.log(
@@ -397,15 +392,6 @@ class Recipe:
         loss_sum, correct = distributed.sum_across([loss_sum, correct])
         units = sum(example.units for example in batch)
         return {"valid_loss": loss_sum / units, f"valid_{self.objective.accuracy}": correct / units}
-
-    def _shard_group(self) -> int:
-        """The ranks that share one copy of the model's state (distributed.shard_group): on a CPU, this
-        rank's part of the host's memory, which the node's ranks share."""
-        memory = describe(self.device).total_bytes
-        if memory is not None and self.device.device.type == "cpu":
-            memory //= distributed.node_size()
-        state = distributed.training_state_bytes(self.model)
-        return distributed.shard_group(state, memory, self.spec.shard_devices)
 
     def _evaluate(self, model: nn.Module | None = None) -> tuple[Metrics, dict[str, object]]:
         """The objective's full evaluation of `model` (the model being trained unless given), without
