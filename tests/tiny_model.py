@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDPIECE_VOCAB = Path(__file__).with_name("tiny_wordpiece_vocab.txt")
 
 # SmolLM2's ChatML shape, without its default system prompt.
 CHAT_TEMPLATE = (
@@ -95,16 +95,15 @@ def build_tiny_llama(
 
 
 def build_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
-    """BERT's uncased WordPiece trained on CORPUS, small enough (256 pieces) that rarer words split into
-    several; [CLS] text [SEP] as BERT adds them."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """BERT's uncased WordPiece with the 256 pieces in WORDPIECE_VOCAB, which the tokenizers trainer once
+    made from CORPUS: small enough that rarer words split into several. Stored, not trained here: the
+    trainer breaks ties differently in every process, and a base that changed from run to run made tests
+    flaky."""
+    pieces = WORDPIECE_VOCAB.read_text(encoding="utf-8").splitlines()
+    tokenizer = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=256, special_tokens=BERT_SPECIAL_TOKENS, show_progress=False
-    )
-    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
