@@ -16,6 +16,7 @@ variant such as DoRA, a lora_bias), or a call with a variant's arguments, takes 
 """
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -97,11 +98,11 @@ class MixedLoRA:
     def __init__(self) -> None:
         self.forwards: list[_MixedForward] = []
 
-    def install(self, model: nn.Module | None) -> None:
-        """Take over the mixed-adapter forward of the model's LoRA Linear layers (those it has not yet),
-        and forget every plan: call it whenever the model's adapters change."""
+    def install(self, layers: Iterable[object]) -> None:
+        """Take over the mixed-adapter forward of the LoRA Linear layers among `layers` (those it has not
+        yet), and forget every plan: call it whenever the model's adapters change."""
         self.forwards = []
-        for module in model.modules() if model is not None else ():
+        for module in layers:
             if type(module) is not LoraLinear:  # subclasses (quantised bases, ...) keep peft's own path
                 continue
             forward = module.__dict__.get("_mixed_batch_forward")

@@ -120,7 +120,7 @@ class Base:
     def refresh_layers(self) -> None:
         """After the adapters changed: the layers as they are now, and no batch plan of the old ones."""
         self.layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)] if self.peft else []
-        self.mixed.install(self.peft)
+        self.mixed.install(self.layers)  # the LoRA Linear layers are among them
 
     def activate(self, name: str) -> None:
         """What `PeftModel.set_adapter(name)` does for inference, on the cached layers; nothing when `name` is

@@ -83,7 +83,7 @@ def test_a_mixed_batch_gives_each_row_its_adapters_logits_alone(
     ids, mask = batch(base_dir, len(ROWS))
     by_peft = logits(model, ids, mask, ROWS)
     mixed = MixedLoRA()
-    mixed.install(model)
+    mixed.install(model.modules())
     assert len(mixed.forwards) == 2 * 7  # every linear layer of the two decoder layers
     batched = logits(model, ids, mask, ROWS)
     real = mask.bool()  # padding's logits are no row's
@@ -111,7 +111,7 @@ def test_after_forget_a_slot_answers_with_the_weights_copied_into_it(
 ) -> None:
     model = served(base_dir, adapter_dirs)
     mixed = MixedLoRA()
-    mixed.install(model)
+    mixed.install(model.modules())
     ids, mask = batch(base_dir, 2)
     rows = ["lora-a", "__base__"]
     before = logits(model, ids, mask, rows)
