@@ -8,6 +8,7 @@ each tick, against every value the other trials had at the same number of evalua
 sweep keeps two drivers from advancing it at once, and a unique trial number from adding a trial twice.
 """
 
+import itertools
 import logging
 import math
 import time
@@ -123,6 +124,15 @@ def distributions(method_type: str, base: dict[str, Any], space: SearchSpace) ->
                 raise APIError(f"Invalid {where}: {value!r}: {reason}.", param=where) from None
     _check_applicable(model, base, space)
     return found
+
+
+def grid(space: SearchSpace) -> list[dict[str, Any]] | None:
+    """A space of lists only is a grid: its points in the order given (the first knob's values vary
+    slowest). Its trials take the points in turn, each once: every trial trains with the sweep's seed, so a
+    point tried again would be the same job again. None when a knob is a range."""
+    if any(isinstance(values, Range) for values in space.values()):
+        return None
+    return [dict(zip(space, point, strict=True)) for point in itertools.product(*space.values())]
 
 
 def _range(knob: str, values: Range, param: str) -> BaseDistribution:
@@ -357,7 +367,10 @@ def advance(session: Session, sweep: Sweep, jobs: TrialJobs) -> None:
         else:
             study.tell(asked, state=TrialState.FAIL)
     created = len(rows)
+    untried = [point for point in grid(space) or [] if point not in [trial.params for trial, _ in rows]]
     while active < sweep.parallelism and created < sweep.max_trials:
+        if untried:
+            study.enqueue_trial(untried.pop(0))
         asked = study.ask(dists)
         try:
             with session.begin_nested():  # a refused create leaves nothing of this trial behind

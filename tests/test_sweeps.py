@@ -55,6 +55,7 @@ BAD = [
         id="knob-a-training-type-does-not-take",
     ),
     pytest.param({"max_trials": 0}, "max_trials", id="no-trials"),
+    pytest.param({"max_trials": 3}, "max_trials", id="more-trials-than-a-grid-has-points"),
     pytest.param({"max_trials": 17}, "max_trials", id="over-the-active-job-cap"),
     pytest.param({"validation_file": None}, "validation_file", id="no-validation-file"),
 ]
@@ -147,6 +148,8 @@ def test_a_trial_falling_behind_is_stopped_early_and_cancel_keeps_finished_trial
     assert events[0]["message"] == PRUNED_REASON
     now = client.get(url).json()
     assert [trial["pruned"] for trial in now["trials"]] == [False, True, False]
+    # A space of lists only is a grid: each point once, in the order given (a pruned one counts as tried).
+    assert [trial["params"]["lora_r"] for trial in now["trials"]] == [4, 8, 16]
     third = now["trials"][2]["job_id"]  # the pruned trial's place went to a new one
 
     other = make_tenant(session_factory, "other")

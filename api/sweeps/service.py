@@ -27,6 +27,7 @@ from models.sweeps import (
     advance,
     base_hyperparameters,
     distributions,
+    grid,
     hyperparameters_key,
     trial_body,
 )
@@ -97,6 +98,13 @@ def create(session: Session, jobs: ServiceTrialJobs, organization_id: str, body:
     base, metric = _with_metric(body, body.base())
     method_type, _ = hyperparameters_key(base)
     distributions(method_type, base_hyperparameters(base), body.search_space)
+    points = grid(body.search_space)
+    if points is not None and body.max_trials > len(points):
+        raise APIError(
+            f"max_trials is {body.max_trials}, over the {len(points)} points of a search space of lists only "
+            "(each is tried once).",
+            param="max_trials",
+        )
     job_service.check_request(session, jobs.store, organization_id, JobCreate.model_validate(base))
     sweep = SweepRepository(session).add(
         Sweep(
