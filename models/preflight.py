@@ -119,6 +119,9 @@ class PreflightReport(BaseModel):
     feature_extraction, which embeds the file once)."""
     hyperparameters: dict[str, Any]
     """Every hyperparameter as the job will resolve it."""
+    learning_rate_test_examples: int = 0
+    """The most examples the learning-rate range test of `learning_rate_multiplier: "auto"` trains on before
+    the first step (it may stop early); 0 when the job runs none."""
     training_file: FileStats
     validation_file: FileStats | None
     loss_mask_preview: list[PreviewExample]

@@ -143,6 +143,7 @@ def test_counts_are_the_jobs_and_the_duration_its_measured_throughput(
         "based_on_jobs": 0,
         "n_epochs": 1,
         "tokens_to_train": stats["n_tokens"],
+        "range_test_tokens": 0,  # 12 examples once in batches of 4: too short for a learning-rate test
         "devices": 1,
         "scaling_efficiency": 1.0,
     }
@@ -175,6 +176,14 @@ def test_counts_are_the_jobs_and_the_duration_its_measured_throughput(
         "source": "the worker of the latest job to start",
     }
     assert not any("duration is unknown" in w or "device" in w for w in after["warnings"])
+    # Long enough for a learning-rate range test: 30 epochs of 12 rows in batches of 1 afford 18 test steps
+    # (5 % of 360 examples). The duration counts its tokens, beside the ones the job will report trained.
+    tested = preflight(api, body(registered_model, request["training_file"], n_epochs=30, batch_size=1))
+    assert (tested["learning_rate_test_examples"], before["learning_rate_test_examples"]) == (18, 0)
+    test_tokens = tested["duration"]["range_test_tokens"]
+    assert test_tokens == round(stats["n_tokens"] * 18 / stats["n_rows"])
+    expected = (tested["duration"]["tokens_to_train"] + test_tokens) / rate
+    assert tested["duration"]["estimated_seconds"] == pytest.approx(expected)
     # On 2 devices: the measured throughput twice over, at the strategy's scaling efficiency.
     two = preflight(api, {**request, "compute": {"devices": 2}})
     efficiency = SCALING_EFFICIENCY["ddp"]

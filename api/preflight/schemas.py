@@ -17,6 +17,9 @@ class Duration(BaseModel):
     n_epochs: int
     tokens_to_train: int
     """The training file's tokens times its epochs: what the job's `trained_tokens` will say."""
+    range_test_tokens: int = 0
+    """The most tokens the learning-rate range test adds before training (its examples at the file's mean
+    tokens per row; not counted in `trained_tokens`); `estimated_seconds` includes them."""
     devices: int = 1
     """`compute.devices`: the ranks the job trains on."""
     scaling_efficiency: float = 1.0

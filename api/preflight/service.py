@@ -98,6 +98,10 @@ def with_duration(session: Session, model: str, method: dict[str, Any], report: 
     efficiency = scaling_efficiency(report.memory.strategy, devices)
     rate = measured * devices * efficiency if measured else None
     tokens = report.training_file.n_tokens * report.n_epochs
+    rows = report.training_file.n_rows
+    test_tokens = (
+        round(report.training_file.n_tokens * report.learning_rate_test_examples / rows) if rows else 0
+    )
     warnings = list(report.warnings)
     if rate is None:
         warnings.append(
@@ -105,11 +109,12 @@ def with_duration(session: Session, model: str, method: dict[str, Any], report: 
             "yet: the duration is unknown until one has."
         )
     duration = Duration(
-        estimated_seconds=tokens / rate if rate else None,
+        estimated_seconds=(tokens + test_tokens) / rate if rate else None,
         tokens_per_second=rate,
         based_on_jobs=based_on,
         n_epochs=report.n_epochs,
         tokens_to_train=tokens,
+        range_test_tokens=test_tokens,
         devices=devices,
         scaling_efficiency=efficiency,
     )

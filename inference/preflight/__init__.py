@@ -17,6 +17,7 @@ from models.storage import ArtifactStore
 from models.validation import validate_job_files
 from worker.training.device import describe, select_device
 from worker.training.loading import load_tokenizer
+from worker.training.lr_range import test_steps as test_steps_for
 from worker.training.recipe import check_training_examples
 
 
@@ -93,12 +94,15 @@ def estimate(request: PreflightRequest) -> PreflightReport:
     memory = estimate_job_memory(spec, training.rows, device, request.devices)
     if memory.reason:
         warnings.append(memory.reason)
+    per_step = hp.batch_size * hp.gradient_accumulation_steps
+    test_steps = test_steps_for(hp.n_epochs * len(training.rows), per_step) if hp.learning_rate_search else 0
     return PreflightReport(
         method=method_type,
         training_type=hp.training_type,
         max_seq_length=hp.max_seq_length,
         n_epochs=1 if hp.training_type == "feature_extraction" else hp.n_epochs,
         hyperparameters=hp.model_dump(),
+        learning_rate_test_examples=test_steps * per_step,
         training_file=file_stats(spec, request.training_file.id, train.n_examples, training),
         validation_file=validation,
         loss_mask_preview=preview(spec, tokenizer),
