@@ -367,7 +367,8 @@ def advance(session: Session, sweep: Sweep, jobs: TrialJobs) -> None:
         else:
             study.tell(asked, state=TrialState.FAIL)
     created = len(rows)
-    untried = [point for point in grid(space) or [] if point not in [trial.params for trial, _ in rows]]
+    tried = [trial.params for trial, _ in rows]
+    untried = [point for point in grid(space) or [] if point not in tried]
     while active < sweep.parallelism and created < sweep.max_trials:
         if untried:
             study.enqueue_trial(untried.pop(0))

@@ -17,7 +17,7 @@ from models.storage import ArtifactStore
 from models.validation import validate_job_files
 from worker.training.device import describe, select_device
 from worker.training.loading import load_tokenizer
-from worker.training.lr_range import test_steps as test_steps_for
+from worker.training.lr_range import affordable_steps
 from worker.training.recipe import check_training_examples
 
 
@@ -95,7 +95,9 @@ def estimate(request: PreflightRequest) -> PreflightReport:
     if memory.reason:
         warnings.append(memory.reason)
     per_step = hp.batch_size * hp.gradient_accumulation_steps
-    test_steps = test_steps_for(hp.n_epochs * len(training.rows), per_step) if hp.learning_rate_search else 0
+    test_steps = (
+        affordable_steps(hp.n_epochs * len(training.rows), per_step) if hp.learning_rate_search else 0
+    )
     return PreflightReport(
         method=method_type,
         training_type=hp.training_type,

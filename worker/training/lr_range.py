@@ -44,7 +44,7 @@ def budget(planned_examples: int, examples_per_step: int) -> int:
     return min(MAX_STEPS, math.floor(COST_SHARE * planned_examples / examples_per_step))
 
 
-def test_steps(planned_examples: int, examples_per_step: int) -> int:
+def affordable_steps(planned_examples: int, examples_per_step: int) -> int:
     """The most steps a job's test runs: its budget, or 0 (no test) when that is under MIN_STEPS."""
     steps = budget(planned_examples, examples_per_step)
     return steps if steps >= MIN_STEPS else 0

@@ -152,7 +152,7 @@ class Recipe:
         steps = examples = 0
         if self.spec.objective == "grpo":
             rate, reason = None, "a reinforcement loss is a policy-gradient surrogate, not a measure of fit"
-        elif not lr_range.test_steps(planned, per_step):
+        elif not lr_range.affordable_steps(planned, per_step):
             rate = None
             reason = (
                 f"{lr_range.COST_SHARE:.0%} of the job's {planned} training examples makes {budget} test "
