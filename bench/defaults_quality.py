@@ -50,6 +50,7 @@ from bench.methods_table import (  # noqa: E402
     resolved_summary,
     upload,
 )
+from models.inference import MAX_PROMPTS  # noqa: E402
 
 MINILM = "all-minilm-l6-v2"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -102,8 +103,8 @@ def prepare(tmp: Path, heldout: int) -> Sentences:
 
 def classification_accuracy(base_url: str, api_key: str, model: str, rows: list[dict[str, Any]]) -> float:
     right = 0
-    for start in range(0, len(rows), 64):  # the route's most inputs per request
-        batch = rows[start : start + 64]
+    for start in range(0, len(rows), MAX_PROMPTS):  # the most inputs the route takes at once
+        batch = rows[start : start + MAX_PROMPTS]
         response = httpx.post(
             f"{base_url}/classifications",
             json={"model": model, "input": [row["text"] for row in batch]},
