@@ -41,12 +41,10 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 from bench._common import DATA, read_jsonl, write_jsonl  # noqa: E402
 from bench.methods_table import (  # noqa: E402
     SEED,
-    cli,
-    embedded_server,
+    bench_api,
     follow,
     in_temp_dir,
     machine_facts,
-    register_model,
     resolved_summary,
     upload,
 )
@@ -173,15 +171,10 @@ def run_all(args: argparse.Namespace, tmp: Path) -> None:
     print(f"Machine: {machine_facts()}", flush=True)
     started = time.monotonic()
     data = prepare(tmp, args.heldout)
-    data_dir = tmp / "data"
-    env = {"FTJOBS_DATA_DIR": str(data_dir)}
+    copies = {MINILM: args.minilm_dir, SMOLLM2: args.smollm2_dir}
     models = {RUNS[name].model for name in args.runs}
-    for model, model_dir in ((MINILM, args.minilm_dir), (SMOLLM2, args.smollm2_dir)):
-        if model in models:
-            register_model(env, model_dir, model)
-    api_key = cli(["keys", "create", "--org", "bench"], env).strip()
     results: list[tuple[str, float | None, float | None, str]] = []
-    with embedded_server(data_dir, tmp / "up.log") as (base_url, _):
+    with bench_api(tmp / "data", {model: copies[model] for model in models}) as (base_url, api_key):
         client = OpenAI(base_url=base_url, api_key=api_key, timeout=600)
         uploaded = {
             model: (upload(client, a), upload(client, b))

