@@ -12,11 +12,12 @@ over the ranks with FSDP2 (`fully_shard`, one unit per transformer block plus th
 gradients it reduce-scatters (gloo has no pre-scaled sum), so each rank scales its loss by the world size
 (`gradient_scale`) to train the summed gradient the data-parallel path trains.
 
-At world size 1 every function here is a no-op and the model stays a plain module.
+At world size 1 every collective here is a no-op and the model stays a plain module.
 """
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 
 import torch
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 T = TypeVar("T")
+R = TypeVar("R")
 STOP_CODES = {None: 0, "stop": 1, "pause": 2}
 
 
@@ -72,6 +74,26 @@ def sum_across(values: Sequence[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def map_batches(
+    model: nn.Module, score: Callable[[Sequence[T]], R], items: Sequence[T], size: int
+) -> list[R]:
+    """`score` of each batch of `size` items, in item order, on every rank: the batches are dealt to the
+    ranks in turn and the results gathered, so a full evaluation costs each rank 1/N of it and every rank
+    sums the same batches in the same order as one process (metrics, and the early stopping they drive,
+    agree everywhere). The ranks of a sharded model run as many batches each (they gather its weights
+    together in every forward): one whose deal is a batch short scores the first batch again, unused."""
+    batches = [items[start : start + size] for start in range(0, len(items), size)]
+    mine = [score(batch) for batch in batches[rank() :: world_size()]]
+    if world_size() == 1:
+        return mine
+    if is_sharded(model):
+        for _ in range(math.ceil(len(batches) / world_size()) - len(mine)):
+            score(batches[0])
+    gathered: list[list[R]] = [[] for _ in range(world_size())]
+    dist.all_gather_object(gathered, mine)
+    return [gathered[index % world_size()][index // world_size()] for index in range(len(batches))]
 
 
 def sum_gradients(parameters: Sequence[nn.Parameter]) -> None:

@@ -538,7 +538,8 @@ def run(spec: TrainingSpec, events: EventWriter) -> None:
     recipe = Recipe(spec, events)
     recipe.setup()
     recipe.baseline()
-    # Evaluations run whole on every rank (identical replicas, identical results: early stopping agrees
-    # everywhere); only rank 0 reports them and publishes.
+    # Each evaluation's batches are shared out among the ranks and every rank gathers all the scores
+    # (`distributed.map_batches`): the same metrics everywhere, so early stopping agrees; only rank 0
+    # reports them and publishes.
     if recipe.fit():
         recipe.save()

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from models.spec import Details, Metrics
+from worker.training import distributed
 from worker.training.data import IGNORE_INDEX, Example, collate, load_dataset, pack_examples
 from worker.training.loading import load_model
 from worker.training.objectives import BatchStats, Objective, register
@@ -98,15 +99,12 @@ class CausalLM(Objective[Example]):
         return BatchStats(loss_sum, units, correct, sum(example.length for example in examples))
 
     def evaluate(self, model: nn.Module, examples: Sequence[Example]) -> tuple[Metrics, Details]:
-        size = self.hp.batch_size
-        loss_sum = correct = units = 0.0
-        for start in range(0, len(examples), size):
-            stats = self.batch_stats(model, examples[start : start + size])
-            loss_sum, correct, units = (
-                loss_sum + stats.loss_sum.item(),
-                correct + stats.correct,
-                units + stats.units,
-            )
+        def score(batch: Sequence[Example]) -> tuple[float, int, int]:
+            stats = self.batch_stats(model, batch)
+            return stats.loss_sum.item(), int(stats.correct), stats.units
+
+        scores = distributed.map_batches(model, score, examples, self.hp.batch_size)
+        loss_sum, correct, units = (sum(column) for column in zip(*scores, strict=True))
         loss = loss_sum / units
         metrics = {
             "loss": loss,
@@ -127,8 +125,9 @@ class CausalLM(Objective[Example]):
         sample = sample[: self.hp.generation_eval_samples]
         if not sample:
             return 0.0, []
-        generations = []
-        for example in sample:
+
+        def generate(batch: Sequence[Example]) -> dict[str, Any]:
+            (example,) = batch
             assert example.prompt_ids is not None and example.answer is not None
             answer_tokens = len(self.tokenizer(example.answer, add_special_tokens=False)["input_ids"])
             prompt = torch.tensor([example.prompt_ids], device=self.device.device)
@@ -139,13 +138,11 @@ class CausalLM(Objective[Example]):
                 max_new_tokens=min(answer_tokens + 8, MAX_ANSWER_TOKENS),
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
+                synced_gpus=distributed.is_sharded(model),
             )
             text = decode(self.tokenizer, output[0, prompt.shape[1] :], skip_special_tokens=True)
-            generations.append(
-                {
-                    "expected": example.answer,
-                    "generated": text,
-                    "match": text.strip() == example.answer.strip(),
-                }
-            )
+            match = text.strip() == example.answer.strip()
+            return {"expected": example.answer, "generated": text, "match": match}
+
+        generations = distributed.map_batches(model, generate, sample, 1)
         return sum(g["match"] for g in generations) / len(generations), generations

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from models.spec import Details, Metrics, TrainingSpec
+from worker.training import distributed
 from worker.training.data import read_jsonl
 from worker.training.device import DeviceConfig
 from worker.training.loading import load_model
@@ -164,11 +165,12 @@ class Classification(Objective[Example]):
         return BatchStats(loss_sum, len(examples), correct, sum(example.length for example in examples))
 
     def evaluate(self, model: nn.Module, examples: Sequence[Example]) -> tuple[Metrics, Details]:
-        loss_sum, predictions = 0.0, []
-        for start in range(0, len(examples), self.hp.batch_size):
-            batch_loss, batch_predictions = self.scored(model, examples[start : start + self.hp.batch_size])
-            loss_sum += batch_loss.item()
-            predictions += batch_predictions
+        def score(batch: Sequence[Example]) -> tuple[float, list[int]]:
+            loss_sum, predictions = self.scored(model, batch)
+            return loss_sum.item(), predictions
+
+        scores = distributed.map_batches(model, score, examples, self.hp.batch_size)
+        loss_sum, predictions = sum(loss for loss, _ in scores), [p for _, batch in scores for p in batch]
         metrics, details = classification_report(
             [example.label for example in examples], predictions, self.spec.labels
         )

@@ -39,6 +39,7 @@ from graders.grading import Result, grade
 from graders.judging import Judge, Reply
 from graders.shapes import AnyGrader, SamplingParams, parse_grader
 from models.spec import METHODS, Details, JudgeAccess, Metrics
+from worker.training import distributed
 from worker.training.data import IGNORE_INDEX, Example, collate, read_jsonl, template_message
 from worker.training.loading import load_model
 from worker.training.methods import untouched
@@ -203,14 +204,14 @@ class GRPO(Objective[Prompt]):
     def evaluate(self, model: nn.Module, examples: Sequence[Prompt]) -> tuple[Metrics, Details]:
         samples = self.hp.eval_samples
         size = max(self.hp.batch_size, EVAL_BATCH)
-        results: list[Result] = []
-        answers: list[list[int]] = []
-        for start in range(0, len(examples), size):
-            graded = self.sample_and_grade(
-                model, examples[start : start + size], samples, greedy=samples == 1
-            )
-            results += graded.results
-            answers += graded.answers
+
+        def score(prompts: Sequence[Prompt]) -> tuple[list[Result], list[list[int]]]:
+            graded = self.sample_and_grade(model, prompts, samples, greedy=samples == 1)
+            return graded.results, graded.answers
+
+        scores = distributed.map_batches(model, score, examples, size)
+        results = [result for batch, _ in scores for result in batch]
+        answers = [answer for _, batch in scores for answer in batch]
         metrics = {"mean_reward": sum(r.reward for r in results) / len(results)}
         for name in results[0].sub_rewards:
             metrics[f"mean_reward_{name}"] = sum(r.sub_rewards.get(name, 0.0) for r in results) / len(results)
@@ -277,6 +278,9 @@ class GRPO(Objective[Prompt]):
                 num_return_sequences=group,
                 pad_token_id=pad,
                 eos_token_id=self.tokenizer.eos_token_id,
+                # A sharded model's ranks gather its weights in every forward: each goes on generating
+                # (its own rows finished) until every rank's rows are.
+                synced_gpus=distributed.is_sharded(model),
                 **options,
             )
         model.train(was_training)

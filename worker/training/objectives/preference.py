@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.spec import Details, Metrics
+from worker.training import distributed
 from worker.training.data import IGNORE_INDEX, Example, collate, read_jsonl, template_message
 from worker.training.loading import load_model
 from worker.training.methods import untouched
@@ -139,8 +140,10 @@ class PairObjective(Objective[Pair]):
         return BatchStats(loss_sum, len(examples), correct, tokens)
 
     def evaluate(self, model: nn.Module, examples: Sequence[Pair]) -> tuple[Metrics, Details]:
-        size = self.hp.batch_size
-        batches = [self.rewards(model, examples[i : i + size]) for i in range(0, len(examples), size)]
+        def score(pairs: Sequence[Pair]) -> tuple[torch.Tensor, ...]:
+            return tuple(side.cpu() for side in self.rewards(model, pairs))
+
+        batches = distributed.map_batches(model, score, examples, self.hp.batch_size)
         chosen, rejected = (torch.cat(side) for side in zip(*batches, strict=True))
         loss_sum, correct = pair_loss(chosen, rejected)
         metrics = {
@@ -186,14 +189,17 @@ class DPO(PairObjective):
 
     def before_training(self, model: nn.Module, examples: Sequence[Pair]) -> None:
         """Reference log-probabilities of the training and validation pairs, from the untouched model (also
-        when resuming: the recipe calls this before restoring the checkpoint's weights)."""
-        was_training, size = model.training, self.hp.batch_size
+        when resuming: the recipe calls this before restoring the checkpoint's weights), the batches
+        shared out among the ranks."""
+        was_training = model.training
         model.eval()
         with torch.no_grad(), untouched(model) as base:
             for split, pairs in {"training": examples, "validation": self.validation}.items():
                 if pairs:
-                    batches = [self.log_probs(base, pairs[i : i + size]) for i in range(0, len(pairs), size)]
-                    self.reference[split] = torch.cat(batches, dim=1).T.cpu()
+                    batches = distributed.map_batches(
+                        model, lambda batch: self.log_probs(base, batch).cpu(), pairs, self.hp.batch_size
+                    )
+                    self.reference[split] = torch.cat(batches, dim=1).T
         model.train(was_training)
 
     def log_probs(self, model: nn.Module, pairs: Sequence[Pair]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForTokenClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.spec import Details, Metrics
+from worker.training import distributed
 from worker.training.data import IGNORE_INDEX, read_jsonl
 from worker.training.metrics import OUTSIDE, entity_report
 from worker.training.objectives import BatchStats, Objective, register
@@ -119,22 +120,20 @@ class TokenClassification(Objective[Example]):
         return BatchStats(loss_sum, units, correct, sum(example.length for example in examples))
 
     def evaluate(self, model: nn.Module, examples: Sequence[Example]) -> tuple[Metrics, Details]:
-        loss_sum, correct, units = 0.0, 0, 0
-        predicted_tags: list[list[str]] = []
-        for start in range(0, len(examples), self.hp.batch_size):
-            batch = examples[start : start + self.hp.batch_size]
+        def score(batch: Sequence[Example]) -> tuple[float, int, int, list[list[str]]]:
             logits, labels = self.forward(model, batch)
-            batch_loss, batch_correct, batch_units = tag_stats(logits, labels)
-            loss_sum, correct, units = (
-                loss_sum + batch_loss.item(),
-                correct + batch_correct,
-                units + batch_units,
-            )
+            loss_sum, correct, units = tag_stats(logits, labels)
             predictions = logits.argmax(dim=-1).tolist()
-            predicted_tags += [
+            tags = [
                 [OUTSIDE if p is None else self.spec.labels[row[p]] for p in example.word_starts]
                 for row, example in zip(predictions, batch, strict=True)
             ]
+            return loss_sum.item(), correct, units, tags
+
+        scores = distributed.map_batches(model, score, examples, self.hp.batch_size)
+        loss_sum = sum(loss for loss, *_ in scores)
+        correct, units = sum(score[1] for score in scores), sum(score[2] for score in scores)
+        predicted_tags = [tags for *_, batch in scores for tags in batch]
         metrics, details = entity_report([example.tags for example in examples], predicted_tags)
         return {"loss": loss_sum / units, "accuracy": correct / units, **metrics}, details
 
