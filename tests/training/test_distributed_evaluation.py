@@ -47,6 +47,8 @@ def rank_main(rank: int, port: int, sharded: bool, out: Path) -> None:
     seen: list[int] = []
     results = distributed.map_batches(model, scorer(model, seen), ITEMS, SIZE)
     (out / f"{rank}.json").write_text(json.dumps({"seen": seen, "results": results}))
+    # Neither rank tears gloo down while the other may still be in the gather (seen once: SIGABRT at exit).
+    distributed.barrier()
     distributed.finish()
 
 
